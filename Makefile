@@ -1,0 +1,42 @@
+# Every target does the set-up it needs, so each works as the first command on a fresh machine.
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+APT_PACKAGES := nftables iproute2
+
+.PHONY: setup system-packages test lint demo proto bench bench-quick clean
+
+setup: $(VENV)/.installed
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml | system-packages
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check ztunnel_redirect tests bench
+	$(BIN)/ruff format --check ztunnel_redirect tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: setup system-packages lint
+	$(BIN)/pytest
+
+demo: setup system-packages
+	$(BIN)/python -m ztunnel_redirect.demo
+
+# Regenerates the ZDS protobuf code from the .proto file kept in the repo.
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect --python_out=ztunnel_redirect \
+		--pyi_out=ztunnel_redirect ztunnel_redirect/zds.proto
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

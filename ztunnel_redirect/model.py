@@ -1,0 +1,76 @@
+"""The data model shared by every layer: identities, pods, namespaces and redirection options.
+
+Pure values: frozen dataclasses, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NewType
+
+from ztunnel_redirect import constants
+
+PodUid = NewType("PodUid", str)
+
+
+def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class PodOptions:
+    """Everything that shapes one pod's ruleset (SPEC §2). Equal options give equal rulesets."""
+
+    ipv6: bool = True
+    dns_capture: bool = True
+    bypass_inbound: bool = False
+    virtual_interfaces: tuple[str, ...] = ()
+    probe_snat_v4: str = constants.PROBE_SNAT_V4
+    probe_snat_v6: str = constants.PROBE_SNAT_V6
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    """Everything that shapes the host ruleset (SPEC §4)."""
+
+    kubelet_uid: int
+    ipv6: bool = True
+    probe_snat_v4: str = constants.PROBE_SNAT_V4
+    probe_snat_v6: str = constants.PROBE_SNAT_V6
+
+
+@dataclass(frozen=True)
+class Namespace:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _frozen(self.labels))
+
+
+@dataclass(frozen=True)
+class Pod:
+    """The part of a Kubernetes pod that the agent acts on."""
+
+    uid: PodUid
+    name: str
+    namespace: str
+    node_name: str = ""
+    ips: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+    annotations: Mapping[str, str] = field(default_factory=lambda: _frozen(None))
+    host_network: bool = False
+    phase: str = "Running"
+    service_account: str = "default"
+    deleted: bool = False
+    """True once the API has a deletionTimestamp or sent DELETED for it."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _frozen(self.labels))
+        object.__setattr__(self, "annotations", _frozen(self.annotations))
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"

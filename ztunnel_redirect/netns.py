@@ -1,0 +1,148 @@
+"""Entering network namespaces: the small privileged core that every kernel operation runs on.
+
+Kernel work for a pod runs on a `NetnsRunner` worker thread that enters the pod's netns, does the
+work and returns to where it came from. The event loop thread never calls `setns`.
+
+Each worker thread gets a private file descriptor table (`unshare(CLONE_FILES)`) holding only
+stdio and what the worker opens itself. libnftables 1.0.x uses `select()` on its netlink socket
+and aborts the process when that socket's fd number is 1024 or more (SPEC §11.13, §12 trap 2);
+in a private table the socket always gets a low number, however many fds the agent holds.
+Consequence: a worker cannot use fd numbers of the main table. Refer to a namespace by path;
+for an fd held by the agent use `fd_path(fd)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, ParamSpec, TypeVar
+
+from ztunnel_redirect.errors import CapabilityError, NetnsNotFoundError
+
+CLONE_FILES: Final = 0x00000400
+CLONE_NEWNET: Final = 0x40000000
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+_local = threading.local()
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def fd_path(fd: int) -> str:
+    """A path that names the namespace behind an fd of this process's main fd table."""
+    return f"/proc/{os.getpid()}/fd/{fd}"
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _isolate_thread() -> None:
+    """Worker initializer: private fd table with only stdio, and a handle on the home netns."""
+    _check(_libc.unshare(CLONE_FILES), "unshare(CLONE_FILES)")
+    # Closes only this thread's copies; the process's own descriptors stay open.
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    _local.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _home_fd() -> int:
+    home: int | None = getattr(_local, "home", None)
+    if home is None:
+        raise RuntimeError("netns operations must run on a NetnsRunner worker thread")
+    return home
+
+
+def open_netns(path: str) -> int:
+    """Open a network namespace by path; raises NetnsNotFoundError when it is gone."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NetnsNotFoundError(f"network namespace {path} does not exist") from exc
+    except NotADirectoryError as exc:
+        raise NetnsNotFoundError(f"network namespace {path} does not exist") from exc
+
+
+@contextlib.contextmanager
+def entered(path: str) -> Iterator[None]:
+    """Run the body inside the network namespace at `path` (worker threads only)."""
+    home = _home_fd()
+    fd = open_netns(path)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            if err == errno.EINVAL:
+                raise NetnsNotFoundError(f"{path} is not a network namespace")
+            if err == errno.EPERM:
+                raise CapabilityError("entering a network namespace needs CAP_SYS_ADMIN")
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    try:
+        yield
+    finally:
+        _check(_libc.setns(home, CLONE_NEWNET), "setns(home)")
+
+
+@contextlib.contextmanager
+def entered_scratch() -> Iterator[None]:
+    """Run the body in a new, empty, anonymous netns that vanishes afterwards."""
+    home = _home_fd()
+    _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    try:
+        yield
+    finally:
+        _check(_libc.setns(home, CLONE_NEWNET), "setns(home)")
+
+
+def _call_in(path: str | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    if path is None:
+        with entered_scratch():
+            return fn(*args, **kwargs)
+    with entered(path):
+        return fn(*args, **kwargs)
+
+
+class NetnsRunner:
+    """A pool of worker threads that run functions inside network namespaces.
+
+    `path=None` means a fresh scratch namespace (used to learn how the kernel lists a ruleset).
+    """
+
+    def __init__(self, *, workers: int = 4) -> None:
+        self._pool = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="netns", initializer=_isolate_thread
+        )
+
+    def call(
+        self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Blocking call, for the CLI and tests; never from the event loop thread."""
+        return self._pool.submit(_call_in, path, fn, *args, **kwargs).result()
+
+    async def run(
+        self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        loop = asyncio.get_running_loop()
+        future = self._pool.submit(_call_in, path, fn, *args, **kwargs)
+        return await asyncio.wrap_future(future, loop=loop)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> NetnsRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
