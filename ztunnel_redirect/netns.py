@@ -146,3 +146,20 @@ class NetnsRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def join_netns(target: str | int) -> None:
+    """Move the calling thread into a network namespace for the rest of its life.
+
+    For threads dedicated to one namespace (test stand-ins that own sockets there). Unlike the
+    `NetnsRunner` workers these threads share the process's fd table, so sockets they create can
+    be used from any thread. The agent itself never calls this.
+    """
+    fd = open_netns(target) if isinstance(target, str) else target
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({target}): {os.strerror(err)}")
+    finally:
+        if isinstance(target, str):
+            os.close(fd)
