@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -50,18 +51,25 @@ def _check(ret: int, what: str) -> None:
 
 
 def _isolate_thread() -> None:
-    """Worker initializer: private fd table with only stdio, and a handle on the home netns."""
+    """Worker initializer: a private fd table holding only stdio."""
     _check(_libc.unshare(CLONE_FILES), "unshare(CLONE_FILES)")
     # Closes only this thread's copies; the process's own descriptors stay open.
     os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-    _local.home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    _local.isolated = True
 
 
-def _home_fd() -> int:
-    home: int | None = getattr(_local, "home", None)
-    if home is None:
+def _current_netns() -> int:
+    """An fd on the calling worker's current netns, to come back to (nesting works)."""
+    if not getattr(_local, "isolated", False):
         raise RuntimeError("netns operations must run on a NetnsRunner worker thread")
-    return home
+    return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _return_to(fd: int) -> None:
+    try:
+        _check(_libc.setns(fd, CLONE_NEWNET), "setns(back)")
+    finally:
+        os.close(fd)
 
 
 def open_netns(path: str) -> int:
@@ -74,44 +82,54 @@ def open_netns(path: str) -> int:
         raise NetnsNotFoundError(f"network namespace {path} does not exist") from exc
 
 
+def _setns(fd: int, path: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINVAL:
+            raise NetnsNotFoundError(f"{path} is not a network namespace")
+        if err == errno.EPERM:
+            raise CapabilityError("entering a network namespace needs CAP_SYS_ADMIN")
+        raise OSError(err, f"setns({path}): {os.strerror(err)}")
+
+
 @contextlib.contextmanager
 def entered(path: str) -> Iterator[None]:
     """Run the body inside the network namespace at `path` (worker threads only)."""
-    home = _home_fd()
-    fd = open_netns(path)
+    back = _current_netns()
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            if err == errno.EINVAL:
-                raise NetnsNotFoundError(f"{path} is not a network namespace")
-            if err == errno.EPERM:
-                raise CapabilityError("entering a network namespace needs CAP_SYS_ADMIN")
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-    finally:
-        os.close(fd)
+        fd = open_netns(path)
+        try:
+            _setns(fd, path)
+        finally:
+            os.close(fd)
+    except BaseException:
+        os.close(back)
+        raise
     try:
         yield
     finally:
-        _check(_libc.setns(home, CLONE_NEWNET), "setns(home)")
+        _return_to(back)
 
 
 @contextlib.contextmanager
 def entered_scratch() -> Iterator[None]:
     """Run the body in a new, empty, anonymous netns that vanishes afterwards."""
-    home = _home_fd()
-    _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    back = _current_netns()
+    if _libc.unshare(CLONE_NEWNET) != 0:
+        os.close(back)
+        _check(-1, "unshare(CLONE_NEWNET)")
     try:
         yield
     finally:
-        _check(_libc.setns(home, CLONE_NEWNET), "setns(home)")
+        _return_to(back)
 
 
-def _call_in(path: str | None, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+def _call_in(path: str | None, fn: Callable[[], T]) -> T:
     if path is None:
         with entered_scratch():
-            return fn(*args, **kwargs)
+            return fn()
     with entered(path):
-        return fn(*args, **kwargs)
+        return fn()
 
 
 class NetnsRunner:
@@ -125,17 +143,15 @@ class NetnsRunner:
             max_workers=workers, thread_name_prefix="netns", initializer=_isolate_thread
         )
 
-    def call(
-        self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
-    ) -> T:
+    def call(self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Blocking call, for the CLI and tests; never from the event loop thread."""
-        return self._pool.submit(_call_in, path, fn, *args, **kwargs).result()
+        return self._pool.submit(_call_in, path, functools.partial(fn, *args, **kwargs)).result()
 
     async def run(
         self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         loop = asyncio.get_running_loop()
-        future = self._pool.submit(_call_in, path, fn, *args, **kwargs)
+        future = self._pool.submit(_call_in, path, functools.partial(fn, *args, **kwargs))
         return await asyncio.wrap_future(future, loop=loop)
 
     def close(self) -> None:
@@ -157,9 +173,7 @@ def join_netns(target: str | int) -> None:
     """
     fd = open_netns(target) if isinstance(target, str) else target
     try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({target}): {os.strerror(err)}")
+        _setns(fd, str(target))
     finally:
         if isinstance(target, str):
             os.close(fd)

@@ -89,7 +89,9 @@ class Lab:
         n = next(self._index)
         ns = self.add_netns(name)
         node_side = f"veth{n}"
-        self.node.ip("link", "add", node_side, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        self.node.ip(
+            "link", "add", node_side, "type", "veth", "peer", "name", "eth0", "netns", ns.name
+        )
         ipv4 = f"10.244.{n // 250}.{n % 250 + 2}"
         ipv6 = f"fd00:244::{n:x}:2" if self.ipv6 else None
         ns.ip("link", "set", "lo", "up")
