@@ -1,0 +1,287 @@
+"""The agent's CNI event server, over a real Unix socket with a real aiohttp client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from ztunnel_redirect.cnievents import (
+    CniAddEvent,
+    CniEventServer,
+    InvalidCniEventError,
+    parse_add_event,
+)
+from ztunnel_redirect.errors import ConfigError, RedirectError
+
+GOOD: dict[str, Any] = {
+    "Netns": "/var/run/netns/cni-1234",
+    "PodName": "web-0",
+    "PodNamespace": "shop",
+    "IPs": [{"Address": {"IP": "10.244.1.7"}}, {"Address": {"IP": "fd00:0:0::0:7"}}],
+}
+
+
+class FakeReconciler:
+    """Stands in for the reconciler: records events, and fails or stalls on request."""
+
+    def __init__(self) -> None:
+        self.events: list[CniAddEvent] = []
+        self.fail_with: BaseException | None = None
+        self.release: asyncio.Event | None = None
+        self.finished = asyncio.Event()
+
+    async def on_add(self, event: CniAddEvent) -> None:
+        self.events.append(event)
+        if self.release is not None:
+            await self.release.wait()
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.finished.set()
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    # Short path: a Unix socket path must fit in 108 bytes.
+    path = Path(tempfile.mkdtemp(prefix="zr-cni-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fake() -> FakeReconciler:
+    return FakeReconciler()
+
+
+@pytest.fixture
+async def server(run_dir: Path, fake: FakeReconciler) -> AsyncIterator[CniEventServer]:
+    srv = CniEventServer(fake.on_add, socket_path=str(run_dir / "sub" / "pluginevent.sock"))
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+@pytest.fixture
+async def client(server: CniEventServer) -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.UnixConnector(path=server.socket_path)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
+        yield session
+
+
+async def post(session: aiohttp.ClientSession, body: bytes | dict[str, Any]) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with session.post("http://agent/cmdadd", data=data) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_good_event_reaches_on_add_and_answers_200(
+    client: aiohttp.ClientSession, fake: FakeReconciler
+) -> None:
+    status, _ = await post(client, GOOD)
+    assert status == 200
+    assert fake.events == [
+        CniAddEvent(
+            netns="/var/run/netns/cni-1234",
+            pod_name="web-0",
+            pod_namespace="shop",
+            ips=("10.244.1.7", "fd00::7"),
+        )
+    ]
+
+
+async def test_extra_fields_from_istio_plugins_are_ignored(
+    client: aiohttp.ClientSession, fake: FakeReconciler
+) -> None:
+    # Istio's plugin sends Go's net.IPNet (IP + Mask) plus Interface and Gateway.
+    body = dict(GOOD, IPs=[{"Address": {"IP": "10.1.1.1", "Mask": "////AA=="}, "Interface": 2}])
+    body["Netns"] = "/proc/4242/ns/net"
+    status, _ = await post(client, body)
+    assert status == 200
+    assert fake.events[0].ips == ("10.1.1.1",)
+    assert fake.events[0].netns == "/proc/4242/ns/net"
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    body = dict(GOOD)
+    for key, value in changes.items():
+        if value is None:
+            del body[key]
+        else:
+            body[key] = value
+    return body
+
+
+BAD_PAYLOADS: list[tuple[str, bytes | dict[str, Any], str]] = [
+    ("not json", b"{nope", "not JSON"),
+    ("not utf-8", b"\xff\xfe\xfa", "not JSON"),
+    ("list", b"[1, 2]", "JSON object"),
+    ("no netns", _with(Netns=None), "Netns"),
+    ("empty pod name", _with(PodName=""), "PodName"),
+    ("namespace not a string", _with(PodNamespace=7), "PodNamespace"),
+    ("no IPs", _with(IPs=None), "IPs"),
+    ("IPs not a list", _with(IPs={"Address": {"IP": "10.0.0.1"}}), "IPs"),
+    ("IP entry shape", _with(IPs=[{"IP": "10.0.0.1"}]), "IPs[0]"),
+    ("not an IP", _with(IPs=[{"Address": {"IP": "10.0.0.300"}}]), "not an IP"),
+    ("CIDR is not an IP", _with(IPs=[{"Address": {"IP": "10.0.0.1/24"}}]), "not an IP"),
+    ("netns outside", _with(Netns="/etc/passwd"), "outside"),
+    ("netns escapes with ..", _with(Netns="/proc/../etc/shadow"), "outside"),
+    ("netns escapes deeper", _with(Netns="/var/run/netns/../../../root/x"), "outside"),
+    ("netns relative", _with(Netns="proc/1/ns/net"), "absolute"),
+    ("netns is the directory", _with(Netns="/run/netns/"), "outside"),
+    ("netns with NUL", _with(Netns="/run/netns/a\x00b"), "absolute"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"), [(b, r) for _, b, r in BAD_PAYLOADS], ids=[i for i, _, _ in BAD_PAYLOADS]
+)
+async def test_bad_payload_is_400_with_reason_and_never_reaches_on_add(
+    client: aiohttp.ClientSession, fake: FakeReconciler, body: bytes | dict[str, Any], reason: str
+) -> None:
+    status, text = await post(client, body)
+    assert status == 400
+    assert reason in text
+    assert fake.events == []
+    # Still serving.
+    assert (await post(client, GOOD))[0] == 200
+
+
+async def test_oversized_body_is_413(client: aiohttp.ClientSession, fake: FakeReconciler) -> None:
+    body = _with(PodName="x" * (70 * 1024))
+    status, _ = await post(client, body)
+    assert status == 413
+    assert fake.events == []
+    assert (await post(client, GOOD))[0] == 200
+
+
+async def test_wrong_method_and_path(client: aiohttp.ClientSession) -> None:
+    async with client.get("http://agent/cmdadd") as resp:
+        assert resp.status == 405
+    async with client.post("http://agent/cmddel", data=b"{}") as resp:
+        assert resp.status == 404
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (RedirectError("netns /var/run/netns/cni-1234 vanished"), "netns /var/run/netns/cni-1234"),
+        (ValueError("unexpected bug"), "ValueError: unexpected bug"),
+    ],
+)
+async def test_on_add_failure_is_500_with_message(
+    client: aiohttp.ClientSession, fake: FakeReconciler, error: Exception, expected: str
+) -> None:
+    fake.fail_with = error
+    status, text = await post(client, GOOD)
+    assert status == 500
+    assert expected in text
+    fake.fail_with = None
+    assert (await post(client, GOOD))[0] == 200
+
+
+async def test_slow_on_add_is_503_within_budget_and_finishes_in_background(
+    run_dir: Path, fake: FakeReconciler
+) -> None:
+    fake.release = asyncio.Event()
+    srv = CniEventServer(fake.on_add, socket_path=str(run_dir / "e.sock"), budget=0.3)
+    await srv.start()
+    try:
+        connector = aiohttp.UnixConnector(path=srv.socket_path)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            with capture_logs() as logs:
+                started = time.monotonic()
+                status, text = await post(session, GOOD)
+                elapsed = time.monotonic() - started
+                assert status == 503
+                assert "shop/web-0" in text
+                assert elapsed < 2.0
+                # The work was not cancelled: releasing it lets it finish, and that is logged.
+                (work,) = [t for t in asyncio.all_tasks() if t.get_name() == "cni-add shop/web-0"]
+                assert not work.done()
+                fake.release.set()
+                # The server's done-callback was registered first, so it has run when this returns.
+                await asyncio.wait_for(work, timeout=5)
+                assert fake.finished.is_set()
+            assert any(e["event"] == "cni_add_finished_late" for e in logs)
+            fake.release = None
+            assert (await post(session, GOOD))[0] == 200
+    finally:
+        await srv.close()
+
+
+async def test_close_cancels_background_work(run_dir: Path, fake: FakeReconciler) -> None:
+    fake.release = asyncio.Event()
+    srv = CniEventServer(fake.on_add, socket_path=str(run_dir / "c.sock"), budget=0.1)
+    await srv.start()
+    try:
+        connector = aiohttp.UnixConnector(path=srv.socket_path)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            assert (await post(session, GOOD))[0] == 503
+    finally:
+        await asyncio.wait_for(srv.close(), timeout=5)
+    assert not fake.finished.is_set()
+
+
+async def test_socket_is_0600_and_removed_on_close(run_dir: Path, fake: FakeReconciler) -> None:
+    path = run_dir / "new" / "dir" / "pluginevent.sock"
+    async with CniEventServer(fake.on_add, socket_path=str(path)):
+        mode = path.stat().st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+    assert not path.exists()
+
+
+async def test_stale_socket_is_replaced(run_dir: Path, fake: FakeReconciler) -> None:
+    path = run_dir / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        stale.bind(str(path))
+    finally:
+        stale.close()  # the file stays: a dead agent's socket
+    async with CniEventServer(fake.on_add, socket_path=str(path)) as srv:
+        connector = aiohttp.UnixConnector(path=srv.socket_path)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            assert (await post(session, GOOD))[0] == 200
+
+
+async def test_refuses_to_remove_a_regular_file(run_dir: Path, fake: FakeReconciler) -> None:
+    path = run_dir / "not-a-socket"
+    path.write_text("precious")
+    srv = CniEventServer(fake.on_add, socket_path=str(path))
+    with pytest.raises(ConfigError, match="not a socket"):
+        await srv.start()
+    assert path.read_text() == "precious"
+
+
+def test_parse_honours_configured_directories() -> None:
+    body = json.dumps(dict(GOOD, Netns="/host/run/netns/x")).encode()
+    with pytest.raises(InvalidCniEventError, match="outside"):
+        parse_add_event(body)
+    event = parse_add_event(body, allowed_netns_dirs=["/host/run/netns"])
+    assert event.netns == "/host/run/netns/x"
+    # A sibling directory sharing the prefix is not inside.
+    sibling = json.dumps(dict(GOOD, Netns="/host/run/netns-evil/x")).encode()
+    with pytest.raises(InvalidCniEventError, match="outside"):
+        parse_add_event(sibling, allowed_netns_dirs=["/host/run/netns"])
+
+
+def test_relative_allowed_directory_is_a_config_error() -> None:
+    with pytest.raises(ConfigError):
+        CniEventServer(FakeReconciler().on_add, allowed_netns_dirs=["run/netns"])

@@ -1,0 +1,271 @@
+"""The agent's end of the CNI plugin: HTTP on a Unix socket taking `POST /cmdadd` (SPEC §8).
+
+The plugin (`cni_plugin.py`) posts one event per new pod sandbox and waits at most 5 s for the
+answer; the runtime fails the sandbox on anything but 200 and retries it later. So:
+
+- 200: `on_add` returned: the pod is redirected (or the reconciler decided it is not for the mesh).
+- 400: the payload is wrong (the reason is the body); `on_add` is not called.
+- 413: the body is larger than `max_body`.
+- 500: `on_add` raised; the body is its message.
+- 503: `on_add` did not finish within `budget`. The work is **not** cancelled: it goes on in the
+  background (cancelling half way through could leave a half-installed pod) and its outcome is
+  logged as `cni_add_finished_late`. The plugin fails the ADD with "try again later", the runtime
+  tears the sandbox down (DEL) and creates a new one, whose ADD comes back here; the reconciler's
+  per-pod queue makes the second event cheap, and the pod informer removes what belonged to the
+  old sandbox. The default budget (4.5 s) is below the plugin's 5 s socket timeout so that the
+  plugin gets a 503 rather than a timeout.
+
+`close()` stops accepting, cancels work still running in the background (the reconciler redoes it
+from the pod informer after a restart) and removes the socket file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import posixpath
+import socket
+import stat
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+import structlog
+from aiohttp import web
+
+from ztunnel_redirect import constants
+from ztunnel_redirect.errors import ConfigError, RedirectError
+
+__all__ = [
+    "DEFAULT_ALLOWED_NETNS_DIRS",
+    "DEFAULT_SOCKET_PATH",
+    "CniAddEvent",
+    "CniEventServer",
+    "InvalidCniEventError",
+    "OnAdd",
+    "parse_add_event",
+]
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_SOCKET_PATH: Final = posixpath.join(
+    constants.CNI_AGENT_RUN_DIR, constants.PLUGIN_EVENT_SOCKET
+)
+DEFAULT_ALLOWED_NETNS_DIRS: Final = ("/var/run/netns/", "/run/netns/", "/proc/")
+DEFAULT_BUDGET_S: Final = 4.5
+DEFAULT_MAX_BODY: Final = 64 * 1024
+_CLOSE_GRACE_S: Final = 2.0
+
+
+class InvalidCniEventError(RedirectError):
+    """The plugin sent something we cannot act on; the message says what."""
+
+
+@dataclass(frozen=True)
+class CniAddEvent:
+    """A pod sandbox that the runtime has just set up (the plugin's ADD)."""
+
+    netns: str
+    """Path of the pod's network namespace as the host sees it, normalised."""
+    pod_name: str
+    pod_namespace: str
+    ips: tuple[str, ...]
+    """The pod's addresses from the primary CNI's result, in canonical text form."""
+
+
+OnAdd = Callable[[CniAddEvent], Coroutine[Any, Any, None]]
+
+
+def _normalise_dirs(dirs: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for d in dirs:
+        if not posixpath.isabs(d):
+            raise ConfigError(f"allowed netns directory {d!r} is not an absolute path")
+        out.append(posixpath.normpath(d).rstrip("/") + "/")
+    return tuple(out)
+
+
+def _non_empty_str(payload: Mapping[str, Any], key: str) -> str:
+    value = payload.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidCniEventError(f"{key} must be a non-empty string")
+    return value
+
+
+def _check_netns(path: str, allowed_dirs: tuple[str, ...]) -> str:
+    if "\x00" in path or not posixpath.isabs(path):
+        raise InvalidCniEventError(f"Netns {path!r} is not an absolute path")
+    # normpath resolves `..` textually: `/proc/../etc/x` becomes `/etc/x` and is refused below.
+    # Symlinks are not followed: the path names a file in the host's mount namespace.
+    normalised = posixpath.normpath(path)
+    if normalised.startswith("//"):
+        normalised = "/" + normalised.lstrip("/")
+    if not any(normalised.startswith(d) and len(normalised) > len(d) for d in allowed_dirs):
+        raise InvalidCniEventError(
+            f"Netns {path!r} is outside the allowed directories ({', '.join(allowed_dirs)})"
+        )
+    return normalised
+
+
+def _parse_ips(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise InvalidCniEventError("IPs must be a list")
+    ips: list[str] = []
+    for i, entry in enumerate(value):
+        address = entry.get("Address") if isinstance(entry, dict) else None
+        ip = address.get("IP") if isinstance(address, dict) else None
+        if not isinstance(ip, str):
+            raise InvalidCniEventError(f'IPs[{i}] must be {{"Address": {{"IP": "<address>"}}}}')
+        try:
+            ips.append(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise InvalidCniEventError(f"IPs[{i}]: {ip!r} is not an IP address") from None
+    return tuple(ips)
+
+
+def parse_add_event(
+    body: bytes, *, allowed_netns_dirs: Iterable[str] = DEFAULT_ALLOWED_NETNS_DIRS
+) -> CniAddEvent:
+    """Validate the plugin's JSON; raises InvalidCniEventError naming the first problem."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidCniEventError(f"body is not JSON: {exc}") from None
+    if not isinstance(payload, dict):
+        raise InvalidCniEventError("body must be a JSON object")
+    netns = _check_netns(_non_empty_str(payload, "Netns"), _normalise_dirs(allowed_netns_dirs))
+    return CniAddEvent(
+        netns=netns,
+        pod_name=_non_empty_str(payload, "PodName"),
+        pod_namespace=_non_empty_str(payload, "PodNamespace"),
+        ips=_parse_ips(payload.get("IPs")),
+    )
+
+
+class CniEventServer:
+    """Serves `POST /cmdadd` on a Unix socket (mode 0600) and hands each event to `on_add`."""
+
+    def __init__(
+        self,
+        on_add: OnAdd,
+        *,
+        socket_path: str = DEFAULT_SOCKET_PATH,
+        allowed_netns_dirs: Iterable[str] = DEFAULT_ALLOWED_NETNS_DIRS,
+        budget: float = DEFAULT_BUDGET_S,
+        max_body: int = DEFAULT_MAX_BODY,
+    ) -> None:
+        self._on_add = on_add
+        self.socket_path = socket_path
+        self._allowed = _normalise_dirs(allowed_netns_dirs)
+        self._budget = budget
+        self._max_body = max_body
+        self._runner: web.AppRunner | None = None
+        self._work: set[asyncio.Task[None]] = set()
+        self._late: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        sock = self._bind()
+        app = web.Application(client_max_size=self._max_body)
+        app.router.add_post("/cmdadd", self._handle_add)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        try:
+            await runner.setup()
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            await runner.cleanup()
+            sock.close()
+            raise
+        self._runner = runner
+        log.info("cni_event_server_started", socket=self.socket_path)
+
+    def _bind(self) -> socket.socket:
+        path = Path(self.socket_path)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ConfigError(f"{path} exists and is not a socket; not removing it")
+            path.unlink()
+            log.info("stale_socket_removed", socket=self.socket_path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(self.socket_path)
+            # Before listen(): nobody can connect while the mode is still the umask's.
+            path.chmod(0o600)
+            sock.listen(128)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(f"cannot listen on {self.socket_path}: {exc}") from exc
+        return sock
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        for task in list(self._work):
+            task.cancel()
+        if self._work:
+            await asyncio.wait(list(self._work), timeout=_CLOSE_GRACE_S)
+        self._remove_socket()
+
+    def _remove_socket(self) -> None:
+        # A local unlink: no need to push it to a thread.
+        Path(self.socket_path).unlink(missing_ok=True)
+
+    async def _handle_add(self, request: web.Request) -> web.Response:
+        body = await request.read()  # raises 413 above client_max_size
+        try:
+            event = parse_add_event(body, allowed_netns_dirs=self._allowed)
+        except InvalidCniEventError as exc:
+            log.warning("cni_event_rejected", reason=str(exc))
+            return web.Response(status=400, text=str(exc))
+        pod = f"{event.pod_namespace}/{event.pod_name}"
+        log.info("cni_add_received", pod=pod, netns=event.netns, ips=list(event.ips))
+        task = asyncio.create_task(self._on_add(event), name=f"cni-add {pod}")
+        self._work.add(task)
+        task.add_done_callback(self._work_done)
+        try:
+            async with asyncio.timeout(self._budget):
+                await asyncio.shield(task)
+        except TimeoutError:
+            self._late.add(task)
+            log.warning("cni_add_timed_out", pod=pod, budget_s=self._budget)
+            return web.Response(
+                status=503, text=f"still setting up pod {pod} after {self._budget}s; try again"
+            )
+        except RedirectError as exc:
+            log.warning("cni_add_failed", pod=pod, reason=str(exc))
+            return web.Response(status=500, text=str(exc) or type(exc).__name__)
+        except Exception as exc:
+            log.exception("cni_add_crashed", pod=pod)
+            return web.Response(status=500, text=f"internal error: {type(exc).__name__}: {exc}")
+        return web.Response(status=200, text="ok")
+
+    def _work_done(self, task: asyncio.Task[None]) -> None:
+        self._work.discard(task)
+        late = task in self._late
+        self._late.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()  # always retrieved, so asyncio never warns about it
+        if late:
+            if exc is None:
+                log.info("cni_add_finished_late", task=task.get_name())
+            else:
+                log.warning("cni_add_finished_late", task=task.get_name(), reason=str(exc))
