@@ -165,6 +165,10 @@ def _listener(
         if kind == socket.SOCK_STREAM:
             sock.listen(128)
         sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        proto = "tcp" if kind == socket.SOCK_STREAM else "udp"
+        raise StandinError(f"cannot listen on {ip}:{port}/{proto}: {exc}") from exc
     except BaseException:
         sock.close()
         raise
