@@ -51,8 +51,8 @@ ENROLL_LABEL = "istio.io/dataplane-mode"
 ENROLL_VALUE = "ambient"
 OPT_OUT_VALUE = "none"
 SIDECAR_STATUS_ANNOTATION = "sidecar.istio.io/status"
-ZTUNNEL_APP_LABEL = "app"
-ZTUNNEL_APP_VALUE = "ztunnel"
+ZTUNNEL_LABELS = {"app": "ztunnel"}
+DEFAULT_AGENT_LABELS = {"app": "ztunnel-redirect"}
 
 # CNI error codes (SPEC.md "Error"); 100 and above are the plugin's own.
 CODE_INCOMPATIBLE_VERSION = 1
@@ -101,6 +101,8 @@ def decide_enrollment(
     *,
     excluded_namespaces: tuple[str, ...] = DEFAULT_EXCLUDE_NAMESPACES,
     system_namespace: str = DEFAULT_SYSTEM_NAMESPACE,
+    agent_namespace: str | None = None,
+    agent_labels: Mapping[str, str] | None = None,
 ) -> bool | None:
     """Whether the pod (Kubernetes JSON) is for the mesh; None when it needs the namespace.
 
@@ -113,11 +115,13 @@ def decide_enrollment(
     pod_ns = meta.get("namespace", "")
     annotations = meta.get("annotations") or {}
     labels = _labels(pod)
+    agent_selector = DEFAULT_AGENT_LABELS if agent_labels is None else agent_labels
     never = (
         pod_ns in excluded_namespaces,
         spec.get("hostNetwork") is True,
         SIDECAR_STATUS_ANNOTATION in annotations,
-        pod_ns == system_namespace and labels.get(ZTUNNEL_APP_LABEL) == ZTUNNEL_APP_VALUE,
+        pod_ns == system_namespace and _has_labels(labels, ZTUNNEL_LABELS),
+        pod_ns == (agent_namespace or system_namespace) and _has_labels(labels, agent_selector),
         status.get("phase") in ("Succeeded", "Failed"),
     )
     mode = labels.get(ENROLL_LABEL)
@@ -128,6 +132,10 @@ def decide_enrollment(
     if namespace is None:
         return None
     return _labels(namespace).get(ENROLL_LABEL) == ENROLL_VALUE
+
+
+def _has_labels(labels: Mapping[str, Any], selector: Mapping[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
 # --- Input -----------------------------------------------------------------------------------
@@ -150,6 +158,15 @@ class NetConf:
         self.kubeconfig = _str_field(raw, "kubeconfig", "")
         self.log_level = _str_field(raw, "log_level", "info")
         self.system_namespace = _str_field(raw, "system_namespace", DEFAULT_SYSTEM_NAMESPACE)
+        self.agent_namespace = _str_field(raw, "agent_namespace", "") or None
+        agent_labels = raw.get("agent_labels", DEFAULT_AGENT_LABELS)
+        if not isinstance(agent_labels, dict) or not all(
+            isinstance(v, str) for v in agent_labels.values()
+        ):
+            raise PluginError(
+                CODE_INVALID_CONFIG, "invalid network config: agent_labels must map to strings"
+            )
+        self.agent_labels: dict[str, str] = agent_labels
         excluded = raw.get("exclude_namespaces", list(DEFAULT_EXCLUDE_NAMESPACES))
         if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
             raise PluginError(
@@ -356,6 +373,8 @@ def pod_is_for_mesh(conf: NetConf, pod_namespace: str, pod_name: str) -> bool:
         None,
         excluded_namespaces=conf.exclude_namespaces,
         system_namespace=conf.system_namespace,
+        agent_namespace=conf.agent_namespace,
+        agent_labels=conf.agent_labels,
     )
     if decision is None:
         namespace = api.get(f"/api/v1/namespaces/{ns_q}")
@@ -364,6 +383,8 @@ def pod_is_for_mesh(conf: NetConf, pod_namespace: str, pod_name: str) -> bool:
             namespace,
             excluded_namespaces=conf.exclude_namespaces,
             system_namespace=conf.system_namespace,
+            agent_namespace=conf.agent_namespace,
+            agent_labels=conf.agent_labels,
         )
     return bool(decision)
 
