@@ -295,6 +295,11 @@ def test_non_process_entries_are_ignored(proc: FakeProc) -> None:
     assert kubelet_uid(proc_root=str(proc.root)) is None
 
 
+def test_missing_proc_root_is_a_kernel_error(tmp_path: Path) -> None:
+    with pytest.raises(KernelError):
+        kubelet_uid(proc_root=str(tmp_path / "nowhere"))
+
+
 def test_kubelet_scan_is_bounded(proc: FakeProc) -> None:
     for pid in range(2, 12):
         proc.add(pid, netns="host", comm="bash")

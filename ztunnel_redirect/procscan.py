@@ -142,15 +142,18 @@ def _netns_key(path: str) -> tuple[int, int] | None:
 def _pids(proc_root: str, max_processes: int) -> Iterator[int]:
     """Numeric entries of `proc_root`, in ascending pid order, at most `max_processes`."""
     pids: list[int] = []
-    with os.scandir(proc_root) as entries:
-        for entry in entries:
-            name = entry.name
-            if not (name.isascii() and name.isdigit()):
-                continue
-            if len(pids) >= max_processes:
-                log.warning("proc_scan_truncated", proc_root=proc_root, limit=max_processes)
-                break
-            pids.append(int(name))
+    try:
+        with os.scandir(proc_root) as entries:
+            for entry in entries:
+                name = entry.name
+                if not (name.isascii() and name.isdigit()):
+                    continue
+                if len(pids) >= max_processes:
+                    log.warning("proc_scan_truncated", proc_root=proc_root, limit=max_processes)
+                    break
+                pids.append(int(name))
+    except OSError as exc:
+        raise KernelError(f"cannot list processes in {proc_root}: {exc}") from exc
     pids.sort()
     return iter(pids)
 
