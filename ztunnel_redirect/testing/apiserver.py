@@ -387,9 +387,12 @@ class ApiServer:
     async def start(self) -> None:
         app = web.Application(middlewares=[self._middleware])
         app.add_routes(self._routes())
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+        # handler_cancellation: a client that goes away ends its watch handler at once.
+        self._runner = web.AppRunner(
+            app, access_log=None, shutdown_timeout=2.0, handler_cancellation=True
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=2.0)
+        site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
         port = int(self._runner.addresses[0][1])
         self._port = port
@@ -472,7 +475,7 @@ class ApiServer:
         *,
         timeout: float,  # noqa: ASYNC109 - a test helper that fails with its own message
     ) -> None:
-        """Return once `predicate()` holds; it is checked now and after every change."""
+        """Return once `predicate()` holds; checked now, after every change and every request."""
         if predicate():
             return
         waiter = _Waiter(predicate, asyncio.get_running_loop().create_future())
@@ -751,6 +754,7 @@ class ApiServer:
             response: web.StreamResponse = await handler(request)
             return response
         self.requests.append(RequestRecord(request.method, request.path, dict(request.query)))
+        self._notify()  # `wait_for` may wait for a request, e.g. the client's next watch
         if self.latency > 0:
             await asyncio.sleep(self.latency)  # injected delay, not a wait for a condition
         for fault in self._faults:
@@ -849,6 +853,7 @@ class ApiServer:
                 if event.rv > since and event.resource is event_filter.resource:
                     stream.offer(event)
         self._streams.add(stream)
+        self._notify()
         return stream
 
     async def _watch(self, request: web.Request, event_filter: _Filter) -> web.StreamResponse:
@@ -858,41 +863,54 @@ class ApiServer:
         stream = self._open_stream(
             event_filter, query.get("resourceVersion", ""), bookmarks=bookmarks
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        next_bookmark = loop.time() + self._bookmark_interval
+        deadline = asyncio.get_running_loop().time() + timeout
         response = web.StreamResponse(
             status=200, headers={"Content-Type": "application/json", "Cache-Control": "no-cache"}
         )
         response.enable_chunked_encoding()
         try:
             await response.prepare(request)
-            # Bounded by the watch timeout: every pass either writes, waits or reaches the deadline.
-            while True:
-                while stream.pending:
-                    item = stream.pending.popleft()
-                    await response.write(json.dumps(item).encode() + b"\n")
-                if stream.end is not None:
-                    break
-                now = loop.time()
-                if now >= deadline:
-                    break
-                if bookmarks and now >= next_bookmark:
-                    stream.push(self._bookmark(event_filter.resource))
-                    next_bookmark = now + self._bookmark_interval
-                    continue
-                stream.wakeup.clear()
-                wake_at = min(deadline, next_bookmark) if bookmarks else deadline
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stream.wakeup.wait(), max(0.0, wake_at - now))
+            await self._stream(stream, response, deadline, bookmarks=bookmarks)
+            if stream.end == "dropped":
+                if request.transport is not None:
+                    request.transport.abort()
+            else:
+                await response.write_eof()
+        except ConnectionResetError:
+            pass  # the client went away: nothing more to send
         finally:
             self._streams.discard(stream)
-        if stream.end == "dropped":
-            if request.transport is not None:
-                request.transport.abort()
-            return response
-        await response.write_eof()
+            self._notify()
         return response
+
+    async def _stream(
+        self,
+        stream: _WatchStream,
+        response: web.StreamResponse,
+        deadline: float,
+        *,
+        bookmarks: bool,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        next_bookmark = loop.time() + self._bookmark_interval
+        # Bounded by the watch timeout: every pass writes, waits, or reaches the deadline.
+        while True:
+            while stream.pending:
+                item = stream.pending.popleft()
+                await response.write(json.dumps(item).encode() + b"\n")
+            if stream.end is not None:
+                return
+            now = loop.time()
+            if now >= deadline:
+                return
+            if bookmarks and now >= next_bookmark:
+                stream.push(self._bookmark(stream.filter.resource))
+                next_bookmark = now + self._bookmark_interval
+                continue
+            stream.wakeup.clear()
+            wake_at = min(deadline, next_bookmark) if bookmarks else deadline
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stream.wakeup.wait(), max(0.0, wake_at - now))
 
     async def _get_pod(self, request: web.Request) -> web.Response:
         key = (request.match_info["namespace"], request.match_info["name"])
