@@ -1,0 +1,535 @@
+"""ZDS over real SEQPACKET sockets with real fd passing, against a fake ztunnel peer."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from ztunnel_redirect import zds_pb2
+from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.model import Pod, PodUid
+from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
+from ztunnel_redirect.testing.netnslab import Lab, LabPod
+from ztunnel_redirect.zds import (
+    RequestKind,
+    Workload,
+    ZtunnelNackError,
+    ZtunnelServer,
+    ZtunnelUnavailableError,
+)
+
+SELF_NETNS = "/proc/self/ns/net"
+WAIT = 5.0
+"""Upper bound for anything a test waits for; the normal case takes milliseconds."""
+
+
+def make_pod(name: str) -> Pod:
+    return Pod(uid=PodUid(f"uid-{name}"), name=name, namespace="apps", service_account=f"sa-{name}")
+
+
+def inode(path: str) -> int:
+    return Path(path).stat().st_ino
+
+
+def open_fds() -> int:
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="zr-zds-") as tmp:
+        # A parent that does not exist yet: the server creates it.
+        yield str(Path(tmp) / "ztunnel" / "ztunnel.sock")
+
+
+@pytest.fixture
+def lab_pod() -> Iterator[LabPod]:
+    lab = Lab()
+    try:
+        yield lab.add_pod("zds")
+    finally:
+        lab.close()
+
+
+ServerFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def make_server(sock_path: str) -> AsyncIterator[ServerFactory]:
+    servers: list[ZtunnelServer] = []
+
+    async def make(snapshot: Sequence[Workload] = (), **kwargs: Any) -> ZtunnelServer:
+        server = ZtunnelServer(path=sock_path, snapshot=lambda: snapshot, **kwargs)
+        servers.append(server)
+        await server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in servers:
+            await server.close()
+
+
+@pytest.fixture
+async def make_fake(sock_path: str) -> AsyncIterator[Callable[..., Any]]:
+    fakes: list[FakeZtunnel] = []
+
+    async def make(*, wait_snapshot: bool = True, **kwargs: Any) -> FakeZtunnel:
+        fake = FakeZtunnel(sock_path, **kwargs)
+        fakes.append(fake)
+        await fake.start()
+        if wait_snapshot:
+            async with asyncio.timeout(WAIT):
+                await fake.snapshot_done.wait()
+        return fake
+
+    try:
+        yield make
+    finally:
+        for fake in fakes:
+            await fake.close()
+
+
+def kinds(fake: FakeZtunnel) -> list[tuple[RequestKind, str]]:
+    return [(request.kind, request.uid) for request in fake.requests]
+
+
+# --- snapshot -------------------------------------------------------------------------------------
+
+
+async def test_snapshot_adds_with_the_netns_fd_keeps_unknown_then_snapshot_sent(
+    make_server: ServerFactory, make_fake: Callable[..., Any], lab_pod: LabPod
+) -> None:
+    known, unknown = make_pod("known"), make_pod("unknown")
+    server = await make_server([Workload(known, lab_pod.path), Workload(unknown, None)])
+
+    fake = await make_fake()
+    async with asyncio.timeout(WAIT):
+        await server.wait_connected()
+
+    assert kinds(fake) == [
+        (RequestKind.ADD, "uid-known"),
+        (RequestKind.KEEP, "uid-unknown"),
+        (RequestKind.SNAPSHOT_SENT, ""),
+    ]
+    add, keep, sent = fake.requests
+    # The fd that arrived is the pod's netns (not ours), and the fake still holds it.
+    assert add.fds == 1
+    assert add.netns_inode == inode(lab_pod.path) != inode(SELF_NETNS)
+    assert inode(fake.workloads[known.uid].netns_path) == inode(lab_pod.path)
+    assert (add.name, add.namespace, add.service_account) == ("known", "apps", "sa-known")
+    assert (keep.fds, sent.fds) == (0, 0)
+    assert [r.answer for r in fake.requests] == ["", "", ""]
+    assert fake.violations == []
+    assert server.connections == server.live_connections == 1
+
+
+async def test_snapshot_netns_gone_is_sent_as_keep(
+    make_server: ServerFactory, make_fake: Callable[..., Any], sock_path: str
+) -> None:
+    pod = make_pod("gone")
+    await make_server([Workload(pod, str(Path(sock_path).parent / "no-such-netns"))])
+
+    fake = await make_fake()
+
+    assert kinds(fake) == [(RequestKind.KEEP, "uid-gone"), (RequestKind.SNAPSHOT_SENT, "")]
+
+
+async def test_snapshot_nack_is_reported_and_the_snapshot_goes_on(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    a, b = make_pod("a"), make_pod("b")
+    nacked: list[tuple[str, str]] = []
+    server = await make_server(
+        [Workload(a, SELF_NETNS), Workload(b, SELF_NETNS)],
+        on_snapshot_nack=lambda uid, error: nacked.append((uid, error)),
+    )
+
+    fake = await make_fake(behaviour=Behaviour(nack_uids=frozenset({"uid-a"}), nack_message="no"))
+
+    assert kinds(fake) == [
+        (RequestKind.ADD, "uid-a"),
+        (RequestKind.ADD, "uid-b"),
+        (RequestKind.SNAPSHOT_SENT, ""),
+    ]
+    assert nacked == [("uid-a", "no")]
+    async with asyncio.timeout(WAIT):
+        await server.wait_connected()
+    assert set(fake.workloads) == {"uid-b"}
+
+
+async def test_add_during_snapshot_is_sent_after_snapshot_sent(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    old, new = make_pod("old"), make_pod("new")
+    server = await make_server([Workload(old, SELF_NETNS)])
+    fake = await make_fake(wait_snapshot=False, behaviour=Behaviour(ack_delay=0.2))
+
+    async with asyncio.timeout(WAIT):
+        await server.wait_connections(1)  # said hello; its snapshot is under way
+        assert server.live_connections == 0
+        await server.add_workload(new, SELF_NETNS)
+
+    assert kinds(fake) == [
+        (RequestKind.ADD, "uid-old"),
+        (RequestKind.SNAPSHOT_SENT, ""),
+        (RequestKind.ADD, "uid-new"),
+    ]
+
+
+# --- add / del ------------------------------------------------------------------------------------
+
+
+async def test_add_goes_to_the_newest_connection_and_del_to_every_one(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    pod = make_pod("p")
+    server = await make_server()
+    older = await make_fake()
+    newer = await make_fake()
+    async with asyncio.timeout(WAIT):
+        await server.wait_connections(2)
+
+    async with asyncio.timeout(WAIT):
+        await server.add_workload(pod, SELF_NETNS)
+
+    # The add returned only after the ack: the request is already recorded as answered.
+    assert kinds(newer)[-1] == (RequestKind.ADD, "uid-p")
+    assert newer.requests[-1].answer == ""
+    assert newer.requests[-1].netns_inode == inode(SELF_NETNS)
+    assert RequestKind.ADD not in {request.kind for request in older.requests}
+
+    async with asyncio.timeout(WAIT):
+        await server.del_workload(pod.uid)
+
+    for fake in (older, newer):
+        assert kinds(fake)[-1] == (RequestKind.DEL, "uid-p")
+        assert fake.requests[-1].answer == ""
+        assert fake.requests[-1].fds == 0
+    assert newer.workloads == {}  # the fake closed the netns fd on Del
+    assert newer.violations == older.violations == []
+
+
+async def test_nack_raises_with_ztunnel_message_and_keeps_the_connection(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    server = await make_server()
+    fake = await make_fake(
+        behaviour=Behaviour(nack_uids=frozenset({"uid-bad"}), nack_message="netns is weird")
+    )
+
+    with pytest.raises(ZtunnelNackError, match="netns is weird"):
+        async with asyncio.timeout(WAIT):
+            await server.add_workload(make_pod("bad"), SELF_NETNS)
+    async with asyncio.timeout(WAIT):
+        await server.add_workload(make_pod("good"), SELF_NETNS)
+
+    assert set(fake.workloads) == {"uid-good"}
+    assert server.connections == 1
+
+
+async def test_no_connection_is_unavailable(make_server: ServerFactory) -> None:
+    server = await make_server()
+
+    with pytest.raises(ZtunnelUnavailableError):
+        await server.add_workload(make_pod("p"), SELF_NETNS)
+    async with asyncio.timeout(WAIT):
+        await server.del_workload(PodUid("uid-p"))  # best effort: nothing to tell, no error
+
+
+async def test_slow_peer_times_out_within_the_deadline(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    server = await make_server(timeout=0.3)
+    fake = await make_fake()
+    fake.behaviour = Behaviour(ack_delay=30)
+
+    started = time.monotonic()
+    with pytest.raises(ZtunnelUnavailableError):
+        async with asyncio.timeout(WAIT):
+            await server.add_workload(make_pod("p"), SELF_NETNS)
+    elapsed = time.monotonic() - started
+
+    assert 0.25 <= elapsed < 2.0
+    # A late ack would be taken for the next request's: the connection is gone.
+    assert server.connections == 0
+
+
+async def test_ack_only_after_the_data_plane_started(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+    events: list[tuple[str, int]] = []
+
+    class Plane:
+        def __init__(self, netns_path: str) -> None:
+            self.netns_path = netns_path
+
+        async def start(self) -> None:
+            events.append(("start", inode(self.netns_path)))
+            started.set()
+            await release.wait()
+
+        def close(self) -> None:
+            events.append(("close", inode(self.netns_path)))
+
+    pod = make_pod("p")
+    server = await make_server()
+    await make_fake(data_plane=Plane)
+
+    add = asyncio.create_task(server.add_workload(pod, SELF_NETNS), name="test-add")
+    try:
+        async with asyncio.timeout(WAIT):
+            await started.wait()
+        assert not add.done()
+        release.set()
+        async with asyncio.timeout(WAIT):
+            await add
+            await server.del_workload(pod.uid)
+    finally:
+        add.cancel()
+
+    assert events == [("start", inode(SELF_NETNS)), ("close", inode(SELF_NETNS))]
+
+
+# --- misbehaving peers lose their own connection only -------------------------------------------
+
+
+async def assert_still_served(server: ZtunnelServer, good: FakeZtunnel, name: str) -> None:
+    async with asyncio.timeout(WAIT):
+        await server.wait_connections(1)
+        await server.add_workload(make_pod(name), SELF_NETNS)
+    assert kinds(good)[-1] == (RequestKind.ADD, f"uid-{name}")
+    assert not good.closed.is_set()
+
+
+@pytest.mark.parametrize(
+    ("hello", "reason"),
+    [
+        (GARBAGE, "undecodable"),
+        (b"\x08\x02", "unsupported_version"),  # ZdsHello{version=2}
+        (zds_pb2.WorkloadResponse(ack=zds_pb2.Ack()).SerializeToString(), "unsupported_version"),
+        (b"\x08\x01" + b"x" * 2000, "message_too_large"),
+        (b"", "timeout"),  # no hello at all
+    ],
+    ids=["garbage", "version", "wrong-message", "oversize", "silent"],
+)
+async def test_bad_hello_drops_only_that_connection(
+    make_server: ServerFactory, make_fake: Callable[..., Any], hello: bytes, reason: str
+) -> None:
+    server = await make_server(timeout=0.3)
+    good = await make_fake()
+
+    with structlog.testing.capture_logs() as logs:
+        bad = await make_fake(hello=hello, wait_snapshot=False)
+        async with asyncio.timeout(WAIT):
+            await bad.closed.wait()
+
+    assert bad.requests == ()
+    assert [(e["event"], e["reason"]) for e in logs if e["event"] == "ztunnel_rejected"] == [
+        ("ztunnel_rejected", reason)
+    ]
+    await assert_still_served(server, good, "after")
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        (Behaviour(reply=GARBAGE), "undecodable"),
+        (Behaviour(reply=b"\x0a\x00" + b"\x00" * 1100), "message_too_large"),
+        (Behaviour(reply=b"\x12\x00"), "unexpected_message"),  # a response without ack
+    ],
+    ids=["garbage", "oversize", "no-ack"],
+)
+async def test_bad_answer_drops_only_that_connection(
+    make_server: ServerFactory,
+    make_fake: Callable[..., Any],
+    behaviour: Behaviour,
+    reason: str,
+) -> None:
+    server = await make_server()
+    good = await make_fake()
+    bad = await make_fake()
+    bad.behaviour = behaviour
+
+    with structlog.testing.capture_logs() as logs, pytest.raises(ZtunnelUnavailableError):
+        async with asyncio.timeout(WAIT):
+            await server.add_workload(make_pod("p"), SELF_NETNS)  # the newest: the bad one
+    async with asyncio.timeout(WAIT):
+        await bad.closed.wait()
+
+    drops = [e["reason"] for e in logs if e["event"] == "ztunnel_disconnected"]
+    assert drops == [reason]
+    await assert_still_served(server, good, "after")
+
+
+async def test_unexpected_fd_in_an_answer_is_closed_and_drops_the_connection(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    server = await make_server()
+    good = await make_fake()
+    bad = await make_fake()
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        bad.behaviour = Behaviour(reply_fds=(write_end,))
+        with pytest.raises(ZtunnelUnavailableError):
+            async with asyncio.timeout(WAIT):
+                await server.add_workload(make_pod("p"), SELF_NETNS)
+        os.close(write_end)
+        write_end = -1
+        # The server received the only other copy of the write end: it must have closed it,
+        # so the pipe reads as closed.
+        assert os.read(read_end, 1) == b""
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    async with asyncio.timeout(WAIT):
+        await bad.closed.wait()
+    await assert_still_served(server, good, "after")
+
+
+@pytest.mark.parametrize("what", ["garbage", "ack", "fd", "oversize"])
+async def test_unsolicited_packet_while_idle_drops_only_that_connection(
+    make_server: ServerFactory, make_fake: Callable[..., Any], what: str
+) -> None:
+    server = await make_server()
+    good = await make_fake()
+    bad = await make_fake()
+    ack = zds_pb2.WorkloadResponse(ack=zds_pb2.Ack()).SerializeToString()
+    read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if what == "garbage":
+            await bad.send_raw(GARBAGE)
+        elif what == "ack":
+            await bad.send_raw(ack)
+        elif what == "oversize":
+            await bad.send_raw(b"x" * 4000)
+        else:
+            await bad.send_raw(ack, fds=[write_end])
+        os.close(write_end)
+        write_end = -1
+        async with asyncio.timeout(WAIT):
+            await bad.closed.wait()
+        # No fd of the peer survives the dropped connection.
+        assert os.read(read_end, 1) == b""
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    await assert_still_served(server, good, "after")
+
+
+async def test_disconnect_mid_snapshot_drops_only_that_connection(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    pods = [make_pod(f"s{i}") for i in range(3)]
+    server = await make_server([Workload(pod, SELF_NETNS) for pod in pods])
+    good = await make_fake()
+    bad = await make_fake(wait_snapshot=False, behaviour=Behaviour(crash_after=2))
+
+    async with asyncio.timeout(WAIT):
+        await bad.closed.wait()
+
+    assert kinds(bad) == [(RequestKind.ADD, "uid-s0"), (RequestKind.ADD, "uid-s1")]
+    assert bad.requests[-1].answer is None
+    assert not bad.snapshot_done.is_set()
+    await assert_still_served(server, good, "after")
+
+
+async def test_keepalive_notices_a_dead_idle_peer(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    # The keepalive interval is far beyond the test's wait: the closed peer is noticed at once.
+    server = await make_server(keepalive_interval=60)
+    fake = await make_fake()
+    async with asyncio.timeout(WAIT):
+        await server.wait_connected()
+
+    with structlog.testing.capture_logs() as logs:
+        await fake.crash()
+        async with asyncio.timeout(WAIT):
+            await server.wait_connections(0)
+
+    assert [(e["event"], e["reason"]) for e in logs if e["event"] == "ztunnel_disconnected"] == [
+        ("ztunnel_disconnected", "peer_closed")
+    ]
+    with pytest.raises(ZtunnelUnavailableError):
+        await server.add_workload(make_pod("p"), SELF_NETNS)
+
+
+async def test_periodic_probe_runs_while_idle(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    # A short keepalive interval: idle wake-ups must neither drop nor disturb a healthy peer.
+    server = await make_server(keepalive_interval=0.01)
+    fake = await make_fake()
+    async with asyncio.timeout(WAIT):
+        for i in range(20):
+            await server.add_workload(make_pod(f"p{i}"), SELF_NETNS)
+    assert len(fake.workloads) == 20
+    assert server.connections == 1
+
+
+# --- resources ------------------------------------------------------------------------------------
+
+
+async def test_server_keeps_no_netns_fds(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    server = await make_server()
+    fake = await make_fake()
+    pods = [make_pod(f"p{i}") for i in range(200)]
+    baseline = open_fds()
+
+    async with asyncio.timeout(30):
+        for pod in pods:
+            await server.add_workload(pod, SELF_NETNS)
+    # Only the fake holds the received fds, one per live workload.
+    assert len(fake.workloads) == 200
+    assert open_fds() == baseline + 200
+
+    async with asyncio.timeout(30):
+        for pod in pods:
+            await server.del_workload(pod.uid)
+    assert open_fds() == baseline
+
+
+def socket_file(path: Path) -> tuple[bool, int] | None:
+    """(is a socket, permission bits), None when there is no file."""
+    if not path.exists():
+        return None
+    return path.is_socket(), path.stat().st_mode & 0o777
+
+
+async def test_socket_file_lifecycle(sock_path: str) -> None:
+    path = Path(sock_path)
+    path.parent.mkdir(parents=True)
+    # A stale socket from a previous agent is replaced.
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(sock_path)
+    stale.close()
+    server = ZtunnelServer(path=sock_path, snapshot=list)
+    await server.start()
+    try:
+        assert socket_file(path) == (True, 0o600)
+    finally:
+        await server.close()
+    assert socket_file(path) is None
+
+    not_a_socket = path.with_name("plain")
+    not_a_socket.touch()
+    with pytest.raises(ConfigError):
+        await ZtunnelServer(path=str(not_a_socket), snapshot=list).start()
+    assert socket_file(not_a_socket) == (False, not_a_socket.stat().st_mode & 0o777)
