@@ -15,10 +15,13 @@ import pytest
 import structlog
 
 from ztunnel_redirect import zds_pb2
+from ztunnel_redirect.constants import HBONE_PORT
 from ztunnel_redirect.errors import ConfigError
 from ztunnel_redirect.model import Pod, PodUid
 from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
+from ztunnel_redirect.testing.standin import HBONE_REPLY
+from ztunnel_redirect.testing.traffic import request
 from ztunnel_redirect.zds import (
     RequestKind,
     Workload,
@@ -301,6 +304,32 @@ async def test_ack_only_after_the_data_plane_started(
         add.cancel()
 
     assert events == [("start", inode(SELF_NETNS)), ("close", inode(SELF_NETNS))]
+
+
+@pytest.mark.kernel
+async def test_serve_runs_a_standin_in_the_workload_netns_until_del(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    lab = Lab()
+    try:
+        client, target = lab.add_pod("client"), lab.add_pod("target")
+        pod = make_pod("target")
+        server = await make_server()
+        fake = await make_fake(serve=True)
+
+        async with asyncio.timeout(WAIT):
+            await server.add_workload(pod, target.path)
+        # ztunnel's HBONE port answers inside the pod, reached through the node like real traffic.
+        reply = await asyncio.to_thread(request, client.path, target.ipv4, HBONE_PORT, timeout=2)
+        assert reply == HBONE_REPLY
+
+        async with asyncio.timeout(WAIT):
+            await server.del_workload(pod.uid)
+        assert fake.workloads == {}
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.to_thread(request, client.path, target.ipv4, HBONE_PORT, timeout=2)
+    finally:
+        lab.close()
 
 
 # --- misbehaving peers lose their own connection only -------------------------------------------

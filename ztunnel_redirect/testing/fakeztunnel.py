@@ -6,9 +6,10 @@ crash mid-conversation, or send whatever bytes and fds a test wants.
 
 On `Add` it keeps the received netns fd open while the workload is live (closed on `Del` or
 `close()`), and may start a data-plane stand-in in that netns: `data_plane` is a factory called
-with the netns path (`netns.fd_path(fd)`) whose result has `start()` and `close()` (plain or
-async); `serve=True` uses `ztunnel_redirect.testing.standin.Standin`. The ack is sent after
-`start()` has finished; a failing `start()` is answered with a nack.
+with the netns path (`netns.fd_path(fd)`) whose result has `start()` and `close()` (coroutine
+methods are awaited, plain ones run on a worker thread); `serve=True` uses
+`ztunnel_redirect.testing.standin.Standin`. The ack is sent after `start()` has finished; a
+failing `start()` is answered with a nack.
 """
 
 from __future__ import annotations
@@ -110,9 +111,12 @@ async def _send_unchecked(sock: socket.socket, data: bytes, fds: Sequence[int]) 
     sock.sendmsg([data], ancdata if fds else [])
 
 
-async def _call(result: object) -> None:
-    if inspect.isawaitable(result):
-        await result
+async def _call(method: Callable[[], object]) -> None:
+    """Await a coroutine method; run a plain one on a worker thread (a `Standin` blocks)."""
+    if inspect.iscoroutinefunction(method):
+        await method()
+    else:
+        await asyncio.to_thread(method)
 
 
 def _standin_factory(*, ipv6: bool) -> DataPlaneFactory:
@@ -330,7 +334,7 @@ class FakeZtunnel:
             if self._data_plane is not None:
                 try:
                     workload.data_plane = self._data_plane(workload.netns_path)
-                    await _call(workload.data_plane.start())
+                    await _call(workload.data_plane.start)
                 except Exception as exc:  # a broken stand-in is the agent's nack, not our crash
                     await self._release(workload)
                     return f"data plane failed: {exc!r}"
@@ -344,7 +348,7 @@ class FakeZtunnel:
     async def _release(self, workload: LiveWorkload) -> None:
         try:
             if workload.data_plane is not None:
-                await _call(workload.data_plane.close())
+                await _call(workload.data_plane.close)
         finally:
             close_fds((workload.fd,))
 
