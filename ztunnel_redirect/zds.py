@@ -254,7 +254,6 @@ class _Connection:
         self.wake = asyncio.Event()
         self.greeted = False
         self.live = False
-        self.closed = False
 
     def submit(
         self, kind: RequestKind, uid: PodUid, pod: Pod | None, netns_path: str | None
@@ -492,7 +491,6 @@ class ZtunnelServer:
 
     def _drop(self, conn: _Connection, reason: DropReason, detail: str) -> None:
         # Bookkeeping and log first: once the peer sees EOF, the server no longer counts it.
-        conn.closed = True
         self._all.remove(conn)
         if conn.greeted:
             self._greeted.remove(conn)
