@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import copy
 import json
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from ztunnel_redirect import cni_plugin, constants, enrollment
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
@@ -517,3 +520,91 @@ def test_plugin_imports_only_the_standard_library() -> None:
             modules.add((node.module or "").split(".")[0])
     assert modules - {"__future__"} <= sys.stdlib_module_names
     assert PLUGIN.read_text().startswith("#!/usr/bin/env python3\n")
+
+
+# --- The fallback over TLS with a bearer token, as the installer's kubeconfig configures it -----
+
+
+@pytest.fixture
+def tls_cert(run_dir: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    cert, key = run_dir / "api.pem", run_dir / "api.key"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=kubernetes", "-addext", "subjectAltName=IP:127.0.0.1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+async def test_fallback_over_tls_sends_the_token_and_checks_the_ca(
+    run_dir: Path, tls_cert: tuple[Path, Path]
+) -> None:
+    cert, key = tls_cert
+    seen: list[str] = []
+
+    async def get_pod(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response(_pod())
+
+    async def get_namespace(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"metadata": {"name": "shop", "labels": AMBIENT}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/shop/pods/web-0", get_pod)
+    app.router.add_get("/api/v1/namespaces/shop", get_namespace)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        await site.start()
+        port = runner.addresses[0][1]
+        kubeconfig_path = run_dir / "kubeconfig"
+        kubeconfig_path.write_text(
+            json.dumps(
+                {
+                    "clusters": [
+                        {
+                            "name": "c",
+                            "cluster": {
+                                "server": f"https://127.0.0.1:{port}",
+                                "certificate-authority-data": base64.b64encode(
+                                    cert.read_bytes()
+                                ).decode(),
+                            },
+                        }
+                    ],
+                    "users": [{"name": "u", "user": {"token": "t0k3n"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        conf = net_conf(
+            plugin_event_socket=str(run_dir / "absent.sock"), kubeconfig=str(kubeconfig_path)
+        )
+        out = await run_plugin("ADD", conf)
+        assert out.rc != 0
+        assert out.json["code"] == 11
+        assert "is in the ambient mesh" in out.json["msg"]
+        assert seen == ["Bearer t0k3n", "Bearer t0k3n"]
+
+        # A CA that did not sign the server's certificate: cannot tell, so fail closed.
+        other = json.loads(kubeconfig_path.read_text())
+        other["clusters"][0]["cluster"].pop("certificate-authority-data")
+        kubeconfig_path.write_text(json.dumps(other))
+        out = await run_plugin("ADD", conf)
+        assert out.rc != 0
+        assert "cannot tell" in out.json["msg"]
+        assert len(seen) == 2
+    finally:
+        await runner.cleanup()
