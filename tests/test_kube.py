@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import watch as k8s_watch
 
 from ztunnel_redirect import constants
 from ztunnel_redirect.errors import ConfigError, RetryableError
@@ -184,13 +186,47 @@ async def test_initial_lists_fill_the_store_then_synced(harness: Harness) -> Non
 
 
 async def test_synced_waits_for_both_lists(server: ApiServer, api: Any) -> None:
-    server.fail_next(2, path="/api/v1/namespaces", watch=False)
+    fault = server.fail_next(1000, path="/api/v1/namespaces", watch=False)
+
+    def namespace_lists() -> int:
+        return sum(1 for r in server.requests if r.path == "/api/v1/namespaces" and not r.watch)
+
     async with running(server, api) as h:
         await h.store.wait_for(lambda: bool(h.store.names("replace_pods")))
-        assert not h.watcher.synced.is_set() or h.store.names("replace_namespaces")
+        await server.wait_for(lambda: namespace_lists() >= 3, timeout=TIMEOUT)
+        assert not h.watcher.synced.is_set(), "pods alone are not a synced cache"
+        fault.count = 0
         await asyncio.wait_for(h.watcher.synced.wait(), TIMEOUT)
         assert h.store.names("replace_namespaces") == [["default", "kube-system"]]
         assert ("namespaces", "api_error") in h.restarts
+
+
+async def test_the_generated_client_works_unchanged_against_the_fake(
+    server: ApiServer, api: Any
+) -> None:
+    core = k8s_client.CoreV1Api(api)
+    created = await core.create_namespaced_pod(
+        "default",
+        {
+            "metadata": {"name": "typed"},
+            "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "i"}]},
+        },
+    )
+    listed = await core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={NODE}")
+    assert [p.metadata.name for p in listed.items] == ["typed"]
+    assert listed.metadata.resource_version == created.metadata.resource_version
+    stream = k8s_watch.Watch()
+    events = []
+    async with stream:
+        async for event in stream.stream(
+            core.list_namespaced_pod, "default", resource_version="0", timeout_seconds=1
+        ):
+            events.append((event["type"], event["object"].metadata.name))
+            if len(events) == 1:
+                server.delete_pod("default", "typed")
+            else:
+                stream.stop()
+    assert events == [("ADDED", "typed"), ("DELETED", "typed")]
 
 
 async def test_events_are_delivered_in_order(harness: Harness) -> None:

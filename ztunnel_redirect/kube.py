@@ -163,7 +163,7 @@ async def _request(what: str) -> AsyncIterator[None]:
         yield
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise KubeApiError(f"{what}: {type(exc).__name__}: {exc}") from exc
-    except ValueError as exc:  # a malformed JSON line or body
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a malformed line or body
         raise KubeApiError(f"{what}: malformed response: {exc}") from exc
 
 
