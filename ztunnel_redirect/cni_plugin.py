@@ -400,8 +400,8 @@ def _require_env(environ: Mapping[str, str], name: str) -> str:
 
 
 def _result(conf: NetConf) -> str:
-    assert conf.prev_result is not None  # noqa: S101 - checked by the caller
-    result = conf.prev_result
+    """The prevResult, unchanged, as the output of a successful ADD."""
+    result = conf.prev_result or {}
     if "cniVersion" not in result:
         # libcni reads the result's version from the result itself.
         result = dict(result, cniVersion=conf.cni_version)

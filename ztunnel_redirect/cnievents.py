@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import posixpath
@@ -239,7 +240,7 @@ class CniEventServer:
         log.info("cni_add_received", pod=pod, netns=event.netns, ips=list(event.ips))
         task = asyncio.create_task(self._on_add(event), name=f"cni-add {pod}")
         self._work.add(task)
-        task.add_done_callback(self._work_done)
+        task.add_done_callback(functools.partial(self._work_done, pod))
         try:
             async with asyncio.timeout(self._budget):
                 await asyncio.shield(task)
@@ -257,7 +258,7 @@ class CniEventServer:
             return web.Response(status=500, text=f"internal error: {type(exc).__name__}: {exc}")
         return web.Response(status=200, text="ok")
 
-    def _work_done(self, task: asyncio.Task[None]) -> None:
+    def _work_done(self, pod: str, task: asyncio.Task[None]) -> None:
         self._work.discard(task)
         late = task in self._late
         self._late.discard(task)
@@ -266,6 +267,6 @@ class CniEventServer:
         exc = task.exception()  # always retrieved, so asyncio never warns about it
         if late:
             if exc is None:
-                log.info("cni_add_finished_late", task=task.get_name())
+                log.info("cni_add_finished_late", pod=pod)
             else:
-                log.warning("cni_add_finished_late", task=task.get_name(), reason=str(exc))
+                log.warning("cni_add_finished_late", pod=pod, reason=str(exc))
