@@ -329,6 +329,7 @@ async def test_a_bookmark_is_skipped_but_its_version_is_kept(harness: Harness) -
     )
     assert store.pod_calls() == []
     assert ("pods", "stream_ended") in harness.restarts
+    assert harness.watcher.resource_version("pods") == bookmark_version
 
 
 async def test_status_patch_sets_and_removes_the_annotation(harness: Harness) -> None:

@@ -284,11 +284,16 @@ class Watcher:
         """A stream that ends sooner than this without any event counts as a failure."""
         self._listed: set[str] = set()
         self.synced = asyncio.Event()
-        self.cursors: dict[str, _Cursor] = {}
-        """Per resource: the resourceVersion we would resume from (for status and tests)."""
+        self._cursors: dict[str, _Cursor] = {}
+
+    def resource_version(self, resource: str) -> str | None:
+        """The version `resource` ("pods" or "namespaces") would resume from; None: re-list."""
+        cursor = self._cursors.get(resource)
+        return cursor.resource_version if cursor is not None else None
 
     async def run(self) -> None:
-        """Watch until cancelled; an unexpected error (e.g. from the store) ends both loops."""
+        """Watch until cancelled. API failures are retried here; an unexpected error (e.g. from
+        the store) ends both loops and leaves as an ExceptionGroup (the root task fails)."""
         kinds = (
             _Kind(
                 name="pods",
@@ -316,7 +321,7 @@ class Watcher:
                 group.create_task(self._run_kind(kind), name=f"kube-watch-{kind.name}")
 
     async def _run_kind(self, kind: _Kind) -> None:
-        cursor = self.cursors.setdefault(kind.name, _Cursor())
+        cursor = self._cursors.setdefault(kind.name, _Cursor())
         failures = 0
         # Runs until cancelled: every pass is one list or one watch, and failures wait longer.
         while True:
