@@ -26,7 +26,7 @@ import functools
 import socket
 import sys
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final, cast
@@ -42,6 +42,8 @@ from ztunnel_redirect.constants import (
 )
 from ztunnel_redirect.errors import RedirectError
 from ztunnel_redirect.testing.traffic import (
+    ConnectionSet,
+    Handler,
     NetnsLoop,
     close_writer,
     drain_to_eof,
@@ -199,9 +201,6 @@ class _DnsProtocol(asyncio.DatagramProtocol):
             self.closed.set_result(None)
 
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
 class Standin:
     """ztunnel's listeners for one pod netns, on a thread that lives in that netns.
 
@@ -227,7 +226,7 @@ class Standin:
         self._loop = NetnsLoop(netns_path, name=f"standin-{netns_path.rsplit('/', 1)[-1]}")
         self._servers: list[asyncio.Server] = []
         self._dns_transports: list[tuple[asyncio.DatagramTransport, _DnsProtocol]] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connections = ConnectionSet(name="standin")
         self._hops: list[Hop] = []
         self._cond = threading.Condition()
 
@@ -274,7 +273,7 @@ class Standin:
             for family, ip in addresses:
                 sock = _listener(family, socket.SOCK_STREAM, ip, port)
                 try:
-                    server = await asyncio.start_server(self._tracked(handler), sock=sock)
+                    server = await asyncio.start_server(self._connections.wrap(handler), sock=sock)
                 except BaseException:
                     sock.close()
                     raise
@@ -296,17 +295,15 @@ class Standin:
     async def _shutdown(self) -> None:
         for server in self._servers:
             server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.connect_timeout)
+        await self._connections.close(grace=self.connect_timeout)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
         for transport, protocol in self._dns_transports:
             transport.close()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(protocol.closed, self.connect_timeout)
+                async with asyncio.timeout(self.connect_timeout):
+                    await protocol.closed
         self._dns_transports.clear()
 
     # -- hop records ---------------------------------------------------------------------------
@@ -351,22 +348,6 @@ class Standin:
             self._hops.clear()
 
     # -- connection handlers (run on the stand-in's loop thread) -------------------------------
-
-    def _tracked(self, handler: Handler) -> Handler:
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.add(task)
-            try:
-                await handler(reader, writer)
-            except (OSError, TimeoutError) as exc:
-                log.debug("standin_connection_failed", netns=self.netns_path, reason=repr(exc))
-            finally:
-                if task is not None:
-                    self._tasks.discard(task)
-                await close_writer(writer)
-
-        return handle
 
     def _addresses(
         self, writer: asyncio.StreamWriter
@@ -420,7 +401,8 @@ class Standin:
         client, dst, _ = self._addresses(writer)
         self._record(Hop(HopKind.HBONE, client, dst))
         writer.write(HBONE_REPLY)
-        await asyncio.wait_for(writer.drain(), self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):
+            await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
         await drain_to_eof(reader, grace=self.connect_timeout)
@@ -428,9 +410,11 @@ class Standin:
     async def _dns_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         client, dst, _ = self._addresses(writer)
         self._record(Hop(HopKind.DNS, client, dst))
-        request = await asyncio.wait_for(reader.read(MAX_DNS_REQUEST), self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):
+            request = await reader.read(MAX_DNS_REQUEST)
         writer.write(dns_reply(request))
-        await asyncio.wait_for(writer.drain(), self.connect_timeout)
+        async with asyncio.timeout(self.connect_timeout):
+            await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
         await drain_to_eof(reader, grace=self.connect_timeout)
@@ -446,11 +430,13 @@ class Standin:
         loop = asyncio.get_running_loop()
         try:
             upstream.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(upstream, dst), self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.sock_connect(upstream, dst)
             up_reader, up_writer = await asyncio.open_connection(sock=upstream)
         except BaseException:
             upstream.close()
             raise
+        self._connections.adopt(up_writer)
         try:
             copies = [
                 asyncio.create_task(self._copy(reader, up_writer), name="standin-copy-up"),
@@ -464,13 +450,16 @@ class Standin:
                 await asyncio.wait(copies, timeout=self.connect_timeout)
         finally:
             await close_writer(up_writer)
+            self._connections.release(up_writer)
 
     async def _copy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for _ in range(MAX_CHUNKS):
-            data = await asyncio.wait_for(reader.read(CHUNK), self.idle_timeout)
+            async with asyncio.timeout(self.idle_timeout):
+                data = await reader.read(CHUNK)
             if not data:
                 break
             writer.write(data)
-            await asyncio.wait_for(writer.drain(), self.idle_timeout)
+            async with asyncio.timeout(self.idle_timeout):
+                await writer.drain()
         if writer.can_write_eof() and not writer.is_closing():
             writer.write_eof()

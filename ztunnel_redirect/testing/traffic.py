@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 import structlog
@@ -29,6 +29,8 @@ from ztunnel_redirect.netns import join_netns
 
 __all__ = [
     "App",
+    "ConnectionSet",
+    "Handler",
     "NetnsLoop",
     "TrafficError",
     "close_writer",
@@ -158,8 +160,9 @@ class NetnsLoop:
 async def close_writer(writer: asyncio.StreamWriter, *, grace: float = 1.0) -> None:
     """Close a stream and wait until its socket is really closed (so no fd outlives us)."""
     writer.close()
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(writer.wait_closed(), grace)
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(grace):
+            await writer.wait_closed()
 
 
 async def drain_to_eof(reader: asyncio.StreamReader, *, grace: float) -> None:
@@ -171,10 +174,74 @@ async def drain_to_eof(reader: asyncio.StreamReader, *, grace: float) -> None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            chunk = await asyncio.wait_for(reader.read(65536), left)
+            async with asyncio.timeout(left):
+                chunk = await reader.read(65536)
             if not chunk:
                 return
             received += len(chunk)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class ConnectionSet:
+    """Stream connection handlers that can all be ended at once (on a server's close).
+
+    Each handler's work runs as its own task; `close()` closes every stream (those accepted and
+    those adopted, e.g. a relay's upstream), cancels the work and waits until every connection's
+    socket is closed. The task asyncio creates per connection is never cancelled itself: on
+    Python 3.11 a cancelled one makes asyncio log a spurious error.
+    """
+
+    def __init__(self, *, name: str) -> None:
+        self.name = name
+        self._work: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def adopt(self, writer: asyncio.StreamWriter) -> None:
+        """Have `close()` close this stream too (call `release` when the handler closed it)."""
+        self._writers.add(writer)
+
+    def release(self, writer: asyncio.StreamWriter) -> None:
+        self._writers.discard(writer)
+
+    def wrap(self, handler: Handler) -> Handler:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            outer = asyncio.current_task()
+            if outer is not None:
+                self._handlers.add(outer)
+            self.adopt(writer)
+            work = asyncio.create_task(_as_task(handler(reader, writer)), name=self.name)
+            self._work.add(work)
+            try:
+                await asyncio.wait([work])
+                failure = None if work.cancelled() else work.exception()
+                if isinstance(failure, OSError | TimeoutError):
+                    log.debug("connection_failed", server=self.name, reason=repr(failure))
+                elif failure is not None:
+                    log.error("connection_handler_crashed", server=self.name, exc_info=failure)
+            finally:
+                self._work.discard(work)
+                work.cancel()
+                await close_writer(writer)
+                self.release(writer)
+                if outer is not None:
+                    self._handlers.discard(outer)
+
+        return handle
+
+    async def close(self, *, grace: float) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        for work in list(self._work):
+            work.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=grace)
+
+
+async def _as_task(awaitable: Awaitable[None]) -> None:
+    await awaitable
 
 
 class App:
@@ -194,7 +261,7 @@ class App:
         self.ipv6 = ipv6
         self._loop = NetnsLoop(netns_path, name=f"app-{name}")
         self._servers: list[asyncio.Server] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections = ConnectionSet(name=f"app-{name}")
         self._peers: list[tuple[str, int]] = []
         self._cond = threading.Condition()
 
@@ -218,41 +285,31 @@ class App:
                 sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", self.port))  # noqa: S104
                 sock.listen(128)
                 sock.setblocking(False)
-                server = await asyncio.start_server(self._handle, sock=sock)
+                server = await asyncio.start_server(self._connections.wrap(self._handle), sock=sock)
             except BaseException:
                 sock.close()
                 raise
             self._servers.append(server)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None  # noqa: S101 -- a stream handler always runs in a task
-        self._tasks.add(task)
-        try:
-            peer = peer_of(writer.get_extra_info("peername"))
-            with self._cond:
-                self._peers.append(peer)
-                self._cond.notify_all()
-            with contextlib.suppress(ValueError, asyncio.LimitOverrunError, TimeoutError):
-                await asyncio.wait_for(reader.readline(), APP_IO_TIMEOUT)
-            writer.write(f"app {self.name} saw {peer[0]}\n".encode())
-            await asyncio.wait_for(writer.drain(), APP_IO_TIMEOUT)
-            if writer.can_write_eof():
-                writer.write_eof()
-            await drain_to_eof(reader, grace=APP_IO_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
-            log.debug("app_connection_failed", app=self.name, reason=repr(exc))
-        finally:
-            self._tasks.discard(task)
-            await close_writer(writer)
+        peer = peer_of(writer.get_extra_info("peername"))
+        with self._cond:
+            self._peers.append(peer)
+            self._cond.notify_all()
+        with contextlib.suppress(ValueError, asyncio.LimitOverrunError, TimeoutError):
+            async with asyncio.timeout(APP_IO_TIMEOUT):
+                await reader.readline()
+        writer.write(f"app {self.name} saw {peer[0]}\n".encode())
+        async with asyncio.timeout(APP_IO_TIMEOUT):
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        await drain_to_eof(reader, grace=APP_IO_TIMEOUT)
 
     async def _shutdown(self) -> None:
         for server in self._servers:
             server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=START_TIMEOUT)
+        await self._connections.close(grace=START_TIMEOUT)
         for server in self._servers:
             await server.wait_closed()
         self._servers.clear()
