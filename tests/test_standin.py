@@ -276,6 +276,7 @@ def test_app_answers_with_the_peer_it_saw_on_both_families(pods: tuple[LabPod, L
     a, b = pods
     assert a.ipv6 is not None
     assert b.ipv6 is not None
+    fds, threads = fd_count(), threading.active_count()
     with App(b.path, APP_PORT, name="b", ipv6=True) as app:
         assert request(a.path, b.ipv4, APP_PORT) == f"app b saw {a.ipv4}\n".encode()
         assert request(a.path, b.ipv6, APP_PORT) == f"app b saw {a.ipv6}\n".encode()
@@ -284,6 +285,7 @@ def test_app_answers_with_the_peer_it_saw_on_both_families(pods: tuple[LabPod, L
         app.clear()
         with pytest.raises(TimeoutError):
             app.wait_for_peer(timeout=0.05)
+    assert (fd_count(), threading.active_count()) == (fds, threads)
 
 
 @pytest.mark.kernel

@@ -245,9 +245,12 @@ class Standin:
         log.debug("standin_listening", netns=self.netns_path, ipv6=self.ipv6, dns=self.dns)
 
     def close(self) -> None:
-        if self._loop.running:
-            self._loop.run(self._shutdown())
-        self._loop.stop()
+        """Close the listeners and every relayed connection, join the thread. Idempotent."""
+        try:
+            if self._loop.running:
+                self._loop.run(self._shutdown())
+        finally:
+            self._loop.stop()
 
     def __enter__(self) -> Standin:
         self.start()

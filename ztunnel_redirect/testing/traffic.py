@@ -316,9 +316,11 @@ class App:
 
     def close(self) -> None:
         """Stop listening, close every connection, join the thread. Idempotent."""
-        if self._loop.running:
-            self._loop.run(self._shutdown())
-        self._loop.stop()
+        try:
+            if self._loop.running:
+                self._loop.run(self._shutdown())
+        finally:
+            self._loop.stop()
 
     @property
     def peers(self) -> list[tuple[str, int]]:
