@@ -1,9 +1,9 @@
 """The ztunnel stand-in and the traffic tools, with real sockets in lab network namespaces.
 
-Most tests use no nftables rules at all. One test loads a minimal literal redirect ruleset
-(a subset of SPEC §2, written here by hand, not the project's renderer) into lab pods, only to
-prove that the stand-in relays redirected traffic the way ztunnel does; the project's own rules
-are proven elsewhere with these same tools.
+Most tests use no nftables rules at all. The last few load a minimal literal redirect ruleset
+(a subset of SPEC §2 and §3, written here by hand, not the project's renderer) into lab pods,
+only to prove that the stand-in relays redirected traffic the way ztunnel does and fails the way
+tests expect; the project's own rules are proven elsewhere with these same tools.
 """
 
 from __future__ import annotations
@@ -366,8 +366,10 @@ table inet zr-standin-mangle {
 """
 
 
-def redirect_like_ztunnel(pod: LabPod) -> None:
+def redirect_like_ztunnel(pod: LabPod, *, policy_routing: bool = True) -> None:
     nft(pod, MINIMAL_POD_RULES)
+    if not policy_routing:
+        return
     for family, local in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
         pod.netns.ip(family, "rule", "add", "fwmark", "0x111/0xfff", "lookup", "100")
         pod.netns.ip(family, "route", "add", "local", local, "dev", "lo", "table", "100")
@@ -402,3 +404,32 @@ def test_redirected_traffic_is_relayed_out_and_in_with_the_clients_address(
     assert outbound.original_dst == (b_ip, APP_PORT)
     assert inbound.client[0] == a_ip
     assert inbound.original_dst == (b_ip, APP_PORT)
+
+
+@pytest.mark.kernel
+def test_without_policy_routing_the_reply_never_comes_back(pods: tuple[LabPod, LabPod]) -> None:
+    a, b = pods
+    redirect_like_ztunnel(a)
+    redirect_like_ztunnel(b, policy_routing=False)
+    with (
+        Standin(a.path),
+        Standin(b.path) as into,
+        App(b.path, APP_PORT, name="b") as app,
+    ):
+        # The app's SYN-ACK to pod a's (spoofed) address leaves through eth0 instead of
+        # returning to the stand-in's transparent socket.
+        with pytest.raises(TimeoutError):
+            request(a.path, b.ipv4, APP_PORT, timeout=1.0)
+        assert into.wait_for(lambda h: h.kind is HopKind.INBOUND).client[0] == a.ipv4
+        assert app.peers == []
+
+
+@pytest.mark.kernel
+def test_an_unreachable_destination_resets_the_client(pods: tuple[LabPod, LabPod]) -> None:
+    a, b = pods
+    redirect_like_ztunnel(a)
+    redirect_like_ztunnel(b)
+    with Standin(a.path), Standin(b.path) as into:
+        with pytest.raises(ConnectionResetError):
+            request(a.path, b.ipv4, APP_PORT)
+        assert into.wait_for().original_dst == (b.ipv4, APP_PORT)

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import functools
 import socket
+import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -177,6 +178,15 @@ def _listener(
     return sock
 
 
+def _abort(writer: asyncio.StreamWriter) -> None:
+    """Close a stream with a TCP reset (SO_LINGER 0), as a proxy does when a relay fails."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
 class _DnsProtocol(asyncio.DatagramProtocol):
     def __init__(self, standin: Standin, local: tuple[str, int]) -> None:
         self._standin = standin
@@ -204,6 +214,11 @@ class _DnsProtocol(asyncio.DatagramProtocol):
 class Standin:
     """ztunnel's listeners for one pod netns, on a thread that lives in that netns.
 
+    When a relay cannot reach its destination or one side resets, the client's connection is
+    reset. `connect_timeout` is longer than `request()`'s default timeout on purpose: a reply
+    that never comes back (e.g. no policy routing for the inbound hop) shows as the client's
+    TimeoutError, not as a reset that races it.
+
     Use as a context manager, or `start()` (blocks until every listener is bound; raises
     StandinError or NetnsNotFoundError) and `close()` (closes listeners and relayed connections,
     joins the thread; idempotent).
@@ -215,7 +230,7 @@ class Standin:
         *,
         ipv6: bool = False,
         dns: bool = True,
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
         idle_timeout: float = 30.0,
     ) -> None:
         self.netns_path = netns_path
@@ -436,6 +451,12 @@ class Standin:
             async with asyncio.timeout(self.connect_timeout):
                 await loop.sock_connect(upstream, dst)
             up_reader, up_writer = await asyncio.open_connection(sock=upstream)
+        except (OSError, TimeoutError):
+            upstream.close()
+            # The client learns that its destination was unreachable: a reset, never an EOF
+            # that would look like an empty answer.
+            _abort(writer)
+            raise
         except BaseException:
             upstream.close()
             raise
@@ -447,6 +468,11 @@ class Standin:
             ]
             try:
                 await asyncio.gather(*copies)
+            except (OSError, TimeoutError):
+                # A reset (or a stall) on one side is passed on as a reset to both.
+                _abort(writer)
+                _abort(up_writer)
+                raise
             finally:
                 for copy in copies:
                     copy.cancel()
