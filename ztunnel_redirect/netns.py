@@ -21,8 +21,8 @@ import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Final, ParamSpec, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Final, ParamSpec, TypeVar
 
 from ztunnel_redirect.errors import CapabilityError, NetnsNotFoundError
 
@@ -50,11 +50,12 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _isolate_thread() -> None:
-    """Worker initializer: a private fd table holding only stdio."""
+def _isolate_thread(wake_fd: int) -> None:
+    """Worker initializer: a private fd table holding only stdio and the runner's wake-up pipe."""
     _check(_libc.unshare(CLONE_FILES), "unshare(CLONE_FILES)")
     # Closes only this thread's copies; the process's own descriptors stay open.
-    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    os.closerange(3, wake_fd)
+    os.closerange(wake_fd + 1, os.sysconf("SC_OPEN_MAX"))
     _local.isolated = True
 
 
@@ -136,12 +137,22 @@ class NetnsRunner:
     """A pool of worker threads that run functions inside network namespaces.
 
     `path=None` means a fresh scratch namespace (used to learn how the kernel lists a ruleset).
+
+    A worker cannot wake the event loop the usual way (`call_soon_threadsafe` writes to the
+    loop's self-pipe, which is not in the worker's private fd table). Workers write to the
+    runner's own pipe instead, and the loop resolves finished calls when it becomes readable.
     """
 
     def __init__(self, *, workers: int = 4) -> None:
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pool = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="netns", initializer=_isolate_thread
+            max_workers=workers,
+            thread_name_prefix="netns",
+            initializer=_isolate_thread,
+            initargs=(self._wake_w,),
         )
+        self._pending: dict[Future[Any], asyncio.Future[Any]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def call(self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Blocking call, for the CLI and tests; never from the event loop thread."""
@@ -151,11 +162,41 @@ class NetnsRunner:
         self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         loop = asyncio.get_running_loop()
-        future = self._pool.submit(_call_in, path, functools.partial(fn, *args, **kwargs))
-        return await asyncio.wrap_future(future, loop=loop)
+        if self._loop is not loop:
+            if self._loop is not None:
+                self._loop.remove_reader(self._wake_r)
+            loop.add_reader(self._wake_r, self._resolve)
+            self._loop = loop
+        waiter: asyncio.Future[T] = loop.create_future()
+        work = self._pool.submit(_call_in, path, functools.partial(fn, *args, **kwargs))
+        self._pending[work] = waiter
+        work.add_done_callback(self._wake)
+        return await waiter
+
+    def _wake(self, _work: Future[Any]) -> None:
+        """Runs on the worker (or here, if the call already finished)."""
+        with contextlib.suppress(BlockingIOError):  # a full pipe already means "wake up"
+            os.write(self._wake_w, b"\0")
+
+    def _resolve(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wake_r, 4096)
+        for work in [w for w in self._pending if w.done()]:
+            waiter = self._pending.pop(work)
+            if waiter.cancelled():
+                continue
+            exc = work.exception()
+            if exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(work.result())
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._wake_r)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def __enter__(self) -> NetnsRunner:
         return self

@@ -1,0 +1,162 @@
+"""A pod's redirection in its netns: install, check, repair and remove (SPEC §2, §3, §11.14).
+
+One rule for every path (CNI add, watch add, restart, periodic check): read first, then write only
+what differs, as one atomic nftables transaction. A check writes nothing; an apply on a healthy
+pod writes nothing either, so an agent restart leaves handles and counters untouched.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from ztunnel_redirect import constants as c
+from ztunnel_redirect import routing
+from ztunnel_redirect.drift import Drift, DriftKind, TableListing, diff_table
+from ztunnel_redirect.model import PodOptions
+from ztunnel_redirect.netns import NetnsRunner, entered_scratch
+from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
+
+
+class KernelForms:
+    """How the kernel lists a desired ruleset: learnt once per ruleset in a scratch netns.
+
+    Call `of()` from a NetnsRunner worker (any netns: the scratch netns is nested).
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[Ruleset, dict[str, TableListing]] = {}
+        self._lock = threading.Lock()
+
+    def of(self, ruleset: Ruleset) -> dict[str, TableListing]:
+        with self._lock:
+            known = self._cache.get(ruleset)
+        if known is not None:
+            return known
+        with entered_scratch(), Nft() as nft:
+            nft.run(ruleset.script())
+            forms = {
+                t.name: TableListing.parse(nft.list_table(t.name) or "") for t in ruleset.tables
+            }
+        with self._lock:
+            self._cache[ruleset] = forms
+        return forms
+
+
+def read_tables(nft: Nft, names: tuple[str, ...]) -> dict[str, TableListing | None]:
+    out: dict[str, TableListing | None] = {}
+    for name in names:
+        text = nft.list_table(name)
+        out[name] = None if text is None else TableListing.parse(text)
+    return out
+
+
+def table_drift(
+    ruleset: Ruleset, forms: dict[str, TableListing], actual: dict[str, TableListing | None]
+) -> list[Drift]:
+    drifts: list[Drift] = []
+    for table in ruleset.tables:
+        drifts += diff_table(table.name, forms[table.name], actual[table.name])
+    drifts += [Drift(DriftKind.STALE_TABLE, name) for name in ruleset.absent if actual[name]]
+    return drifts
+
+
+def _routing_drift(missing: list[routing.RoutingItem]) -> list[Drift]:
+    kinds = {
+        routing.RoutingKind.IP_RULE: DriftKind.MISSING_IP_RULE,
+        routing.RoutingKind.ROUTE: DriftKind.MISSING_ROUTE,
+    }
+    return [Drift(kinds[item.what], "", str(item)) for item in missing]
+
+
+def repair_script(ruleset: Ruleset, drifts: list[Drift]) -> str:
+    """One transaction that recreates every drifted table and deletes stale ones."""
+    drifted = {d.table for d in drifts if d.table}
+    parts = []
+    for table in ruleset.tables:
+        if table.name not in drifted:
+            continue
+        if any(d.table == table.name and d.kind is not DriftKind.MISSING_TABLE for d in drifts):
+            # Recreate from scratch: also drops chains someone added.
+            parts.append(f"add table {table.ref}\ndelete table {table.ref}\n")
+        parts.append(table.script())
+    parts += [f"delete table inet {name}\n" for name in ruleset.absent if name in drifted]
+    return "".join(parts)
+
+
+@dataclass(frozen=True)
+class PodState:
+    """What a pod's netns should hold."""
+
+    ruleset: Ruleset
+    ipv6: bool
+
+    @classmethod
+    def for_options(cls, options: PodOptions) -> PodState:
+        return cls(pod_ruleset(options), options.ipv6)
+
+
+def _names(ruleset: Ruleset) -> tuple[str, ...]:
+    return tuple(t.name for t in ruleset.tables) + ruleset.absent
+
+
+def check_here(state: PodState, forms: KernelForms) -> list[Drift]:
+    """Compare the current netns with the desired state. Reads only."""
+    with Nft() as nft:
+        actual = read_tables(nft, _names(state.ruleset))
+    drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
+    with routing.Rtnl() as rtnl:
+        drifts += _routing_drift(routing.check(rtnl, ipv6=state.ipv6))
+    return drifts
+
+
+def apply_here(state: PodState, forms: KernelForms) -> list[Drift]:
+    """Bring the current netns to the desired state; returns what was repaired (empty: no write).
+
+    A failed nftables transaction changes nothing (the kernel applies all of it or none).
+    """
+    with Nft() as nft:
+        actual = read_tables(nft, _names(state.ruleset))
+        drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
+        if drifts:
+            nft.run(repair_script(state.ruleset, drifts))
+    with routing.Rtnl() as rtnl:
+        missing = routing.check(rtnl, ipv6=state.ipv6)
+        routing.add(rtnl, missing)
+    return drifts + _routing_drift(missing)
+
+
+def remove_here() -> list[str]:
+    """Remove every table and routing object of ours from the current netns."""
+    removed = []
+    with Nft() as nft:
+        present = [name for name in c.POD_TABLES if nft.list_table(name) is not None]
+        if present:
+            nft.run("".join(f"delete table inet {name}\n" for name in present))
+    removed += [f"table inet {name}" for name in present]
+    with routing.Rtnl() as rtnl:
+        removed += routing.remove(rtnl)
+    return removed
+
+
+class PodRules:
+    """Install, check and remove pod redirection; every call runs in the pod's netns."""
+
+    def __init__(self, runner: NetnsRunner) -> None:
+        self._runner = runner
+        self._forms = KernelForms()
+
+    async def apply(self, netns: str, options: PodOptions) -> list[Drift]:
+        return await self._runner.run(netns, apply_here, PodState.for_options(options), self._forms)
+
+    async def check(self, netns: str, options: PodOptions) -> list[Drift]:
+        return await self._runner.run(netns, check_here, PodState.for_options(options), self._forms)
+
+    async def remove(self, netns: str) -> list[str]:
+        return await self._runner.run(netns, remove_here)
+
+    async def kernel_form(self, table: Table) -> TableListing:
+        """How the kernel lists one desired table (for tests and debugging)."""
+        forms = await self._runner.run(None, self._forms.of, Ruleset((table,)))
+        return forms[table.name]
