@@ -2,7 +2,9 @@
 VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
-APT_PACKAGES := nftables iproute2
+# nftables brings libnftables; util-linux gives nsenter/setpriv (traffic as another uid); iptables
+# and ipset recreate Istio's iptables backend for the migration tests.
+APT_PACKAGES := nftables iproute2 util-linux iptables ipset
 
 .PHONY: setup system-packages test lint demo proto bench bench-quick clean
 
@@ -18,7 +20,7 @@ system-packages:
 $(VENV)/.installed: pyproject.toml | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
 lint: setup
