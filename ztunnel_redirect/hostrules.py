@@ -1,0 +1,178 @@
+"""The host side (SPEC §4): probe SNAT for kubelet, with a set of enrolled pod IPs.
+
+Set elements are keyed by pod IP and carry the pod UID as comment; an element is removed only
+when both match, because IPs get reused. Rewriting the table's rules keeps the elements: a
+recreated table gets its elements back in the same transaction, so no enrolled pod's IP is ever
+missing from the set (probes would be redirected to ztunnel and fail).
+
+Beyond Istio, which writes these rules once at start, they are checked and repaired like the pod
+rules (a firewall reload otherwise leaves probes failing for good, istio#60607).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.drift import Drift, DriftKind, TableListing
+from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.model import HostOptions, PodUid
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.podrules import KernelForms, read_tables, table_drift
+from ztunnel_redirect.render import element_family_set, host_ruleset
+
+_UID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+Elements = Mapping[str, PodUid]
+"""pod IP -> pod UID"""
+
+
+def _checked(ip: str, uid: str) -> tuple[str, str]:
+    try:
+        ip = str(ipaddress.ip_address(ip))
+    except ValueError as exc:
+        raise ConfigError(f"invalid pod IP {ip!r}") from exc
+    if not _UID.match(uid):
+        raise ConfigError(f"invalid pod UID {uid!r}")
+    return ip, uid
+
+
+def _element(ip: str, uid: str | None = None) -> str:
+    comment = f' comment "{uid}"' if uid else ""
+    return f"inet {c.HOST_TABLE} {element_family_set(ip)} {{ {ip}{comment} }}"
+
+
+def _actual_elements(listing: TableListing | None) -> dict[str, str]:
+    if listing is None:
+        return {}
+    merged: dict[str, str] = {}
+    for elements in listing.elements.values():
+        merged.update(elements)
+    return merged
+
+
+def _wanted(elements: Elements, options: HostOptions) -> dict[str, str]:
+    wanted = dict(_checked(ip, uid) for ip, uid in elements.items())
+    return {ip: uid for ip, uid in wanted.items() if options.ipv6 or ":" not in ip}
+
+
+def _element_drift(want: Mapping[str, str], have: Mapping[str, str]) -> list[Drift]:
+    drifts = [
+        Drift(DriftKind.MISSING_ELEMENT, c.HOST_TABLE, f"{ip} {uid}")
+        for ip, uid in want.items()
+        if have.get(ip) != uid
+    ]
+    drifts += [
+        Drift(DriftKind.EXTRA_ELEMENT, c.HOST_TABLE, f"{ip} {uid}")
+        for ip, uid in have.items()
+        if want.get(ip) != uid
+    ]
+    return drifts
+
+
+def _drift_here(
+    options: HostOptions, elements: Elements | None, forms: KernelForms
+) -> tuple[list[Drift], dict[str, str]]:
+    ruleset = host_ruleset(options)
+    with Nft() as nft:
+        actual = read_tables(nft, (c.HOST_TABLE,))
+    drifts = table_drift(ruleset, forms.of(ruleset), actual)
+    have = _actual_elements(actual[c.HOST_TABLE])
+    if elements is not None:
+        drifts += _element_drift(_wanted(elements, options), have)
+    return drifts, have
+
+
+def check_here(options: HostOptions, elements: Elements | None, forms: KernelForms) -> list[Drift]:
+    """Compare the host table (and, when given, its elements) with the desired state. Reads only."""
+    return _drift_here(options, elements, forms)[0]
+
+
+def apply_here(options: HostOptions, elements: Elements | None, forms: KernelForms) -> list[Drift]:
+    """Bring the host table to the desired state in one transaction; returns what was repaired.
+
+    `elements=None` keeps whatever elements are there (the CLI's `host apply`).
+    """
+    drifts, have = _drift_here(options, elements, forms)
+    if not drifts:
+        return []
+    want = have if elements is None else _wanted(elements, options)
+    if not options.ipv6:
+        want = {ip: uid for ip, uid in want.items() if ":" not in ip}
+    structural = [
+        d for d in drifts if d.kind not in (DriftKind.MISSING_ELEMENT, DriftKind.EXTRA_ELEMENT)
+    ]
+    table = host_ruleset(options).tables[0]
+    script = ""
+    if structural:
+        if not any(d.kind is DriftKind.MISSING_TABLE for d in structural):
+            script += f"add table {table.ref}\ndelete table {table.ref}\n"
+        script += table.script()
+        script += "".join(f"add element {_element(ip, uid)}\n" for ip, uid in want.items())
+    else:
+        script += "".join(
+            f"delete element {_element(ip)}\n" for ip, uid in have.items() if want.get(ip) != uid
+        )
+        script += "".join(
+            f"add element {_element(ip, uid)}\n" for ip, uid in want.items() if have.get(ip) != uid
+        )
+    with Nft() as nft:
+        nft.run(script)
+    return drifts
+
+
+def add_pod_here(ips: Iterable[str], uid: str, *, ipv6: bool) -> None:
+    """Add a pod's IPs to the sets (an element already there is left as it is)."""
+    pairs = [_checked(ip, uid) for ip in ips]
+    script = "".join(f"add element {_element(ip, u)}\n" for ip, u in pairs if ipv6 or ":" not in ip)
+    if script:
+        with Nft() as nft:
+            nft.run(script)
+
+
+def remove_pod_here(ips: Iterable[str], uid: str) -> list[str]:
+    """Remove a pod's elements, only those whose IP *and* UID comment match."""
+    pairs = [_checked(ip, uid) for ip in ips]
+    with Nft() as nft:
+        text = nft.list_table(c.HOST_TABLE)
+        have = _actual_elements(None if text is None else TableListing.parse(text))
+        gone = [ip for ip, u in pairs if have.get(ip) == u]
+        if gone:
+            nft.run("".join(f"delete element {_element(ip)}\n" for ip in gone))
+    return gone
+
+
+def remove_here() -> bool:
+    """Delete the host table (rules and sets). True when there was one."""
+    with Nft() as nft:
+        if nft.list_table(c.HOST_TABLE) is None:
+            return False
+        nft.run(f"delete table inet {c.HOST_TABLE}\n")
+    return True
+
+
+class HostRules:
+    """The host table in the host netns (a path: `/proc/1/ns/net` on a node, a lab netns in tests)."""
+
+    def __init__(self, runner: NetnsRunner, *, netns: str) -> None:
+        self._runner = runner
+        self._netns = netns
+        self._forms = KernelForms()
+
+    async def apply(self, options: HostOptions, elements: Elements | None = None) -> list[Drift]:
+        return await self._runner.run(self._netns, apply_here, options, elements, self._forms)
+
+    async def check(self, options: HostOptions, elements: Elements | None = None) -> list[Drift]:
+        return await self._runner.run(self._netns, check_here, options, elements, self._forms)
+
+    async def add_pod(self, ips: Iterable[str], uid: PodUid, *, ipv6: bool) -> None:
+        await self._runner.run(self._netns, add_pod_here, tuple(ips), uid, ipv6=ipv6)
+
+    async def remove_pod(self, ips: Iterable[str], uid: PodUid) -> list[str]:
+        return await self._runner.run(self._netns, remove_pod_here, tuple(ips), uid)
+
+    async def remove(self) -> bool:
+        return await self._runner.run(self._netns, remove_here)
