@@ -155,7 +155,7 @@ def remove_here() -> bool:
 
 
 class HostRules:
-    """The host table in the host netns (a path: `/proc/1/ns/net` on a node, a lab netns in tests)."""
+    """The host table in the host netns (`/proc/1/ns/net` on a node, a lab netns in tests)."""
 
     def __init__(self, runner: NetnsRunner, *, netns: str) -> None:
         self._runner = runner

@@ -20,6 +20,8 @@ import threading
 from typing import Final
 
 from ztunnel_redirect.errors import CapabilityError, KernelError, NotFoundError
+from ztunnel_redirect.model import HostOptions, PodOptions
+from ztunnel_redirect.render import host_ruleset, pod_ruleset
 
 _OUTPUT_STATELESS: Final = 1 << 2
 _OUTPUT_NUMERIC_PROTO: Final = 1 << 7
@@ -100,3 +102,25 @@ class Nft:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def probe() -> None:
+    """Check at start that libnftables and the kernel can do all we need, or fail clearly.
+
+    Run it in a scratch netns: it loads every kind of object we use (nat/route/filter chains,
+    redirect, ct mark and zone, sets with comments, snat by socket uid) and lists them back.
+    """
+    pod = pod_ruleset(PodOptions(ipv6=True, dns_capture=True, virtual_interfaces=("eth1",)))
+    host = host_ruleset(HostOptions(kubelet_uid=0))
+    try:
+        with Nft() as nft:
+            nft.run(pod.script())
+            for table in pod.tables:
+                nft.list_table(table.name)
+            nft.run(f"delete table inet {pod.tables[0].name}\n" + host.script())
+            nft.list_table(host.tables[0].name)
+    except KernelError as exc:
+        raise CapabilityError(
+            f"the kernel or libnftables cannot load our rules ({exc}); "
+            "nftables >= 1.0.1 and a kernel with nf_tables, nft_nat, nft_redir, nft_ct are needed"
+        ) from exc

@@ -1,0 +1,189 @@
+"""The `ztunnel-redirect` command: the operator's tool on a node, and what tests, the demo and the
+benchmark drive.
+
+Exit codes: 0 success (for `check`: everything in place), 1 `check` found drift, 2 error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from ztunnel_redirect import __version__
+from ztunnel_redirect.drift import Drift
+from ztunnel_redirect.errors import ConfigError, NetnsNotFoundError, RedirectError
+from ztunnel_redirect.hostrules import HostRules
+from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.nft import probe
+from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.render import host_ruleset, pod_ruleset
+
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments: one clear line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _interfaces(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _pod_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ipv6", action=argparse.BooleanOptionalAction, default=True, help="IPv6 twins of rules"
+    )
+    parser.add_argument(
+        "--dns-capture",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="redirect DNS to ztunnel's proxy on 15053",
+    )
+    parser.add_argument(
+        "--bypass-inbound", action="store_true", help="no inbound redirect (chains stay)"
+    )
+    parser.add_argument(
+        "--virtual-interfaces",
+        type=_interfaces,
+        default=(),
+        metavar="A,B",
+        help="interfaces whose inbound TCP is treated as outbound",
+    )
+
+
+def _host_options(parser: argparse.ArgumentParser, *, uid_required: bool = True) -> None:
+    parser.add_argument("--kubelet-uid", type=int, required=uid_required, metavar="N")
+    parser.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=True)
+
+
+def _netns(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--netns", required=True, metavar="PATH", help="network namespace path")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ztunnel-redirect", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    render = commands.add_parser("render", help="print a ruleset as an nft script").add_subparsers(
+        dest="target", required=True, parser_class=_Parser
+    )
+    _pod_options(render.add_parser("pod", help="the in-pod ruleset"))
+    _host_options(render.add_parser("host", help="the host probe-SNAT ruleset"))
+
+    pod = commands.add_parser("pod", help="a pod's redirection in its netns").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    for action, text in (
+        ("apply", "install rules and routing (idempotent)"),
+        ("check", "exit 0 when in place, 1 with what drifted"),
+        ("remove", "delete what we own"),
+    ):
+        sub = pod.add_parser(action, help=text)
+        _netns(sub)
+        _pod_options(sub)
+
+    host = commands.add_parser("host", help="the host probe-SNAT rules").add_subparsers(
+        dest="action", required=True, parser_class=_Parser
+    )
+    for action in ("apply", "check", "remove"):
+        sub = host.add_parser(action)
+        _netns(sub)
+        _host_options(sub, uid_required=action != "remove")
+    for action in ("add-pod", "remove-pod"):
+        sub = host.add_parser(action, help=f"{action.split('-')[0]} a pod's IPs in the host sets")
+        _netns(sub)
+        sub.add_argument("--pod-uid", required=True)
+        sub.add_argument("--pod-ip", action="append", required=True, metavar="IP")
+        sub.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=True)
+    return parser
+
+
+def _pod_options_from(args: argparse.Namespace) -> PodOptions:
+    return PodOptions(
+        ipv6=args.ipv6,
+        dns_capture=args.dns_capture,
+        bypass_inbound=args.bypass_inbound,
+        virtual_interfaces=args.virtual_interfaces,
+    )
+
+
+def _report(drifts: list[Drift], *, verb: str) -> int:
+    for drift in drifts:
+        print(f"{verb}: {drift}")
+    return EXIT_DRIFT if drifts and verb == "drift" else EXIT_OK
+
+
+async def _pod(args: argparse.Namespace, runner: NetnsRunner) -> int:
+    rules = PodRules(runner)
+    if args.action == "remove":
+        for item in await rules.remove(args.netns):
+            print(f"removed: {item}")
+        return EXIT_OK
+    options = _pod_options_from(args)
+    if args.action == "check":
+        return _report(await rules.check(args.netns, options), verb="drift")
+    return _report(await rules.apply(args.netns, options), verb="repaired")
+
+
+async def _host(args: argparse.Namespace, runner: NetnsRunner) -> int:
+    rules = HostRules(runner, netns=args.netns)
+    if args.action == "remove":
+        print("removed: host table" if await rules.remove() else "nothing to remove")
+        return EXIT_OK
+    if args.action == "add-pod":
+        await rules.add_pod(args.pod_ip, PodUid(args.pod_uid), ipv6=args.ipv6)
+        return EXIT_OK
+    if args.action == "remove-pod":
+        for ip in await rules.remove_pod(args.pod_ip, PodUid(args.pod_uid)):
+            print(f"removed: {ip}")
+        return EXIT_OK
+    options = HostOptions(kubelet_uid=args.kubelet_uid, ipv6=args.ipv6)
+    if args.action == "check":
+        return _report(await rules.check(options), verb="drift")
+    return _report(await rules.apply(options), verb="repaired")
+
+
+def _in_kernel(
+    command: Callable[[argparse.Namespace, NetnsRunner], Coroutine[Any, Any, int]],
+    args: argparse.Namespace,
+) -> int:
+    if not Path(args.netns).exists():
+        raise NetnsNotFoundError(f"network namespace {args.netns} does not exist")
+
+    async def run() -> int:
+        with NetnsRunner(workers=1) as runner:
+            await runner.run(None, probe)
+            return await command(args, runner)
+
+    return asyncio.run(run())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "render":
+            if args.target == "pod":
+                print(pod_ruleset(_pod_options_from(args)).script(), end="")
+            else:
+                options = HostOptions(kubelet_uid=args.kubelet_uid, ipv6=args.ipv6)
+                print(host_ruleset(options).script(), end="")
+            return EXIT_OK
+        if args.command == "pod":
+            return _in_kernel(_pod, args)
+        return _in_kernel(_host, args)
+    except (ConfigError, RedirectError) as exc:
+        print(f"ztunnel-redirect: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
