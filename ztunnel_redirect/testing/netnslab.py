@@ -114,6 +114,11 @@ class Lab:
             ns.ip("-6", "route", "add", "default", "via", self.NODE_V6, "dev", "eth0")
         return LabPod(netns=ns, ipv4=ipv4, ipv6=ipv6, node_side=node_side)
 
+    def delete(self, ns: Netns) -> None:
+        """Delete one namespace now (a pod that went away)."""
+        self._created.remove(ns)
+        run("ip", "netns", "del", ns.name)
+
     def close(self) -> None:
         errors = []
         for ns in reversed(self._created):

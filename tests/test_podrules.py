@@ -1,0 +1,193 @@
+"""The pod rules in the kernel: apply, check, repair, remove, inside lab network namespaces."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+from collections.abc import Iterator
+
+import pytest
+
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.drift import Drift, DriftKind
+from ztunnel_redirect.errors import KernelError, NetnsNotFoundError
+from ztunnel_redirect.model import PodOptions
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.podrules import PodRules, repair_script
+from ztunnel_redirect.render import Rule, Ruleset, Table, pod_ruleset
+from ztunnel_redirect.testing.netnslab import Lab, LabPod
+
+pytestmark = pytest.mark.kernel
+
+V4 = PodOptions(ipv6=False)
+
+
+@pytest.fixture
+def pod(lab: Lab) -> LabPod:
+    return lab.add_pod("p")
+
+
+def kernel_state(pod: LabPod) -> str:
+    """Everything of ours with handles and counters, plus routing: changes on any write."""
+    tables = [pod.netns.exec("nft", "-a", "list", "table", "inet", t) for t in c.POD_TABLES[:2]]
+    return "".join(tables) + pod.netns.ip("rule") + pod.netns.ip("route", "show", "table", "100")
+
+
+async def test_apply_installs_everything_then_check_is_clean(
+    runner: NetnsRunner, pod: LabPod
+) -> None:
+    rules = PodRules(runner)
+    repaired = await rules.apply(pod.path, V4)
+    kinds = {d.kind for d in repaired}
+    assert kinds == {DriftKind.MISSING_TABLE, DriftKind.MISSING_IP_RULE, DriftKind.MISSING_ROUTE}
+    assert await rules.check(pod.path, V4) == []
+    assert "fwmark 0x111/0xfff lookup 100" in pod.netns.ip("rule")
+    assert "local default dev lo" in pod.netns.ip("route", "show", "table", "100")
+
+
+async def test_check_and_reapply_write_nothing(runner: NetnsRunner, pod: LabPod) -> None:
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    before = kernel_state(pod)
+    assert await rules.check(pod.path, V4) == []
+    assert await rules.apply(pod.path, V4) == []
+    assert kernel_state(pod) == before
+
+
+async def test_drift_is_reported_precisely(runner: NetnsRunner, pod: LabPod) -> None:
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    pod.netns.exec("nft", "flush", "chain", "inet", c.MANGLE_TABLE, "istio-output")
+    pod.netns.exec(
+        "nft", "add", "rule", "inet", c.NAT_TABLE, "istio-output", "tcp", "dport", "9", "accept"
+    )
+    pod.netns.exec("nft", "add", "chain", "inet", c.NAT_TABLE, "sneaky")
+    pod.netns.exec("nft", "delete", "table", "inet", c.RAW_TABLE)
+    pod.netns.ip("rule", "del", "priority", str(c.RULE_PRIORITY))
+    pod.netns.ip("route", "flush", "table", "100")
+
+    drifts = await rules.check(pod.path, V4)
+
+    by_kind = {(d.kind, d.table) for d in drifts}
+    assert (DriftKind.MISSING_RULE, c.MANGLE_TABLE) in by_kind
+    assert [d.detail for d in drifts if d.kind is DriftKind.MISSING_RULE] == [
+        "istio-output: ct mark & 0x00000fff == 0x00000111 counter meta mark set ct mark"
+    ]
+    assert [d.detail for d in drifts if d.kind is DriftKind.EXTRA_RULE] == [
+        "istio-output: tcp dport 9 accept"
+    ]
+    assert [d.detail for d in drifts if d.kind is DriftKind.EXTRA_CHAIN] == ["sneaky"]
+    assert (DriftKind.MISSING_TABLE, c.RAW_TABLE) in by_kind
+    assert {d.kind for d in drifts} >= {DriftKind.MISSING_IP_RULE, DriftKind.MISSING_ROUTE}
+
+
+async def test_repair_rewrites_only_drifted_tables(runner: NetnsRunner, pod: LabPod) -> None:
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    mangle_before = pod.netns.exec("nft", "-a", "list", "table", "inet", c.MANGLE_TABLE)
+    pod.netns.exec("nft", "flush", "table", "inet", c.NAT_TABLE)
+    pod.netns.exec("nft", "add", "chain", "inet", c.NAT_TABLE, "sneaky")
+
+    repaired = await rules.apply(pod.path, V4)
+
+    assert {d.table for d in repaired} == {c.NAT_TABLE}
+    assert await rules.check(pod.path, V4) == []
+    assert "sneaky" not in pod.netns.exec("nft", "list", "table", "inet", c.NAT_TABLE)
+    assert pod.netns.exec("nft", "-a", "list", "table", "inet", c.MANGLE_TABLE) == mangle_before
+
+
+async def test_stale_raw_table_is_removed_when_dns_capture_is_turned_off(
+    runner: NetnsRunner, pod: LabPod
+) -> None:
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    no_dns = PodOptions(ipv6=False, dns_capture=False)
+    drifts = await rules.check(pod.path, no_dns)
+    assert (DriftKind.STALE_TABLE, c.RAW_TABLE) in {(d.kind, d.table) for d in drifts}
+    await rules.apply(pod.path, no_dns)
+    assert await rules.check(pod.path, no_dns) == []
+    assert c.RAW_TABLE not in pod.netns.exec("nft", "list", "tables")
+
+
+async def test_failed_transaction_leaves_previous_state(runner: NetnsRunner, pod: LabPod) -> None:
+    """A repair that recreates nat and fails later in the same transaction changes nothing."""
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    before = kernel_state(pod)
+    nat = pod_ruleset(V4).tables[0]
+    broken = Table("istio-ambient-broken", nat.chains, (Rule("output", "bogus statement"),))
+    ruleset = Ruleset((nat, broken))
+    drifts = [Drift(DriftKind.CHANGED_CHAIN, nat.name), Drift(DriftKind.MISSING_TABLE, broken.name)]
+
+    def run_repair() -> None:
+        with Nft() as nft:
+            nft.run(repair_script(ruleset, drifts))
+
+    with pytest.raises(KernelError):
+        await runner.run(pod.path, run_repair)
+    assert kernel_state(pod) == before
+
+
+async def test_remove_takes_only_ours(runner: NetnsRunner, pod: LabPod) -> None:
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    pod.netns.exec("nft", "add", "table", "inet", "other")
+    pod.netns.exec(
+        "nft", "add", "chain", "inet", "other", "c", "{ type filter hook input priority 0 ; }"
+    )
+    pod.netns.ip("rule", "add", "priority", "1000", "fwmark", "0x5", "lookup", "200")
+
+    removed = await rules.remove(pod.path)
+
+    assert "table inet istio-ambient-nat" in removed
+    tables = pod.netns.exec("nft", "list", "tables")
+    assert "inet other" in tables
+    assert "istio-ambient" not in tables
+    rules_text = pod.netns.ip("rule")
+    assert "lookup 200" in rules_text
+    assert "lookup 100" not in rules_text
+    assert await rules.remove(pod.path) == []
+
+
+async def test_vanished_netns_is_a_clear_error(runner: NetnsRunner, lab: Lab) -> None:
+    gone = lab.add_pod("gone")
+    path = gone.path
+    lab.delete(gone.netns)
+    with pytest.raises(NetnsNotFoundError):
+        await PodRules(runner).apply(path, V4)
+
+
+@pytest.fixture
+def many_fds() -> Iterator[int]:
+    """Hold over 1100 open fds, as an agent with hundreds of netns fds would."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        yield max(fds)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_applying_works_while_the_process_holds_over_1100_fds(
+    many_fds: int, lab: Lab
+) -> None:
+    """libnftables aborts the process when its socket's fd number is >= 1024 (SPEC §11.13)."""
+    assert many_fds >= 1024
+    pod = lab.add_pod("fds")
+    with NetnsRunner(workers=2) as runner:
+        rules = PodRules(runner)
+        await rules.apply(pod.path, V4)
+        assert await rules.check(pod.path, V4) == []
+
+
+async def test_concurrent_pods_do_not_interfere(runner: NetnsRunner, lab: Lab) -> None:
+    pods = [lab.add_pod(f"c{i}") for i in range(12)]
+    rules = PodRules(runner)
+    await asyncio.gather(*(rules.apply(p.path, PodOptions()) for p in pods))
+    results = await asyncio.gather(*(rules.check(p.path, PodOptions()) for p in pods))
+    assert results == [[] for _ in pods]
