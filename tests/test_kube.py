@@ -436,7 +436,7 @@ def test_pod_from_api_translates_the_wire_shape() -> None:
         host_network=True,
         phase="Running",
         service_account="sa",
-        deleted=True,
+        deleted=False,
     )
     assert got.uid == "u-1"
     fallback = pod_from_api({"metadata": {"name": "q"}, "status": {"podIP": "10.0.0.2"}})

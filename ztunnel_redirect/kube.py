@@ -118,7 +118,9 @@ def pod_from_api(obj: JSON) -> Pod:
         host_network=bool(spec.get("hostNetwork")),
         phase=status.get("phase") or "Pending",
         service_account=spec.get("serviceAccountName") or "default",
-        deleted=metadata.get("deletionTimestamp") is not None,
+        # A terminating pod (deletionTimestamp set) stays enrolled while it drains, as in
+        # Istio; only the DELETED event marks it deleted.
+        deleted=False,
     )
 
 

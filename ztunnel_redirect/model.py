@@ -65,7 +65,7 @@ class Pod:
     phase: str = "Running"
     service_account: str = "default"
     deleted: bool = False
-    """True once the API has a deletionTimestamp or sent DELETED for it."""
+    """True once the API sent DELETED for it (a terminating pod still drains through the mesh)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "labels", _frozen(self.labels))
