@@ -1,0 +1,138 @@
+"""The install methods the benchmark compares, and the probes it runs inside pod namespaces.
+
+Every function named `*_here` runs on a `NetnsRunner` worker that has entered a pod's netns
+(`runner.run(path, fn, ...)`), so ours and the baseline pay the same cost to get there and the
+comparison isolates how the rules are installed.
+
+- ours: libnftables in-process through `PodRules` / the functions of `podrules` (read first,
+  write only what differs), routing over rtnetlink (`routing`).
+- baseline, Istio's method: one `nft -f -` process per pod fed `pod_ruleset(options).script()`.
+  The child is spawned from the worker thread with `subprocess.run`, so it inherits the thread's
+  netns (SPEC §12 trap 5: asyncio's subprocess on the loop thread would not). Its routing is done
+  by our code, so only the rule install differs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from enum import Enum
+from pathlib import Path
+from typing import Final
+
+from ztunnel_redirect import constants as c
+from ztunnel_redirect import routing
+from ztunnel_redirect.drift import Drift
+from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.podrules import KernelForms, PodState, read_tables, repair_script, table_drift
+from ztunnel_redirect.render import Ruleset
+
+NFT_TIMEOUT: Final = 10.0
+"""Bound on one `nft` child; a pod install takes milliseconds."""
+
+
+class Method(Enum):
+    """One way of installing a pod's redirection; each gets its own fresh set of pods."""
+
+    BASE_RULES = "baseline_rules"
+    OURS_RULES = "ours_rules"
+    BASE_FULL = "baseline_full"
+    OURS_FULL = "ours_full"
+    OURS_ROUTING = "ours_routing"
+
+    @property
+    def label(self) -> str:
+        return {
+            Method.BASE_RULES: "baseline (nft -f child) rules only",
+            Method.OURS_RULES: "ours (libnftables) rules only",
+            Method.BASE_FULL: "baseline rules + our routing",
+            Method.OURS_FULL: "ours PodRules.apply (rules + routing)",
+            Method.OURS_ROUTING: "ours routing only (rtnetlink)",
+        }[self]
+
+
+def table_names(ruleset: Ruleset) -> tuple[str, ...]:
+    """Every table a check reads: the desired ones and those that must be absent."""
+    return tuple(t.name for t in ruleset.tables) + ruleset.absent
+
+
+def ours_rules_here(state: PodState, forms: KernelForms) -> list[Drift]:
+    """The nftables half of `podrules.apply_here`: read, compare, write one transaction."""
+    with Nft() as nft:
+        actual = read_tables(nft, table_names(state.ruleset))
+        drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
+        if drifts:
+            nft.run(repair_script(state.ruleset, drifts))
+    return drifts
+
+
+def table_drift_here(state: PodState, forms: KernelForms) -> list[Drift]:
+    """The nftables half of `podrules.check_here`. Reads only."""
+    with Nft() as nft:
+        actual = read_tables(nft, table_names(state.ruleset))
+    return table_drift(state.ruleset, forms.of(state.ruleset), actual)
+
+
+def routing_here(*, ipv6: bool) -> list[routing.RoutingItem]:
+    """The routing half of `podrules.apply_here`; returns what was added."""
+    with routing.Rtnl() as rtnl:
+        missing = routing.check(rtnl, ipv6=ipv6)
+        routing.add(rtnl, missing)
+    return missing
+
+
+def routing_missing_here(*, ipv6: bool) -> list[routing.RoutingItem]:
+    with routing.Rtnl() as rtnl:
+        return routing.check(rtnl, ipv6=ipv6)
+
+
+def baseline_rules_here(script: str) -> None:
+    """Istio's way: one `nft -f -` process per pod, fed the whole transaction on stdin."""
+    result = subprocess.run(
+        ["nft", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=NFT_TIMEOUT,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"nft -f - failed: {result.stderr.strip()}")
+
+
+def baseline_full_here(script: str, *, ipv6: bool) -> None:
+    baseline_rules_here(script)
+    routing_here(ipv6=ipv6)
+
+
+def flush_nat_here() -> None:
+    """Drift by hand: what `nft flush table inet istio-ambient-nat` in the pod does."""
+    with Nft() as nft:
+        nft.run(f"flush table inet {c.NAT_TABLE}\n")
+
+
+def handles_here(names: tuple[str, ...]) -> str:
+    """`nft -a list table` of each of our tables: rule handles show any rewrite."""
+    out = []
+    for name in names:
+        result = subprocess.run(
+            ["nft", "-a", "list", "table", "inet", name],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=NFT_TIMEOUT,
+        )
+        out.append(result.stdout if result.returncode == 0 else f"(no table {name})\n")
+    return "".join(out)
+
+
+def child_shares_netns_here() -> tuple[str, str]:
+    """(this thread's netns, a child's netns): equal when a child inherits the worker's netns."""
+    mine = str(Path("/proc/thread-self/ns/net").readlink())
+    child = subprocess.run(
+        ["readlink", "/proc/self/ns/net"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=NFT_TIMEOUT,
+    ).stdout.strip()
+    return mine, child

@@ -1,0 +1,296 @@
+"""The benchmark's results: `latest.json` (everything), `latest.md` (tables, ratios, targets) and
+`latest.png` (latency distributions per N, log scale)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+TARGET_N: Final = 1000
+RULES_P99_MS: Final = 1.0
+RULES_SPEEDUP: Final = 5.0
+FULL_P99_MS: Final = 2.0
+DRIFT_CPU_S: Final = 1.0
+
+ORDER: Final = ("ours_rules", "baseline_rules", "ours_full", "baseline_full", "ours_routing")
+COLOURS: Final = {
+    "ours_rules": "#1f77b4",
+    "baseline_rules": "#ff7f0e",
+    "ours_full": "#2ca02c",
+    "baseline_full": "#d62728",
+    "ours_routing": "#9467bd",
+    "ours_full_loaded": "#17becf",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    limit: str
+    measured: str
+    met: bool
+    margin: str
+    why: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "limit": self.limit,
+            "measured": self.measured,
+            "met": self.met,
+            "margin": self.margin,
+            "why": self.why,
+        }
+
+
+def _at_most(value: float, limit: float, unit: str) -> tuple[bool, str]:
+    if value <= limit:
+        return True, f"met with {limit - value:.3g} {unit} to spare ({value / limit:.0%} of limit)"
+    return False, f"missed by {value - limit:.3g} {unit} ({value / limit:.2f}x the limit)"
+
+
+def targets(data: dict[str, Any]) -> tuple[int, list[Target]]:
+    """The targets at N=1000, or at the largest N measured (said so in the name)."""
+    sizes = sorted(int(n) for n in data["sizes"])
+    n = TARGET_N if TARGET_N in sizes else sizes[-1]
+    at = data["sizes"][str(n)]
+    inst = at["install"]
+    profile = data.get("profile", {})
+    why_apply = _why(profile.get("apply", {}))
+    why_check = _why(profile.get("check", {}))
+    out = []
+
+    rules_p99 = inst["ours_rules"]["latency"]["p99_ms"]
+    met, margin = _at_most(rules_p99, RULES_P99_MS, "ms")
+    out.append(
+        Target(
+            "rules-only install p99",
+            f"<= {RULES_P99_MS} ms",
+            f"{rules_p99:.3f} ms",
+            met,
+            margin,
+            "" if met else why_apply,
+        )
+    )
+
+    base, ours = inst["baseline_rules"]["latency"], inst["ours_rules"]["latency"]
+    speedup = base["p50_ms"] / ours["p50_ms"]
+    speedup99 = base["p99_ms"] / ours["p99_ms"]
+    ok = speedup >= RULES_SPEEDUP
+    out.append(
+        Target(
+            "rules-only speed-up over baseline (p50; p99 in brackets)",
+            f">= {RULES_SPEEDUP}x",
+            f"{speedup:.2f}x ({speedup99:.2f}x)",
+            ok,
+            f"met by {speedup / RULES_SPEEDUP:.2f}x of the target"
+            if ok
+            else f"missed: {speedup:.2f}x is {RULES_SPEEDUP - speedup:.2f}x short",
+            "" if ok else why_apply,
+        )
+    )
+
+    full_p99 = inst["ours_full"]["latency"]["p99_ms"]
+    met, margin = _at_most(full_p99, FULL_P99_MS, "ms")
+    out.append(
+        Target(
+            "rules + routing install p99",
+            f"<= {FULL_P99_MS} ms",
+            f"{full_p99:.3f} ms",
+            met,
+            margin,
+            "" if met else why_apply,
+        )
+    )
+
+    healthy = at["healthy"]
+    cpu = healthy["cpu_s_median"]
+    met, margin = _at_most(cpu, DRIFT_CPU_S, "s")
+    writes = healthy["handles_changed"] + healthy["drift_reported"]
+    out.append(
+        Target(
+            f"drift pass over {n} healthy pods: CPU",
+            f"<= {DRIFT_CPU_S} s",
+            f"{cpu:.3f} s (wall {healthy['wall_s_median']:.3f} s)",
+            met,
+            margin,
+            "" if met else why_check,
+        )
+    )
+    out.append(
+        Target(
+            "drift pass over healthy pods: writes",
+            "zero",
+            f"{writes} (handles compared in {healthy['handles_sampled_pods']} pods)",
+            writes == 0,
+            "met" if writes == 0 else f"missed by {writes}",
+        )
+    )
+    return n, out
+
+
+def _why(steps: dict[str, float]) -> str:
+    """The three most expensive steps of the profile, as the reason for a miss."""
+    parts = sorted(((k, v) for k, v in steps.items() if k != "total"), key=lambda kv: -kv[1])
+    if not parts:
+        return "no profile in this run (run without --quick)"
+    total = steps.get("total", sum(v for _, v in parts))
+    top = ", ".join(f"{k} {v:.3f} ms" for k, v in parts[:3])
+    return f"per pod p50 {total:.3f} ms on the worker; largest steps: {top}"
+
+
+def _row(name: str, phase: dict[str, Any]) -> str:
+    lat = phase["latency"]
+    return (
+        f"| {name} | {lat['count']} | {lat['p50_ms']:.3f} | {lat['p90_ms']:.3f} | "
+        f"{lat['p99_ms']:.3f} | {lat['max_ms']:.3f} | {phase['throughput_pods_per_s']:.0f} | "
+        f"{phase['cpu_ms_per_pod']:.3f} |"
+    )
+
+
+def markdown(data: dict[str, Any]) -> str:
+    m = data["machine"]
+    cfg = data["config"]
+    lines = [
+        "# Pod rule install benchmark",
+        "",
+        f"Kernel {m['kernel']}, {m['nft_version']}, libnftables {m['libnftables_package']}, "
+        f"{m['cpu_count']} x {m['cpu_model']}, Python {m['python']}, commit "
+        f"`{str(m['git_commit'])[:12]}`, {m['date']}.",
+        f"Sizes {cfg['sizes']}, concurrency {cfg['concurrency']}, pod ruleset: tables "
+        f"{', '.join(cfg['options']['tables'])}, IPv6 {cfg['options']['ipv6']}. "
+        f"Run took {cfg['duration_s']} s{' (quick mode)' if cfg['quick'] else ''}.",
+        "",
+        "Every install goes into a fresh, empty pod netns; each method has its own set of pods. "
+        "Latency is per pod, measured around the `NetnsRunner` call from the event loop (entering "
+        "the netns included, the same for every method). CPU per pod includes `nft` children.",
+        "",
+    ]
+    for n, at in data["sizes"].items():
+        inst = at["install"]
+        lines += [
+            f"## N = {n}",
+            "",
+            "| method | samples | p50 ms | p90 ms | p99 ms | max ms | pods/s | CPU ms/pod |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [_row(name, inst[name]) for name in ORDER if name in inst]
+        loaded = at["install_loaded"]["ours_full"]
+        lines.append(_row(f"ours_full with {n} enrolled", loaded))
+        lines += ["", "Ratios ours / baseline (same run; below 1 is faster):", ""]
+        for ours, base in (("ours_rules", "baseline_rules"), ("ours_full", "baseline_full")):
+            o, b = inst[ours]["latency"], inst[base]["latency"]
+            lines.append(
+                f"- {ours} / {base}: p50 {o['p50_ms'] / b['p50_ms']:.3f}, "
+                f"p99 {o['p99_ms'] / b['p99_ms']:.3f}, CPU "
+                f"{inst[ours]['cpu_ms_per_pod'] / inst[base]['cpu_ms_per_pod']:.3f}"
+            )
+        growth = at.get("growth_ours_full") or {}
+        if growth:
+            lines.append(
+                f"- ours_full p50, first tenth installed {growth['first_tenth_p50_ms']:.3f} ms, "
+                f"last tenth {growth['last_tenth_p50_ms']:.3f} ms (x{growth['ratio']:.2f})"
+            )
+        h, d, r, mem = at["healthy"], at["drifted"], at["repair"], at["memory"]
+        lines += [
+            "",
+            "| drift check | pods | wall s | CPU s | per pod p50 ms | per pod p99 ms | notes |",
+            "|---|---:|---:|---:|---:|---:|---|",
+            f"| healthy (median of {h['passes']} passes) | {h['pods']} | {h['wall_s_median']:.4f} "
+            f"| {h['cpu_s_median']:.4f} | {h['per_pod']['p50_ms']:.3f} | "
+            f"{h['per_pod']['p99_ms']:.3f} | {h['drift_reported']} drift reported, rule handles "
+            f"unchanged in {h['handles_sampled_pods'] - h['handles_changed']}/"
+            f"{h['handles_sampled_pods']} sampled pods |",
+            f"| {d['drifted_pods']} drifted (nat table flushed) | {d['pods']} | {d['wall_s']:.4f} "
+            f"| {d['cpu_s']:.4f} | | | {d['detected_pods']} detected |",
+            "",
+            f"Repair (apply after the flush) of {r['latency']['count']} pods: p50 "
+            f"{r['latency']['p50_ms']:.3f} ms, p99 {r['latency']['p99_ms']:.3f} ms, max "
+            f"{r['latency']['max_ms']:.3f} ms.",
+            "",
+            f"Memory: this process holding {mem['netns_fds_held']} netns fds: RSS "
+            f"{mem['rss_kib_before']} -> {mem['rss_kib_holding']} KiB, open fds "
+            f"{mem['open_fds_before']} -> {mem['open_fds_holding']} (highest fd "
+            f"{mem['highest_fd']}).",
+            "",
+        ]
+    n, found = targets(data)
+    lines += [
+        "## Targets",
+        "",
+        f"Evaluated at N = {n}{'' if n == TARGET_N else ' (N = 1000 was not measured)'}.",
+        "",
+        "| target | limit | measured | result |",
+        "|---|---|---|---|",
+    ]
+    for t in found:
+        verdict = ("met" if t.met else "**missed**") + f": {t.margin}"
+        if t.why:
+            verdict += f". Why: {t.why}"
+        lines.append(f"| {t.name} | {t.limit} | {t.measured} | {verdict} |")
+    profile = data.get("profile")
+    if profile:
+        lines += ["", "## Where the time goes (p50 ms per step on the worker)", ""]
+        for kind in ("apply", "check"):
+            steps = profile[kind]
+            lines.append(
+                f"- {kind} ({profile['pods']} pods): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in steps.items())
+            )
+        lines.append("")
+        lines.append("cProfile of the worker: `profile.txt`.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(raw: dict[str, dict[str, list[float]]], path: Path) -> None:
+    sizes = list(raw)
+    panels = (
+        ("rules only", ("ours_rules", "baseline_rules")),
+        ("rules + routing", ("ours_full", "baseline_full", "ours_full_loaded", "ours_routing")),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, (title, names) in zip(axes, panels, strict=True):
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            data = [raw[n].get(name) or [float("nan")] for n in sizes]
+            pos = [i + (j - (len(names) - 1) / 2) * width for i in range(len(sizes))]
+            parts = ax.boxplot(
+                data,
+                positions=pos,
+                widths=width * 0.9,
+                whis=(1, 99),
+                showfliers=True,
+                flierprops={"markersize": 2, "alpha": 0.4},
+                patch_artist=True,
+                manage_ticks=False,
+            )
+            for box in parts["boxes"]:
+                box.set_facecolor(COLOURS[name])
+                box.set_alpha(0.7)
+            ax.plot([], [], color=COLOURS[name], linewidth=8, label=name)
+        ax.set_xticks(range(len(sizes)), [f"N={n}" for n in sizes])
+        ax.set_yscale("log")
+        ax.set_title(f"Pod install latency, {title}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(loc="upper left", fontsize=8)
+    axes[0].set_ylabel("ms per pod (box: quartiles, whiskers: p1-p99)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(out: Path, data: dict[str, Any], raw: dict[str, dict[str, list[float]]]) -> list[Path]:
+    n, found = targets(data)
+    data = data | {"targets": {"n": n, "results": [t.as_dict() for t in found]}, "samples": raw}
+    paths = [out / "latest.json", out / "latest.md", out / "latest.png"]
+    paths[0].write_text(json.dumps(data, indent=1) + "\n")
+    paths[1].write_text(markdown(data))
+    plot(raw, paths[2])
+    return paths

@@ -1,0 +1,606 @@
+"""Benchmark: pod rule install, drift check and repair, ours against Istio's method, in one run.
+
+    .venv/bin/python -m bench.run [--sizes 1,100,1000] [--quick] [--out bench/results]
+
+For each N it makes fresh sets of N pod namespaces (one set per install method, so every install
+goes into an empty netns) and measures, on this machine and in this run:
+
+1. install latency per pod for each `Method` (ours and the baseline, rules only and with routing),
+   and ours again with N pods already enrolled;
+2. a full drift-check pass over the N enrolled pods: wall and CPU time when healthy (and proof
+   that it wrote nothing: rule handles before and after), with 5% drifted, and repair latency;
+3. memory that does not depend on the agent: this process's RSS and fds holding N netns fds.
+
+Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
+Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
+on exit, also on Ctrl-C, SIGTERM and errors; `--remove-leftovers` cleans up after a killed run.
+
+Agent-level measures (CNI ADD end to end, restart catch-up, agent RSS/fds) are future functions
+like `measure_drift`: each takes the `Bench` and returns a dict that goes under its own key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import io
+import math
+import os
+import platform
+import pstats
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, TypeVar
+
+from bench import report
+from bench.methods import (
+    Method,
+    baseline_full_here,
+    baseline_rules_here,
+    child_shares_netns_here,
+    flush_nat_here,
+    handles_here,
+    ours_rules_here,
+    routing_here,
+    routing_missing_here,
+    table_drift_here,
+    table_names,
+)
+from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, remove_leftovers
+from bench.steps import apply_steps_here, check_steps_here
+from bench.summary import Latency, Phase, merge
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.drift import Drift
+from ztunnel_redirect.model import PodOptions
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.podrules import KernelForms, PodRules, PodState, apply_here, check_here
+from ztunnel_redirect.testing.netnslab import Netns
+
+T = TypeVar("T")
+
+DEFAULT_OUT: Final = Path(__file__).resolve().parent / "results"
+MAX_ROUNDS: Final = 500
+"""Bound on repeated rounds for small N."""
+VERIFY_SAMPLE: Final = 5
+"""Pods per method whose installed state is checked after the install phase."""
+
+
+class BenchError(RuntimeError):
+    """A measured operation did not do what it must (the numbers would be meaningless)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    sizes: tuple[int, ...]
+    min_samples: int
+    drift_passes: int
+    loaded_pods: int
+    concurrency: int
+    drift_fraction: float
+    handle_sample: int
+    profile_pods: int
+    options: PodOptions = field(default_factory=PodOptions)
+
+
+def netns_of_this_thread() -> str:
+    return str(Path("/proc/thread-self/ns/net").readlink())
+
+
+def cpu_now() -> float:
+    """CPU seconds of this process (all threads) plus its waited-for children (nft)."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError("no VmRSS in /proc/self/status")
+
+
+def open_fds() -> int:
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def evenly(items: list[T], k: int) -> list[T]:
+    """k items spread over the list (all of them when k >= len)."""
+    if k >= len(items):
+        return list(items)
+    step = len(items) / k
+    return [items[int(i * step)] for i in range(k)]
+
+
+class Bench:
+    """What every measurement uses: the runner, our rules, a pod factory and the desired state."""
+
+    def __init__(self, runner: NetnsRunner, factory: PodFactory, config: Config) -> None:
+        self.runner = runner
+        self.factory = factory
+        self.config = config
+        self.rules = PodRules(runner)
+        self.forms = KernelForms()
+        self.state = PodState.for_options(config.options)
+        self.script = self.state.ruleset.script()
+        self.names = table_names(self.state.ruleset)
+
+    async def install(self, method: Method, ns: Netns) -> None:
+        o = self.config.options
+        if method is Method.OURS_FULL:
+            if not await self.rules.apply(ns.path, o):
+                raise BenchError(f"apply on fresh {ns.name} reported nothing to do")
+        elif method is Method.OURS_RULES:
+            await self.runner.run(ns.path, ours_rules_here, self.state, self.forms)
+        elif method is Method.OURS_ROUTING:
+            await self.runner.run(ns.path, routing_here, ipv6=o.ipv6)
+        elif method is Method.BASE_RULES:
+            await self.runner.run(ns.path, baseline_rules_here, self.script)
+        else:
+            await self.runner.run(ns.path, baseline_full_here, self.script, ipv6=o.ipv6)
+
+    async def verify(self, method: Method, ns: Netns) -> None:
+        """The method installed what it must (drift reads are the kernel's word for it)."""
+        o = self.config.options
+        problems: list[object] = []
+        if method in (Method.OURS_FULL, Method.BASE_FULL):
+            problems += await self.rules.check(ns.path, o)
+        if method in (Method.OURS_RULES, Method.BASE_RULES):
+            problems += await self.runner.run(ns.path, table_drift_here, self.state, self.forms)
+        if method is Method.OURS_ROUTING:
+            problems += await self.runner.run(ns.path, routing_missing_here, ipv6=o.ipv6)
+        if problems:
+            raise BenchError(f"{method.value} left {ns.name} wrong: {problems[:3]}")
+
+
+async def timed_pass(
+    pods: list[Netns],
+    call: Callable[[Netns], Awaitable[T]],
+    *,
+    concurrency: int,
+    what: str,
+) -> tuple[list[float], list[T | None], float, float]:
+    """Run `call` on every pod in `concurrency` lanes; (latencies ms, results, wall s, cpu s)."""
+    samples = [0.0] * len(pods)
+    results: list[T | None] = [None] * len(pods)
+    todo = iter(range(len(pods)))
+    marks = {len(pods) * q // 4 for q in (1, 2, 3)} if len(pods) >= 100 else set()
+
+    async def lane() -> None:
+        for i in todo:
+            t0 = time.perf_counter()
+            results[i] = await call(pods[i])
+            samples[i] = (time.perf_counter() - t0) * 1000
+            if i in marks:
+                say(f"  {what}: {i}/{len(pods)}")
+
+    cpu0, wall0 = cpu_now(), time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for k in range(min(concurrency, len(pods))):
+            group.create_task(lane(), name=f"lane-{k}")
+    wall, cpu = time.perf_counter() - wall0, cpu_now() - cpu0
+    return samples, results, wall, cpu
+
+
+async def preflight(bench: Bench) -> None:
+    """The baseline's child must run in the pod's netns, never in ours (machine safety)."""
+    mine, child = await bench.runner.run(None, child_shares_netns_here)
+    main = netns_of_this_thread()
+    if mine != child or child == main:
+        raise BenchError(f"a child of a worker is not in the worker's netns ({mine} {child})")
+
+
+async def warm_up(bench: Bench) -> None:
+    """Load libnftables, learn the kernel forms, fork once: none of that is per-pod cost."""
+    for method in Method:
+        ns = await bench.factory.create("warm", list(Method).index(method))
+        await bench.install(method, ns)
+        await bench.verify(method, ns)
+        bench.factory.remove([ns])
+
+
+async def measure_installs(
+    bench: Bench, n: int
+) -> tuple[dict[Method, Phase], dict[Method, list[float]], list[Netns]]:
+    """Every method over fresh pods, in rounds until each has `min_samples` samples.
+
+    Returns the phases, the raw samples, and the last round's OURS_FULL pods, still enrolled.
+    """
+    cfg = bench.config
+    rounds = min(MAX_ROUNDS, max(1, math.ceil(cfg.min_samples / n)))
+    samples: dict[Method, list[float]] = {m: [] for m in Method}
+    phases: dict[Method, list[Phase]] = {m: [] for m in Method}
+    enrolled: list[Netns] = []
+    for r in range(rounds):
+        if rounds == 1 or r == 0:
+            say(f"N={n}: creating {n} pods per method x {len(Method)} (round 1/{rounds})")
+        sets = {m: await bench.factory.create_many(f"{m.value}-{r}", n) for m in Method}
+        for method in Method:
+            if rounds == 1:
+                say(f"N={n}: install {method.value} into {n} fresh pods")
+            lat, _, wall, cpu = await timed_pass(
+                sets[method],
+                lambda ns, m=method: bench.install(m, ns),  # type: ignore[misc]
+                concurrency=cfg.concurrency,
+                what=method.value,
+            )
+            samples[method] += lat
+            phases[method].append(Phase(Latency.of(lat), wall, cpu))
+            for ns in evenly(sets[method], VERIFY_SAMPLE):
+                await bench.verify(method, ns)
+        last = r == rounds - 1
+        for method, pods in sets.items():
+            if last and method is Method.OURS_FULL:
+                enrolled = pods
+            else:
+                bench.factory.remove(pods)
+    if rounds > 1:
+        say(f"N={n}: {rounds} rounds of {n} pods done")
+    merged = {m: merge(phases[m], samples[m]) for m in Method}
+    return merged, samples, enrolled
+
+
+def _growth(samples: list[float]) -> dict[str, Any]:
+    """p50 of the first and last tenth in install order: does cost grow with pods enrolled?"""
+    if len(samples) < 20:
+        return {}
+    tenth = len(samples) // 10
+    first, last = Latency.of(samples[:tenth]), Latency.of(samples[-tenth:])
+    return {
+        "first_tenth_p50_ms": round(first.p50_ms, 4),
+        "last_tenth_p50_ms": round(last.p50_ms, 4),
+        "ratio": round(last.p50_ms / first.p50_ms, 3),
+    }
+
+
+@contextlib.contextmanager
+def holding(pods: list[Netns]) -> Iterator[dict[str, int]]:
+    """Hold an fd on every pod's netns, as the agent does; yields RSS and fd counts."""
+    facts = {"rss_kib_before": rss_kib(), "open_fds_before": open_fds()}
+    fds = [os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC) for ns in pods]
+    try:
+        facts |= {
+            "netns_fds_held": len(fds),
+            "rss_kib_holding": rss_kib(),
+            "open_fds_holding": open_fds(),
+            "highest_fd": max(fds, default=-1),
+        }
+        yield facts
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+async def check_pass(
+    bench: Bench, pods: list[Netns], what: str
+) -> tuple[Phase, list[list[Drift] | None]]:
+    o = bench.config.options
+    lat, results, wall, cpu = await timed_pass(
+        pods,
+        lambda ns: bench.rules.check(ns.path, o),
+        concurrency=bench.config.concurrency,
+        what=what,
+    )
+    return Phase(Latency.of(lat), wall, cpu), results
+
+
+async def measure_drift(bench: Bench, enrolled: list[Netns]) -> dict[str, Any]:
+    """Drift check over N enrolled pods: healthy, then 5% flushed by hand, then repair."""
+    cfg, n = bench.config, len(enrolled)
+    out: dict[str, Any] = {}
+    with holding(enrolled) as memory:
+        sample = evenly(enrolled, cfg.handle_sample)
+        before = [await bench.runner.run(ns.path, handles_here, bench.names) for ns in sample]
+        say(f"N={n}: {cfg.drift_passes} drift-check passes over {n} healthy pods")
+        passes = []
+        for p in range(cfg.drift_passes):
+            phase, results = await check_pass(bench, enrolled, f"check pass {p + 1}")
+            drifted = sum(1 for r in results if r)
+            if drifted:
+                raise BenchError(f"healthy pass reported drift in {drifted} pods")
+            passes.append(phase)
+        after = [await bench.runner.run(ns.path, handles_here, bench.names) for ns in sample]
+        changed = sum(1 for a, b in zip(before, after, strict=True) if a != b)
+        if changed:
+            raise BenchError(f"a check rewrote rules: handles changed in {changed} sampled pods")
+        walls = sorted(p.wall_s for p in passes)
+        cpus = sorted(p.cpu_s for p in passes)
+        out["healthy"] = {
+            "passes": len(passes),
+            "pods": n,
+            "wall_s_median": round(walls[len(walls) // 2], 4),
+            "wall_s_max": round(walls[-1], 4),
+            "cpu_s_median": round(cpus[len(cpus) // 2], 4),
+            "cpu_s_max": round(cpus[-1], 4),
+            "per_pod": passes[len(passes) // 2].latency.as_dict(),
+            "drift_reported": 0,
+            "handles_sampled_pods": len(sample),
+            "handles_changed": changed,
+        }
+
+        k = max(1, round(n * cfg.drift_fraction))
+        victims = evenly(enrolled, k)
+        say(f"N={n}: flushing inet {c.NAT_TABLE} in {k} pods, then a check pass and repair")
+        for ns in victims:
+            await bench.runner.run(ns.path, flush_nat_here)
+        phase, results = await check_pass(bench, enrolled, "check pass (drifted)")
+        found = {enrolled[i].name for i, r in enumerate(results) if r}
+        if found != {ns.name for ns in victims}:
+            raise BenchError(f"drift check found {len(found)} drifted pods, {k} were flushed")
+        out["drifted"] = {
+            "pods": n,
+            "drifted_pods": k,
+            "detected_pods": len(found),
+            "wall_s": round(phase.wall_s, 4),
+            "cpu_s": round(phase.cpu_s, 4),
+        }
+        o = cfg.options
+        lat, repaired, wall, cpu = await timed_pass(
+            victims,
+            lambda ns: bench.rules.apply(ns.path, o),
+            concurrency=cfg.concurrency,
+            what="repair",
+        )
+        if not all(repaired):
+            raise BenchError("a repair of a flushed pod reported nothing to repair")
+        for ns in victims:
+            if await bench.rules.check(ns.path, o):
+                raise BenchError(f"{ns.name} still drifted after repair")
+        out["repair"] = Phase(Latency.of(lat), wall, cpu).as_dict()
+    out["memory"] = memory | {
+        "rss_bytes_per_netns_fd": round(
+            (memory["rss_kib_holding"] - memory["rss_kib_before"]) * 1024 / max(1, n), 1
+        )
+    }
+    return out
+
+
+async def measure_loaded(bench: Bench, n: int) -> tuple[Phase, list[float]]:
+    """Ours on fresh pods while N pods are enrolled (and the other sets exist)."""
+    k = bench.config.loaded_pods
+    say(f"N={n}: install ours_full into {k} more pods with {n} enrolled")
+    pods = await bench.factory.create_many("loaded", k)
+    try:
+        lat, _, wall, cpu = await timed_pass(
+            pods,
+            lambda ns: bench.install(Method.OURS_FULL, ns),
+            concurrency=bench.config.concurrency,
+            what="loaded",
+        )
+    finally:
+        bench.factory.remove(pods)
+    return Phase(Latency.of(lat), wall, cpu), lat
+
+
+async def measure_size(bench: Bench, n: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    phases, samples, enrolled = await measure_installs(bench, n)
+    try:
+        result: dict[str, Any] = {
+            "install": {m.value: phases[m].as_dict() for m in Method},
+            "growth_ours_full": _growth(samples[Method.OURS_FULL]) if n >= 100 else {},
+        }
+        result |= await measure_drift(bench, enrolled)
+        loaded, loaded_samples = await measure_loaded(bench, n)
+        result["install_loaded"] = {"enrolled": n, Method.OURS_FULL.value: loaded.as_dict()}
+    finally:
+        bench.factory.remove(enrolled)
+    raw = {m.value: [round(s, 4) for s in samples[m]] for m in Method}
+    raw["ours_full_loaded"] = [round(s, 4) for s in loaded_samples]
+    return result, raw
+
+
+def _profiled_here(prof: cProfile.Profile, fn: Callable[..., T], *args: Any) -> T:
+    prof.enable()
+    try:
+        return fn(*args)
+    finally:
+        prof.disable()
+
+
+async def measure_profile(bench: Bench, out: Path) -> dict[str, Any]:
+    """Where the time of apply and check goes: timed steps, and cProfile on the worker."""
+    k = bench.config.profile_pods
+    say(f"profile: apply and check, by step, on {k} fresh pods")
+    pods = await bench.factory.create_many("profile", k)
+    try:
+        steps: dict[str, dict[str, list[float]]] = {"apply": {}, "check": {}}
+        for kind, fn in (("apply", apply_steps_here), ("check", check_steps_here)):
+            for ns in pods:
+                timings = await bench.runner.run(ns.path, fn, bench.state, bench.forms)
+                for step, ms in timings.items():
+                    steps[kind].setdefault(step, []).append(ms)
+        for ns in pods:  # start over from empty pods for the cProfile run
+            await bench.rules.remove(ns.path)
+        prof = {"apply": cProfile.Profile(), "check": cProfile.Profile()}
+        for kind, fn2 in (("apply", apply_here), ("check", check_here)):
+            for ns in pods:
+                await bench.runner.run(
+                    ns.path, _profiled_here, prof[kind], fn2, bench.state, bench.forms
+                )
+        text = io.StringIO()
+        for kind, p in prof.items():
+            text.write(f"==== {kind}_here over {k} pods, by own time ====\n")
+            pstats.Stats(p, stream=text).sort_stats("tottime").print_stats(20)
+            text.write(f"==== {kind}_here over {k} pods, cumulative ====\n")
+            pstats.Stats(p, stream=text).sort_stats("cumulative").print_stats(25)
+        (out / "profile.txt").write_text(text.getvalue())
+    finally:
+        bench.factory.remove(pods)
+    return {
+        kind: {step: round(Latency.of(v).p50_ms, 4) for step, v in by_step.items()}
+        for kind, by_step in steps.items()
+    } | {"pods": k, "note": "p50 ms per step, timed on the worker; cProfile in profile.txt"}
+
+
+def _command(*argv: str) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unavailable ({exc})"
+    return result.stdout.strip() or result.stderr.strip()
+
+
+def machine_facts() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    lib = Path("/usr/lib/x86_64-linux-gnu/libnftables.so.1")
+    return {
+        "kernel": os.uname().release,
+        "nft_version": _command("nft", "--version"),
+        "libnftables_package": _command("dpkg-query", "-W", "-f", "${Version}", "libnftables1"),
+        "libnftables_file": str(lib.resolve()) if lib.exists() else "",
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "mem_total_kib": _meminfo_total(),
+        "git_commit": _command("git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _meminfo_total() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def bench_all(
+    bench: Bench, out: Path, *, profile: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    await preflight(bench)
+    await warm_up(bench)
+    sizes: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    for n in bench.config.sizes:
+        t0 = time.perf_counter()
+        sizes[str(n)], raw[str(n)] = await measure_size(bench, n)
+        say(f"N={n}: done in {time.perf_counter() - t0:.1f} s")
+    data: dict[str, Any] = {"sizes": sizes}
+    if profile:
+        data["profile"] = await measure_profile(bench, out)
+    return data, raw
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", default="1,100,1000", help="pod counts N, comma separated")
+    p.add_argument("--quick", action="store_true", help="N=1,20 and few samples (~30 s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for latest.*")
+    p.add_argument("--concurrency", type=int, default=1, help="pods in flight (= worker threads)")
+    p.add_argument("--min-samples", type=int, default=200, help="samples per method for small N")
+    p.add_argument("--drift-passes", type=int, default=5)
+    p.add_argument("--drift-fraction", type=float, default=0.05)
+    p.add_argument("--loaded-pods", type=int, default=50, help="pods installed with N enrolled")
+    p.add_argument("--handle-sample", type=int, default=10, help="pods whose handles are compared")
+    p.add_argument("--profile-pods", type=int, default=200, help="0: no profile")
+    p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
+    p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
+    p.add_argument(
+        "--remove-leftovers", action="store_true", help=f"remove {BENCH_PREFIX}* netns and exit"
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes = "1,20"
+        args.min_samples = 10
+        args.drift_passes = 2
+        args.loaded_pods = 5
+        args.handle_sample = 3
+        args.profile_pods = 0
+    return args
+
+
+def config_of(args: argparse.Namespace) -> Config:
+    sizes = tuple(int(s) for s in str(args.sizes).split(",") if s.strip())
+    if not sizes or min(sizes) < 1 or args.concurrency < 1:
+        raise SystemExit("--sizes needs positive counts, --concurrency at least 1")
+    return Config(
+        sizes=sizes,
+        min_samples=args.min_samples,
+        drift_passes=max(1, args.drift_passes),
+        loaded_pods=max(1, args.loaded_pods),
+        concurrency=args.concurrency,
+        drift_fraction=args.drift_fraction,
+        handle_sample=max(1, args.handle_sample),
+        profile_pods=args.profile_pods,
+        options=PodOptions(ipv6=not args.no_ipv6, dns_capture=not args.no_dns_capture),
+    )
+
+
+def _interrupt(signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.remove_leftovers:
+        print("removed:", " ".join(remove_leftovers()) or "nothing")
+        return 0
+    if os.geteuid() != 0:
+        print("the benchmark creates network namespaces: run it as root", file=sys.stderr)
+        return 2
+    config = config_of(args)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    signal.signal(signal.SIGTERM, _interrupt)
+    run_id = secrets.token_hex(3)
+    runner = NetnsRunner(workers=config.concurrency)
+    factory = PodFactory(runner, run_id=run_id)
+    started = time.perf_counter()
+    try:
+        data, raw = asyncio.run(
+            bench_all(Bench(runner, factory, config), out, profile=config.profile_pods > 0)
+        )
+    except KeyboardInterrupt:
+        print("interrupted: cleaning up", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        runner.close()
+        factory.close()
+        left = sorted(p.name for p in NETNS_DIR.glob(f"{BENCH_PREFIX}{run_id}-*"))
+        if left:
+            print(f"namespaces left behind: {left}", file=sys.stderr)
+    data = {
+        "machine": machine_facts(),
+        "config": {
+            "sizes": list(config.sizes),
+            "quick": bool(args.quick),
+            "concurrency": config.concurrency,
+            "min_samples": config.min_samples,
+            "drift_passes": config.drift_passes,
+            "drift_fraction": config.drift_fraction,
+            "loaded_pods": config.loaded_pods,
+            "options": {
+                "ipv6": config.options.ipv6,
+                "dns_capture": config.options.dns_capture,
+                "tables": list(table_names(PodState.for_options(config.options).ruleset)),
+            },
+            "duration_s": round(time.perf_counter() - started, 1),
+        },
+    } | data
+    paths = report.write(out, data, raw)
+    say("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
