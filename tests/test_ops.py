@@ -1,0 +1,342 @@
+"""Metrics, readiness and the ops HTTP server, over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import prometheus_client
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from ztunnel_redirect.drift import DriftKind
+from ztunnel_redirect.errors import (
+    CapabilityError,
+    ConfigError,
+    KernelError,
+    NetnsNotFoundError,
+    NotFoundError,
+    RedirectError,
+    RetryableError,
+)
+from ztunnel_redirect.kube import KubeApiError, RestartReason
+from ztunnel_redirect.ops import (
+    FailureReason,
+    Metrics,
+    OpsServer,
+    Readiness,
+    ReadinessCondition,
+    ReconcileKind,
+)
+
+TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+@dataclass
+class Health:
+    healthy: bool = True
+    error: Exception | None = None
+
+    def __call__(self) -> bool:
+        if self.error is not None:
+            raise self.error
+        return self.healthy
+
+
+@dataclass
+class Ops:
+    server: OpsServer
+    metrics: Metrics
+    readiness: Readiness
+    health: Health
+    http: aiohttp.ClientSession
+
+    async def get(self, port: int, path: str, **headers: str) -> tuple[int, str, str]:
+        url = f"http://127.0.0.1:{port}{path}"
+        async with self.http.get(url, headers=headers) as response:
+            return response.status, await response.text(), response.headers["Content-Type"]
+
+    async def readyz(self) -> tuple[int, str]:
+        status, text, _ = await self.get(self.server.readiness_port, "/readyz")
+        return status, text
+
+    async def healthz(self) -> tuple[int, str]:
+        status, text, _ = await self.get(self.server.readiness_port, "/healthz")
+        return status, text
+
+    async def scrape(self) -> Samples:
+        status, text, content_type = await self.get(self.server.metrics_port, "/metrics")
+        assert status == 200
+        assert content_type.startswith("text/plain")
+        return parse(text)
+
+
+def parse(text: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, frozenset(labels.items()))]
+
+
+@pytest.fixture
+async def ops() -> AsyncIterator[Ops]:
+    metrics = Metrics()
+    readiness = Readiness()
+    health = Health()
+    server = OpsServer(
+        metrics=metrics,
+        readiness=readiness,
+        healthy=health,
+        host="127.0.0.1",
+        readiness_port=0,
+        metrics_port=0,
+    )
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            yield Ops(server, metrics, readiness, health, http)
+    finally:
+        await server.close()
+
+
+async def test_readyz_lists_pending_conditions_until_all_are_done(ops: Ops) -> None:
+    status, text = await ops.readyz()
+    assert status == 503
+    assert text.splitlines()[1:] == [
+        "initial_lists",
+        "startup_verification",
+        "host_rules",
+        "ztunnel_server",
+    ]
+    ops.readiness.mark_done(ReadinessCondition.INITIAL_LISTS)
+    ops.readiness.mark_done("host_rules")
+    status, text = await ops.readyz()
+    assert status == 503
+    assert text.splitlines()[1:] == ["startup_verification", "ztunnel_server"]
+
+    ops.readiness.mark_done(ReadinessCondition.STARTUP_VERIFICATION)
+    ops.readiness.mark_done(ReadinessCondition.ZTUNNEL_SERVER)
+    assert await ops.readyz() == (200, "ready\n")
+
+
+async def test_readyz_goes_back_to_503_when_a_condition_is_lost(ops: Ops) -> None:
+    for condition in ReadinessCondition:
+        ops.readiness.mark_done(condition)
+    assert (await ops.readyz())[0] == 200
+    ops.readiness.mark_pending(ReadinessCondition.ZTUNNEL_SERVER)
+    status, text = await ops.readyz()
+    assert status == 503
+    assert text.splitlines()[1:] == ["ztunnel_server"]
+
+
+async def test_healthz_follows_the_health_callback(ops: Ops) -> None:
+    assert await ops.healthz() == (200, "ok\n")
+    ops.health.healthy = False
+    assert (await ops.healthz())[0] == 503
+    ops.health.healthy = True
+    ops.health.error = RuntimeError("task table broken")
+    assert (await ops.healthz())[0] == 503
+
+
+async def test_healthz_does_not_depend_on_readiness(ops: Ops) -> None:
+    assert not ops.readiness.ready
+    assert (await ops.healthz())[0] == 200
+
+
+async def test_metrics_report_recorded_values(ops: Ops) -> None:
+    m = ops.metrics
+    m.set_pods_enrolled(3)
+    m.observe_reconcile(ReconcileKind.ADD, 0.0004)
+    m.observe_reconcile(ReconcileKind.ADD, 0.002)
+    m.observe_reconcile(ReconcileKind.CHECK, 0.00005)
+    m.count_repair(DriftKind.MISSING_RULE)
+    m.count_repair(DriftKind.MISSING_RULE, 2)
+    m.count_repair(DriftKind.MISSING_TABLE)
+    m.count_failure(NetnsNotFoundError("gone"))
+    m.count_failure(FailureReason.KERNEL)
+    m.count_failure(KubeApiError("503 from the API", status=503))
+    m.mark_pass_succeeded(at=1_700_000_000.5)
+    m.count_watch_restart("pods", RestartReason.EXPIRED)
+    m.count_watch_restart("pods", RestartReason.EXPIRED)
+    m.count_watch_restart("namespaces", RestartReason.STREAM_ENDED)
+    m.set_ztunnel_connections(1)
+    m.observe_cni_add(0.03)
+
+    s = await ops.scrape()
+    p = "ztunnel_redirect_"
+    assert value(s, f"{p}pods_enrolled") == 3
+
+    assert value(s, f"{p}reconcile_duration_seconds_count", kind="add") == 2
+    assert math.isclose(value(s, f"{p}reconcile_duration_seconds_sum", kind="add"), 0.0024)
+    assert value(s, f"{p}reconcile_duration_seconds_bucket", kind="add", le="0.0005") == 1
+    assert value(s, f"{p}reconcile_duration_seconds_bucket", kind="add", le="0.0025") == 2
+    assert value(s, f"{p}reconcile_duration_seconds_bucket", kind="check", le="0.0001") == 1
+    assert value(s, f"{p}reconcile_duration_seconds_count", kind="remove") == 0
+    assert value(s, f"{p}reconcile_duration_seconds_count", kind="host") == 0
+
+    assert value(s, f"{p}drift_repairs_total", reason="missing_rule") == 3
+    assert value(s, f"{p}drift_repairs_total", reason="missing_table") == 1
+    assert value(s, f"{p}drift_repairs_total", reason="missing_ip_rule") == 0
+
+    assert value(s, f"{p}failures_total", reason="netns_not_found") == 1
+    assert value(s, f"{p}failures_total", reason="kernel") == 1
+    assert value(s, f"{p}failures_total", reason="retryable") == 1
+    assert value(s, f"{p}failures_total", reason="unexpected") == 0
+
+    assert value(s, f"{p}last_successful_pass_timestamp_seconds") == 1_700_000_000.5
+    assert value(s, f"{p}api_watch_restarts_total", resource="pods", reason="expired") == 2
+    assert (
+        value(s, f"{p}api_watch_restarts_total", resource="namespaces", reason="stream_ended") == 1
+    )
+    assert value(s, f"{p}ztunnel_connections") == 1
+    assert value(s, f"{p}cni_add_duration_seconds_count") == 1
+    assert value(s, f"{p}cni_add_duration_seconds_bucket", le="0.025") == 0
+    assert value(s, f"{p}cni_add_duration_seconds_bucket", le="0.05") == 1
+
+
+async def test_every_metric_is_exposed_from_the_start(ops: Ops) -> None:
+    names = {name for name, _ in await ops.scrape()}
+    for name in (
+        "ztunnel_redirect_pods_enrolled",
+        "ztunnel_redirect_reconcile_duration_seconds_bucket",
+        "ztunnel_redirect_drift_repairs_total",
+        "ztunnel_redirect_failures_total",
+        "ztunnel_redirect_last_successful_pass_timestamp_seconds",
+        "ztunnel_redirect_ztunnel_connections",
+        "ztunnel_redirect_cni_add_duration_seconds_bucket",
+    ):
+        assert name in names, name
+
+
+async def test_pass_timestamp_defaults_to_now(ops: Ops) -> None:
+    before = time.time()
+    ops.metrics.mark_pass_succeeded()
+    after = time.time()
+    stamp = value(await ops.scrape(), "ztunnel_redirect_last_successful_pass_timestamp_seconds")
+    assert before <= stamp <= after
+
+
+async def test_metrics_negotiates_openmetrics(ops: Ops) -> None:
+    status, text, content_type = await ops.get(
+        ops.server.metrics_port, "/metrics", Accept="application/openmetrics-text"
+    )
+    assert status == 200
+    assert content_type.startswith("application/openmetrics-text")
+    assert text.endswith("# EOF\n")
+
+
+async def test_each_port_serves_only_its_paths(ops: Ops) -> None:
+    assert (await ops.get(ops.server.readiness_port, "/metrics"))[0] == 404
+    assert (await ops.get(ops.server.metrics_port, "/readyz"))[0] == 404
+    assert (await ops.get(ops.server.metrics_port, "/healthz"))[0] == 404
+    assert ops.server.readiness_port != ops.server.metrics_port
+
+
+def test_metrics_use_their_own_registry() -> None:
+    first, second = Metrics(), Metrics()
+    first.set_pods_enrolled(5)
+    assert first.registry.get_sample_value("ztunnel_redirect_pods_enrolled") == 5
+    assert second.registry.get_sample_value("ztunnel_redirect_pods_enrolled") == 0
+    assert prometheus_client.REGISTRY.get_sample_value("ztunnel_redirect_pods_enrolled") is None
+
+
+class _Retryable(RetryableError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (NetnsNotFoundError("x"), FailureReason.NETNS_NOT_FOUND),
+        (NotFoundError("x"), FailureReason.NOT_FOUND),
+        (KernelError("x"), FailureReason.KERNEL),
+        (CapabilityError("x"), FailureReason.CAPABILITY),
+        (ConfigError("x"), FailureReason.CONFIG),
+        (_Retryable("x"), FailureReason.RETRYABLE),
+        (TimeoutError(), FailureReason.TIMEOUT),
+        (RedirectError("x"), FailureReason.OTHER),
+        (ValueError("x"), FailureReason.UNEXPECTED),
+    ],
+)
+def test_failures_are_classified_by_error_type(error: Exception, reason: FailureReason) -> None:
+    assert FailureReason.of(error) is reason
+
+
+async def test_wait_ready_returns_once_all_are_done() -> None:
+    readiness = Readiness(["a", "b"])
+    waiter = asyncio.create_task(readiness.wait_ready(), name="wait-ready")
+    try:
+        readiness.mark_done("a")
+        done, _ = await asyncio.wait({waiter}, timeout=0)
+        assert not done
+        readiness.mark_done("b")
+        await asyncio.wait_for(waiter, timeout=5)
+        assert readiness.ready
+    finally:
+        waiter.cancel()
+
+
+def test_readiness_bookkeeping() -> None:
+    readiness = Readiness(["a", "b"])
+    assert readiness.pending() == ("a", "b")
+    readiness.mark_done("b")
+    readiness.mark_done("b")
+    assert readiness.pending() == ("a",)
+    assert not readiness.ready
+    with pytest.raises(ValueError, match="unknown"):
+        readiness.mark_done("c")
+    assert Readiness([]).ready
+
+
+async def test_busy_port_is_a_config_error_and_nothing_stays_bound() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = OpsServer(
+            metrics=Metrics(),
+            readiness=Readiness(),
+            host="127.0.0.1",
+            readiness_port=0,
+            metrics_port=port,
+        )
+        try:
+            with pytest.raises(ConfigError, match=str(port)):
+                await server.start()
+            with pytest.raises(RuntimeError):
+                _ = server.readiness_port
+        finally:
+            await server.close()
+
+
+def test_same_port_twice_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="must differ"):
+        OpsServer(metrics=Metrics(), readiness=Readiness(), readiness_port=9000, metrics_port=9000)
+
+
+async def test_close_stops_listening_and_is_idempotent() -> None:
+    server = OpsServer(
+        metrics=Metrics(), readiness=Readiness(), host="127.0.0.1", readiness_port=0, metrics_port=0
+    )
+    async with server:
+        port = server.readiness_port
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as http,
+            http.get(f"http://127.0.0.1:{port}/healthz") as response,
+        ):
+            assert response.status == 200
+    await server.close()
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0
