@@ -249,8 +249,13 @@ def test_environment_is_injected_not_read_from_the_process(
 
 
 def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NODE_NAME", "from-process")
-    assert from_args(parser().parse_args([])).node_name == "from-process"
+    monkeypatch.setenv("AMBIENT_IPV6", "false")
+    s = from_args(parser().parse_args([]))
+    assert s.node_name == "from-process"
+    assert s.ipv6 is False
 
 
 @pytest.mark.parametrize(
