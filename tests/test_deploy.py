@@ -644,3 +644,22 @@ def test_versions_agree(rendered: dict[Path, list[Obj]]) -> None:
     assert image.rpartition(":")[2] == version
     labels = [a for _, i, a in _instructions() if i == "LABEL"]
     assert any(f'org.opencontainers.image.version="{version}"' in label for label in labels)
+
+
+def test_the_schema_validation_rejects_unknown_fields(rendered: dict[Path, list[Obj]]) -> None:
+    """Strict validation is real: a misspelt field in the DaemonSet fails it."""
+    daemonset = copy.deepcopy(_one(rendered[BASE], "DaemonSet"))
+    daemonset["spec"]["template"]["spec"]["hostPid"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_the_committed_diagram_is_rendered_from_its_source() -> None:
+    """docs/architecture.svg shows every box of docs/architecture.dot (regenerate it with the
+    `dot` command in the source's header after editing the source)."""
+    source = (ROOT / "docs" / "architecture.dot").read_text()
+    svg = (ROOT / "docs" / "architecture.svg").read_text()
+    labels = re.findall(r'^\s*\w+\s*\[label="([^"\\]+)', source, flags=re.MULTILINE)
+    assert len(labels) >= 10
+    for label in labels:
+        assert f">{label.replace('&', '&amp;').replace('<', '&lt;')}<" in svg, label
