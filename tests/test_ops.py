@@ -120,22 +120,22 @@ async def test_readyz_lists_pending_conditions_until_all_are_done(ops: Ops) -> N
         "host_rules",
         "ztunnel_server",
     ]
-    ops.readiness.mark_done(ReadinessCondition.INITIAL_LISTS)
-    ops.readiness.mark_done("host_rules")
+    ops.readiness.done(ReadinessCondition.INITIAL_LISTS)
+    ops.readiness.done("host_rules")
     status, text = await ops.readyz()
     assert status == 503
     assert text.splitlines()[1:] == ["startup_verification", "ztunnel_server"]
 
-    ops.readiness.mark_done(ReadinessCondition.STARTUP_VERIFICATION)
-    ops.readiness.mark_done(ReadinessCondition.ZTUNNEL_SERVER)
+    ops.readiness.done(ReadinessCondition.STARTUP_VERIFICATION)
+    ops.readiness.done(ReadinessCondition.ZTUNNEL_SERVER)
     assert await ops.readyz() == (200, "ready\n")
 
 
 async def test_readyz_goes_back_to_503_when_a_condition_is_lost(ops: Ops) -> None:
     for condition in ReadinessCondition:
-        ops.readiness.mark_done(condition)
+        ops.readiness.done(condition)
     assert (await ops.readyz())[0] == 200
-    ops.readiness.mark_pending(ReadinessCondition.ZTUNNEL_SERVER)
+    ops.readiness.lost(ReadinessCondition.ZTUNNEL_SERVER)
     status, text = await ops.readyz()
     assert status == 503
     assert text.splitlines()[1:] == ["ztunnel_server"]
@@ -167,7 +167,7 @@ async def test_metrics_report_recorded_values(ops: Ops) -> None:
     m.count_failure(NetnsNotFoundError("gone"))
     m.count_failure(FailureReason.KERNEL)
     m.count_failure(KubeApiError("503 from the API", status=503))
-    m.mark_pass_succeeded(at=1_700_000_000.5)
+    m.mark_pass(1_700_000_000.5)
     m.count_watch_restart("pods", RestartReason.EXPIRED)
     m.count_watch_restart("pods", RestartReason.EXPIRED)
     m.count_watch_restart("namespaces", RestartReason.STREAM_ENDED)
@@ -222,7 +222,7 @@ async def test_every_metric_is_exposed_from_the_start(ops: Ops) -> None:
 
 async def test_pass_timestamp_defaults_to_now(ops: Ops) -> None:
     before = time.time()
-    ops.metrics.mark_pass_succeeded()
+    ops.metrics.mark_pass()
     after = time.time()
     stamp = value(await ops.scrape(), "ztunnel_redirect_last_successful_pass_timestamp_seconds")
     assert before <= stamp <= after
@@ -242,6 +242,27 @@ async def test_each_port_serves_only_its_paths(ops: Ops) -> None:
     assert (await ops.get(ops.server.metrics_port, "/readyz"))[0] == 404
     assert (await ops.get(ops.server.metrics_port, "/healthz"))[0] == 404
     assert ops.server.readiness_port != ops.server.metrics_port
+
+
+def test_recorders_take_enum_values_as_text_but_only_known_ones() -> None:
+    m = Metrics()
+    m.observe_reconcile("remove", 0.001)
+    m.count_repair("missing_ip_rule")
+    m.count_failure("kernel")
+    m.count_watch_restart("pods", "expired")
+    get = m.registry.get_sample_value
+    assert get("ztunnel_redirect_reconcile_duration_seconds_count", {"kind": "remove"}) == 1
+    assert get("ztunnel_redirect_drift_repairs_total", {"reason": "missing_ip_rule"}) == 1
+    assert get("ztunnel_redirect_failures_total", {"reason": "kernel"}) == 1
+    labels = {"resource": "pods", "reason": "expired"}
+    assert get("ztunnel_redirect_api_watch_restarts_total", labels) == 1
+    with pytest.raises(ValueError):
+        m.observe_reconcile("upsert", 0.001)
+    with pytest.raises(ValueError):
+        m.count_repair("gremlins")
+    # A failure is always counted, even under a word of the caller's: it is an error path.
+    m.count_failure("drift_pass")
+    assert get("ztunnel_redirect_failures_total", {"reason": "drift_pass"}) == 1
 
 
 def test_metrics_use_their_own_registry() -> None:
@@ -278,10 +299,10 @@ async def test_wait_ready_returns_once_all_are_done() -> None:
     readiness = Readiness(["a", "b"])
     waiter = asyncio.create_task(readiness.wait_ready(), name="wait-ready")
     try:
-        readiness.mark_done("a")
+        readiness.done("a")
         done, _ = await asyncio.wait({waiter}, timeout=0)
         assert not done
-        readiness.mark_done("b")
+        readiness.done("b")
         await asyncio.wait_for(waiter, timeout=5)
         assert readiness.ready
     finally:
@@ -291,12 +312,12 @@ async def test_wait_ready_returns_once_all_are_done() -> None:
 def test_readiness_bookkeeping() -> None:
     readiness = Readiness(["a", "b"])
     assert readiness.pending() == ("a", "b")
-    readiness.mark_done("b")
-    readiness.mark_done("b")
+    readiness.done("b")
+    readiness.done("b")
     assert readiness.pending() == ("a",)
     assert not readiness.ready
     with pytest.raises(ValueError, match="unknown"):
-        readiness.mark_done("c")
+        readiness.done("c")
     assert Readiness([]).ready
 
 

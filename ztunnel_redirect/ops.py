@@ -186,26 +186,37 @@ class Metrics:
     def set_pods_enrolled(self, count: int) -> None:
         self._pods_enrolled.set(count)
 
-    def observe_reconcile(self, kind: ReconcileKind, seconds: float) -> None:
-        self._reconcile_duration.labels(kind=kind.value).observe(seconds)
+    # The recorders also take an enum's value as text (what `reconciler.Observer` and
+    # `kube.Watcher`'s `on_restart` pass); for kinds and repairs, text outside the enum is a bug
+    # and raises ValueError, so label sets stay bounded.
 
-    def count_repair(self, kind: DriftKind, count: int = 1) -> None:
-        """`count` differences of `kind` were repaired."""
-        self._drift_repairs.labels(reason=kind.value).inc(count)
+    def observe_reconcile(self, kind: ReconcileKind | str, seconds: float) -> None:
+        self._reconcile_duration.labels(kind=ReconcileKind(kind).value).observe(seconds)
 
-    def count_failure(self, reason: FailureReason | BaseException) -> None:
-        """One failed reconcile; an exception is classified with `FailureReason.of`."""
+    def count_repair(self, reason: DriftKind | str, count: int = 1) -> None:
+        """`count` differences of kind `reason` were repaired."""
+        self._drift_repairs.labels(reason=DriftKind(reason).value).inc(count)
+
+    def count_failure(self, reason: FailureReason | BaseException | str) -> None:
+        """One failure. Best pass the exception: it is classified by its type (`FailureReason`).
+
+        Unlike the other recorders this never raises, since it runs on error paths: text that is
+        not a `FailureReason` value is taken as the label as it is (keep it to a fixed word, such
+        as "drift_pass").
+        """
         if isinstance(reason, BaseException):
             reason = FailureReason.of(reason)
-        self._failures.labels(reason=reason.value).inc()
+        label = reason.value if isinstance(reason, FailureReason) else str(reason)
+        self._failures.labels(reason=label).inc()
 
-    def mark_pass_succeeded(self, *, at: float | None = None) -> None:
-        """A periodic pass verified every pod; `at` is Unix time, default now."""
+    def mark_pass(self, at: float | None = None) -> None:
+        """A periodic pass verified every pod without failure; `at` is Unix time, default now."""
         self._last_pass.set(time.time() if at is None else at)
 
-    def count_watch_restart(self, resource: str, reason: enum.Enum) -> None:
-        """A list/watch of `resource` (e.g. "pods") restarted; `reason` is `kube.RestartReason`."""
-        self._watch_restarts.labels(resource=resource, reason=str(reason.value)).inc()
+    def count_watch_restart(self, resource: str, reason: enum.Enum | str) -> None:
+        """A list/watch of `resource` ("pods") restarted; `reason` is a `kube.RestartReason`."""
+        label = reason.value if isinstance(reason, enum.Enum) else reason
+        self._watch_restarts.labels(resource=resource, reason=str(label)).inc()
 
     def set_ztunnel_connections(self, count: int) -> None:
         self._ztunnel_connections.set(count)
@@ -242,7 +253,8 @@ class Readiness:
             raise ValueError(f"unknown readiness condition {name!r}")
         return name
 
-    def mark_done(self, condition: str) -> None:
+    def done(self, condition: str) -> None:
+        """`condition` holds now; idempotent."""
         name = self._check(condition)
         if self._done[name]:
             return
@@ -252,7 +264,7 @@ class Readiness:
             self._ready.set()
             log.info("agent_ready")
 
-    def mark_pending(self, condition: str) -> None:
+    def lost(self, condition: str) -> None:
         """`condition` no longer holds (e.g. the ZDS server stopped): not ready until redone."""
         name = self._check(condition)
         if not self._done[name]:
