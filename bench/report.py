@@ -19,7 +19,14 @@ RULES_SPEEDUP: Final = 5.0
 FULL_P99_MS: Final = 2.0
 DRIFT_CPU_S: Final = 1.0
 
-ORDER: Final = ("ours_rules", "baseline_rules", "ours_full", "baseline_full", "ours_routing")
+ORDER: Final = (
+    "ours_rules",
+    "baseline_rules",
+    "ours_full",
+    "baseline_full",
+    "ours_routing",
+    "runner_noop",
+)
 COLOURS: Final = {
     "ours_rules": "#1f77b4",
     "baseline_rules": "#ff7f0e",
@@ -113,7 +120,7 @@ def targets(data: dict[str, Any]) -> tuple[int, list[Target]]:
     healthy = at["healthy"]
     cpu = healthy["cpu_s_median"]
     met, margin = _at_most(cpu, DRIFT_CPU_S, "s")
-    writes = healthy["handles_changed"] + healthy["drift_reported"]
+    writes = healthy["handles_changed"] + healthy["drift_reported"] + healthy["genid_changed"]
     out.append(
         Target(
             f"drift pass over {n} healthy pods: CPU",
@@ -128,7 +135,8 @@ def targets(data: dict[str, Any]) -> tuple[int, list[Target]]:
         Target(
             "drift pass over healthy pods: writes",
             "zero",
-            f"{writes} (handles compared in {healthy['handles_sampled_pods']} pods)",
+            f"{writes} (generation id compared in all {healthy['genid_checked_pods']} pods, "
+            f"rule handles in {healthy['handles_sampled_pods']})",
             writes == 0,
             "met" if writes == 0 else f"missed by {writes}",
         )
@@ -163,14 +171,16 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Kernel {m['kernel']}, {m['nft_version']}, libnftables {m['libnftables_package']}, "
         f"{m['cpu_count']} x {m['cpu_model']}, Python {m['python']}, commit "
-        f"`{str(m['git_commit'])[:12]}`, {m['date']}.",
+        f"`{str(m['git_commit'])[:12]}`, {m['date']}; load average (1, 5, 15 min) at start "
+        f"{m['loadavg_at_start']}, at end {m['loadavg_at_end']} (the machine is shared).",
         f"Sizes {cfg['sizes']}, concurrency {cfg['concurrency']}, pod ruleset: tables "
         f"{', '.join(cfg['options']['tables'])}, IPv6 {cfg['options']['ipv6']}. "
         f"Run took {cfg['duration_s']} s{' (quick mode)' if cfg['quick'] else ''}.",
         "",
         "Every install goes into a fresh, empty pod netns; each method has its own set of pods. "
         "Latency is per pod, measured around the `NetnsRunner` call from the event loop (entering "
-        "the netns included, the same for every method). CPU per pod includes `nft` children.",
+        "the netns included, the same for every method; `runner_noop` is that round trip alone). "
+        "CPU per pod includes `nft` children.",
         "",
     ]
     for n, at in data["sizes"].items():
@@ -199,6 +209,7 @@ def markdown(data: dict[str, Any]) -> str:
                 f"last tenth {growth['last_tenth_p50_ms']:.3f} ms (x{growth['ratio']:.2f})"
             )
         h, d, r, mem = at["healthy"], at["drifted"], at["repair"], at["memory"]
+        g = at["genid_read"]
         lines += [
             "",
             "| drift check | pods | wall s | CPU s | per pod p50 ms | per pod p99 ms | notes |",
@@ -207,7 +218,11 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {h['cpu_s_median']:.4f} | {h['per_pod']['p50_ms']:.3f} | "
             f"{h['per_pod']['p99_ms']:.3f} | {h['drift_reported']} drift reported, rule handles "
             f"unchanged in {h['handles_sampled_pods'] - h['handles_changed']}/"
-            f"{h['handles_sampled_pods']} sampled pods |",
+            f"{h['handles_sampled_pods']} sampled pods, nftables generation id unchanged in "
+            f"{h['genid_checked_pods'] - h['genid_changed']}/{h['genid_checked_pods']} pods |",
+            f"| nftables generation id read only | {h['pods']} | {g['wall_s']:.4f} | "
+            f"{g['cpu_s']:.4f} | {g['latency']['p50_ms']:.3f} | {g['latency']['p99_ms']:.3f} | "
+            "what a check gated on the generation id would pay per healthy pod |",
             f"| {d['drifted_pods']} drifted (nat table flushed) | {d['pods']} | {d['wall_s']:.4f} "
             f"| {d['cpu_s']:.4f} | | | {d['detected_pods']} detected |",
             "",

@@ -49,6 +49,8 @@ from bench.methods import (
     child_shares_netns_here,
     flush_nat_here,
     handles_here,
+    nft_genid_here,
+    noop_here,
     ours_rules_here,
     routing_here,
     routing_missing_here,
@@ -214,7 +216,7 @@ async def warm_up(bench: Bench) -> None:
 
 async def measure_installs(
     bench: Bench, n: int
-) -> tuple[dict[Method, Phase], dict[Method, list[float]], list[Netns]]:
+) -> tuple[dict[str, Phase], dict[Method, list[float]], list[Netns]]:
     """Every method over fresh pods, in rounds until each has `min_samples` samples.
 
     Returns the phases, the raw samples, and the last round's OURS_FULL pods, still enrolled.
@@ -224,6 +226,8 @@ async def measure_installs(
     samples: dict[Method, list[float]] = {m: [] for m in Method}
     phases: dict[Method, list[Phase]] = {m: [] for m in Method}
     enrolled: list[Netns] = []
+    samples_noop: list[float] = []
+    phases_noop: list[Phase] = []
     for r in range(rounds):
         if rounds == 1 or r == 0:
             say(f"N={n}: creating {n} pods per method x {len(Method)} (round 1/{rounds})")
@@ -241,6 +245,14 @@ async def measure_installs(
             phases[method].append(Phase(Latency.of(lat), wall, cpu))
             for ns in evenly(sets[method], VERIFY_SAMPLE):
                 await bench.verify(method, ns)
+        noop, _, wall, cpu = await timed_pass(
+            sets[Method.OURS_FULL],
+            lambda ns: bench.runner.run(ns.path, noop_here),
+            concurrency=cfg.concurrency,
+            what="runner round trip",
+        )
+        samples_noop += noop
+        phases_noop.append(Phase(Latency.of(noop), wall, cpu))
         last = r == rounds - 1
         for method, pods in sets.items():
             if last and method is Method.OURS_FULL:
@@ -249,7 +261,8 @@ async def measure_installs(
                 bench.factory.remove(pods)
     if rounds > 1:
         say(f"N={n}: {rounds} rounds of {n} pods done")
-    merged = {m: merge(phases[m], samples[m]) for m in Method}
+    merged = {m.value: merge(phases[m], samples[m]) for m in Method}
+    merged["runner_noop"] = merge(phases_noop, samples_noop)
     return merged, samples, enrolled
 
 
@@ -304,6 +317,12 @@ async def measure_drift(bench: Bench, enrolled: list[Netns]) -> dict[str, Any]:
     with holding(enrolled) as memory:
         sample = evenly(enrolled, cfg.handle_sample)
         before = [await bench.runner.run(ns.path, handles_here, bench.names) for ns in sample]
+        gen_lat, gen_before, gen_wall, gen_cpu = await timed_pass(
+            enrolled,
+            lambda ns: bench.runner.run(ns.path, nft_genid_here),
+            concurrency=cfg.concurrency,
+            what="genid pass",
+        )
         say(f"N={n}: {cfg.drift_passes} drift-check passes over {n} healthy pods")
         passes = []
         for p in range(cfg.drift_passes):
@@ -316,6 +335,10 @@ async def measure_drift(bench: Bench, enrolled: list[Netns]) -> dict[str, Any]:
         changed = sum(1 for a, b in zip(before, after, strict=True) if a != b)
         if changed:
             raise BenchError(f"a check rewrote rules: handles changed in {changed} sampled pods")
+        gen_after = [await bench.runner.run(ns.path, nft_genid_here) for ns in enrolled]
+        gen_changed = sum(1 for a, b in zip(gen_before, gen_after, strict=True) if a != b)
+        if gen_changed:
+            raise BenchError(f"a check wrote nftables: generation id moved in {gen_changed} pods")
         walls = sorted(p.wall_s for p in passes)
         cpus = sorted(p.cpu_s for p in passes)
         out["healthy"] = {
@@ -329,7 +352,10 @@ async def measure_drift(bench: Bench, enrolled: list[Netns]) -> dict[str, Any]:
             "drift_reported": 0,
             "handles_sampled_pods": len(sample),
             "handles_changed": changed,
+            "genid_checked_pods": n,
+            "genid_changed": gen_changed,
         }
+        out["genid_read"] = Phase(Latency.of(gen_lat), gen_wall, gen_cpu).as_dict()
 
         k = max(1, round(n * cfg.drift_fraction))
         victims = evenly(enrolled, k)
@@ -389,7 +415,7 @@ async def measure_size(bench: Bench, n: int) -> tuple[dict[str, Any], dict[str, 
     phases, samples, enrolled = await measure_installs(bench, n)
     try:
         result: dict[str, Any] = {
-            "install": {m.value: phases[m].as_dict() for m in Method},
+            "install": {name: phase.as_dict() for name, phase in phases.items()},
             "growth_ours_full": _growth(samples[Method.OURS_FULL]) if n >= 100 else {},
         }
         result |= await measure_drift(bench, enrolled)
@@ -473,6 +499,7 @@ def machine_facts() -> dict[str, Any]:
         "mem_total_kib": _meminfo_total(),
         "git_commit": _command("git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -566,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     runner = NetnsRunner(workers=config.concurrency)
     factory = PodFactory(runner, run_id=run_id)
     started = time.perf_counter()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     try:
         data, raw = asyncio.run(
             bench_all(Bench(runner, factory, config), out, profile=config.profile_pods > 0)
@@ -580,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         if left:
             print(f"namespaces left behind: {left}", file=sys.stderr)
     data = {
-        "machine": machine_facts(),
+        "machine": machine_facts() | {"loadavg_at_start": load_at_start},
         "config": {
             "sizes": list(config.sizes),
             "quick": bool(args.quick),
