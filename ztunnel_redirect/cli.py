@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ztunnel_redirect import __version__
+from ztunnel_redirect import __version__, agent, logs, settings
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.errors import ConfigError, NetnsNotFoundError, RedirectError
 from ztunnel_redirect.hostrules import HostRules
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--pod-uid", required=True)
         sub.add_argument("--pod-ip", action="append", required=True, metavar="IP")
         sub.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=True)
+
+    agent_parser = commands.add_parser(
+        "agent",
+        help="run the node agent",
+        description="Run the node agent. Each flag defaults to its environment variable.",
+    )
+    settings.add_arguments(agent_parser)
     return parser
 
 
@@ -167,6 +174,13 @@ def _in_kernel(
     return asyncio.run(run())
 
 
+def _agent(args: argparse.Namespace) -> int:
+    config = settings.from_args(args)
+    logs.configure(fmt=config.log_format, level=config.log_level)
+    asyncio.run(agent.run(config))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -177,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 options = HostOptions(kubelet_uid=args.kubelet_uid, ipv6=args.ipv6)
                 print(host_ruleset(options).script(), end="")
             return EXIT_OK
+        if args.command == "agent":
+            return _agent(args)
         if args.command == "pod":
             return _in_kernel(_pod, args)
         return _in_kernel(_host, args)

@@ -1,0 +1,313 @@
+"""The node agent: builds the concrete objects and runs the root tasks (the wiring layer).
+
+Start-up follows "readiness means state has been rebuilt" (STYLE.md):
+capabilities probed → ops server → initial lists complete (nothing is written before) →
+pods this agent enrolled before are adopted with their netns from the /proc scan → host rules
+with every enrolled pod's IP → ztunnel server (snapshot) → pod workers verify every pod (and
+repair only what drifted) → CNI event server and plugin install → ready → periodic drift pass.
+
+Root tasks run in one TaskGroup: when one dies, all stop and the process exits non-zero.
+SIGTERM stops cleanly and leaves every rule in place (an upgrade must not disturb traffic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import time
+from pathlib import Path
+
+import structlog
+
+from ztunnel_redirect import nft, procscan
+from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
+from ztunnel_redirect.cniinstall import CniInstaller, NoPrimaryConfigError
+from ztunnel_redirect.enrollment import EnrollmentPolicy
+from ztunnel_redirect.errors import ConfigError, RetryableError
+from ztunnel_redirect.hostrules import HostRules
+from ztunnel_redirect.kube import ApiClient, KubeClient, Watcher, load_client
+from ztunnel_redirect.model import HostOptions, Pod
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.ops import Metrics, OpsServer, Readiness
+from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.reconciler import (
+    HOST_KEY,
+    ClusterState,
+    Reconciler,
+    enrolled_by_annotation,
+)
+from ztunnel_redirect.settings import Settings
+from ztunnel_redirect.workqueue import KeyedQueue, Periodic
+from ztunnel_redirect.zds import Workload, ZtunnelServer
+
+log = structlog.get_logger(__name__)
+
+STARTUP_VERIFICATION_BUDGET = 60.0
+"""Readiness waits at most this long for the start-up pass; pods still failing are retried."""
+
+CONDITIONS = ("initial_lists", "host_rules", "ztunnel_server", "startup_verification", "cni")
+
+
+class ProcLocator:
+    """Finds a running pod's netns with the /proc scan (SPEC §7), off the event loop."""
+
+    def __init__(self, finder: procscan.NetnsFinder) -> None:
+        self._finder = finder
+
+    async def locate(self, pod: Pod) -> str | None:
+        match = await asyncio.to_thread(self._finder.find, pod.uid, pod.ips)
+        return None if match is None else match.path
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.readiness = Readiness(CONDITIONS)
+        self._healthy = True
+
+    def policy(self) -> EnrollmentPolicy:
+        s = self.settings
+        return EnrollmentPolicy(
+            node_name=s.node_name,
+            exclude_namespaces=s.exclude_namespaces,
+            system_namespace=s.system_namespace,
+            agent_namespace=s.pod_namespace,
+            dns_capture=s.dns_capture,
+            ipv6=s.ipv6,
+            probe_snat_v4=s.probe_snat_v4,
+            probe_snat_v6=s.probe_snat_v6,
+        )
+
+    def _kubelet_uid(self) -> int:
+        if self.settings.kubelet_uid is not None:
+            return self.settings.kubelet_uid
+        uid = procscan.kubelet_uid(proc_root=self.settings.proc_root)
+        if uid is None:
+            raise ConfigError(
+                f"no kubelet process found in {self.settings.proc_root}: "
+                "set KUBELET_UID (--kubelet-uid) or mount the host's /proc"
+            )
+        return uid
+
+    async def run(self) -> None:
+        s = self.settings
+        ops = OpsServer(
+            metrics=self.metrics,
+            readiness=self.readiness,
+            healthy=lambda: self._healthy,
+            host=s.bind_address,
+            readiness_port=s.readiness_port,
+            metrics_port=s.metrics_port,
+        )
+        with NetnsRunner(workers=max(2, s.workers)) as runner:
+            await runner.run(None, nft.probe)
+            host_options = HostOptions(
+                kubelet_uid=self._kubelet_uid(),
+                ipv6=s.ipv6,
+                probe_snat_v4=s.probe_snat_v4,
+                probe_snat_v6=s.probe_snat_v6,
+            )
+            api = await load_client(kubeconfig=s.kubeconfig)
+            await ops.start()
+            try:
+                async with api:
+                    await self._serve(api, runner, host_options)
+            finally:
+                self._healthy = False
+                await ops.close()
+
+    async def _serve(self, api: ApiClient, runner: NetnsRunner, host_options: HostOptions) -> None:
+        parts = self._build(api, runner, host_options)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(_raise_when(stop), name="signals")
+                tasks.create_task(parts.watcher.run(), name="kube-watch")
+                tasks.create_task(self._start(parts, tasks), name="startup")
+        except* _Stop:
+            log.info("agent_stopping", reason="signal", rules="left in place")
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await parts.cni.close()
+            await parts.zds.close()
+
+    def _build(self, api: ApiClient, runner: NetnsRunner, host_options: HostOptions) -> _Parts:
+        s = self.settings
+        finder = procscan.NetnsFinder(
+            addresses_of=procscan.runner_addresses(runner), proc_root=s.proc_root
+        )
+
+        async def reconcile(key: str) -> None:
+            await reconciler.reconcile(key)
+
+        queue: KeyedQueue[str] = KeyedQueue(
+            handler=reconcile,
+            concurrency=s.workers,
+            on_failure=lambda _key, exc, _attempts: self.metrics.count_failure(exc),
+            name="pods",
+            log_key="pod_uid",
+        )
+        state = ClusterState(queue.enqueue)
+        kube = KubeClient(api)
+        zds = ZtunnelServer(
+            path=s.ztunnel_uds,
+            snapshot=lambda: [Workload(pod, netns) for pod, netns in reconciler.workloads()],
+            on_snapshot_nack=lambda uid, _error: reconciler.snapshot_nacked(uid),
+        )
+        reconciler = Reconciler(
+            state=state,
+            policy=self.policy(),
+            pod_rules=PodRules(runner),
+            host_rules=HostRules(runner, netns=s.host_netns),
+            host_options=host_options,
+            ztunnel=zds,
+            status=kube,
+            locator=ProcLocator(finder),
+            observer=self.metrics,
+        )
+        watcher = Watcher(
+            api=api, node_name=s.node_name, store=state, on_restart=self.metrics.count_watch_restart
+        )
+
+        async def on_cni_add(event: CniAddEvent) -> None:
+            await self._cni_add(event, state, kube, reconciler)
+
+        cni = CniEventServer(
+            on_cni_add,
+            socket_path=str(Path(s.run_dir) / "pluginevent.sock"),
+            allowed_netns_dirs=s.allowed_netns_dirs,
+        )
+        return _Parts(state, queue, reconciler, finder, watcher, zds, cni, self._installer())
+
+    async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
+        await parts.watcher.synced.wait()
+        self.readiness.done("initial_lists")
+        log.info("initial_lists_synced", pods=len(parts.state.pods))
+
+        await self._adopt(parts.state, parts.reconciler, parts.finder)
+        await parts.reconciler.reconcile(HOST_KEY)
+        self.readiness.done("host_rules")
+
+        await parts.zds.start()
+        self.readiness.done("ztunnel_server")
+
+        tasks.create_task(parts.queue.run(), name="pod-workers")
+        try:
+            async with asyncio.timeout(STARTUP_VERIFICATION_BUDGET):
+                await parts.queue.wait_idle()
+        except TimeoutError:
+            log.warning("startup_verification_incomplete", retrying=len(parts.queue.retrying))
+        self.readiness.done("startup_verification")
+
+        await parts.cni.start()
+        if parts.installer is not None:
+            await asyncio.to_thread(parts.installer.install)
+        self.readiness.done("cni")
+        log.info("agent_ready", pods_enrolled=len(parts.reconciler.records))
+
+        periodic = Periodic(
+            tick=lambda: self._drift_pass(parts),
+            period=self.settings.reconcile_period,
+            on_failure=lambda _exc: self.metrics.count_failure("drift_pass"),
+            name="drift-pass",
+        )
+        tasks.create_task(periodic.run(), name="drift-pass")
+
+    async def _drift_pass(self, parts: _Parts) -> None:
+        """Check every enrolled pod and the host; only what drifted gets written."""
+        started = time.monotonic()
+        for uid in list(parts.reconciler.records):
+            parts.queue.enqueue(uid)
+        parts.queue.enqueue(HOST_KEY)
+        if parts.installer is not None:
+            with contextlib.suppress(NoPrimaryConfigError):
+                await asyncio.to_thread(parts.installer.ensure)
+        try:
+            async with asyncio.timeout(self.settings.reconcile_period):
+                await parts.queue.wait_idle()
+        except TimeoutError:
+            log.warning("drift_pass_slow", retrying=len(parts.queue.retrying))
+            return
+        if not parts.queue.retrying:
+            self.metrics.mark_pass(time.time())
+        log.debug("drift_pass_done", duration_ms=round((time.monotonic() - started) * 1e3, 3))
+
+    async def _adopt(
+        self, state: ClusterState, reconciler: Reconciler, finder: procscan.NetnsFinder
+    ) -> None:
+        """Rebuild what a previous run enrolled: annotated pods, netns by one /proc scan."""
+        previous = enrolled_by_annotation(state.pods.values())
+        if not previous:
+            return
+        found = await asyncio.to_thread(finder.find_all, {p.uid: p.ips for p in previous})
+        for pod in previous:
+            match = found.get(pod.uid)
+            reconciler.adopt(pod, None if match is None else match.path)
+        log.info("pods_adopted", pods=len(previous), netns_found=len(found))
+
+    async def _cni_add(
+        self, event: CniAddEvent, state: ClusterState, kube: KubeClient, reconciler: Reconciler
+    ) -> None:
+        started = time.perf_counter()
+        pod = state.find(event.pod_namespace, event.pod_name)
+        if pod is None:
+            pod = await kube.get_pod(event.pod_namespace, event.pod_name)
+        if pod is None:
+            raise RetryableError(f"pod {event.pod_namespace}/{event.pod_name} not found in the API")
+        if event.pod_namespace not in state.namespaces:
+            namespace = await kube.get_namespace(event.pod_namespace)
+            if namespace is not None:
+                state.namespaces[namespace.name] = namespace
+        pod = dataclasses.replace(pod, ips=event.ips or pod.ips)
+        try:
+            await reconciler.add_from_cni(pod, event.netns)
+        finally:
+            self.metrics.observe_cni_add(time.perf_counter() - started)
+
+    def _installer(self) -> CniInstaller | None:
+        s = self.settings
+        if not s.install_cni:
+            return None
+        return CniInstaller(
+            bin_dir=s.cni_bin_dir,
+            conf_dir=s.cni_conf_dir,
+            plugin_config={
+                "plugin_event_socket": str(Path(s.run_dir) / "pluginevent.sock"),
+                "exclude_namespaces": sorted(s.exclude_namespaces),
+                "system_namespace": s.system_namespace,
+            },
+        )
+
+
+class _Stop(Exception):
+    """Ends the root task group on a signal."""
+
+
+async def _raise_when(stop: asyncio.Event) -> None:
+    await stop.wait()
+    raise _Stop
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parts:
+    """The agent's concrete objects, built once and wired together."""
+
+    state: ClusterState
+    queue: KeyedQueue[str]
+    reconciler: Reconciler
+    finder: procscan.NetnsFinder
+    watcher: Watcher
+    zds: ZtunnelServer
+    cni: CniEventServer
+    installer: CniInstaller | None
+
+
+async def run(settings: Settings) -> None:
+    await Agent(settings).run()

@@ -1,0 +1,372 @@
+"""The reconciler: one level-triggered function that brings a pod (or the host) to what the API
+says, whatever brought it here (watch event, CNI ADD, periodic drift pass, agent restart).
+
+Event handlers only record what changed (`ClusterState`) and enqueue the pod's key; a worker runs
+`reconcile(key)`, which reads the current desired state, reads the kernel, and writes only what
+differs. Add and remove follow SPEC §6:
+
+add:    netns → pod rules + routing → ztunnel Add (ack) → host set → annotation `enabled`
+        (no ztunnel or a nack: annotation `pending`, retried with backoff)
+remove: host set → pod rules + routing (if the pod still runs) → ztunnel Del → annotation removed
+
+Every collaborator is an interface, wired in `agent.py`; tests use fakes or the real thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import structlog
+
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.drift import Drift
+from ztunnel_redirect.enrollment import EnrollmentPolicy
+from ztunnel_redirect.errors import NetnsNotFoundError, RetryableError
+from ztunnel_redirect.hostrules import HostRules
+from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
+from ztunnel_redirect.podrules import PodRules
+
+log = structlog.get_logger(__name__)
+
+HOST_KEY: Final = "host"
+"""The work-queue key of the host rules (pod keys are pod UIDs)."""
+
+ENABLED: Final = "enabled"
+PENDING: Final = "pending"
+
+
+class Ztunnel(Protocol):
+    async def add_workload(self, pod: Pod, netns_path: str) -> None: ...
+    async def del_workload(self, uid: PodUid) -> None: ...
+
+
+class StatusWriter(Protocol):
+    async def set_redirection_status(self, pod: Pod, value: str | None) -> None: ...
+
+
+class NetnsLocator(Protocol):
+    async def locate(self, pod: Pod) -> str | None:
+        """The path of a running pod's netns (the /proc scan), or None when not found yet."""
+        ...
+
+
+class Observer(Protocol):
+    """What the reconciler reports (metrics)."""
+
+    def observe_reconcile(self, kind: str, seconds: float) -> None: ...
+    def count_repair(self, reason: str) -> None: ...
+    def count_failure(self, reason: str) -> None: ...
+    def set_pods_enrolled(self, count: int) -> None: ...
+
+
+class NetnsPendingError(RetryableError):
+    """The pod's network namespace was not found yet (retried with backoff)."""
+
+
+@dataclass
+class PodRecord:
+    """What this agent did for an enrolled pod (the kernel has the details)."""
+
+    pod: Pod
+    netns: str | None = None
+    from_cni: bool = False
+    options: PodOptions | None = None
+    acked: bool = False
+    """ztunnel has accepted the pod (Add acked, or delivered in a snapshot)."""
+    status: str | None = None
+
+
+class ClusterState:
+    """The pods of this node and the namespaces, as the API says. Implements `kube.Store`.
+
+    Handlers record and enqueue; they never touch the kernel.
+    """
+
+    def __init__(self, enqueue: Callable[[str], None]) -> None:
+        self.enqueue = enqueue
+        self.pods: dict[PodUid, Pod] = {}
+        self.namespaces: dict[str, Namespace] = {}
+        self.deleted: dict[PodUid, Pod] = {}
+        """Pods gone from the API whose cleanup has not run yet (keeps their IPs)."""
+
+    def replace_pods(self, pods: Sequence[Pod]) -> None:
+        fresh = {pod.uid: pod for pod in pods}
+        for uid in self.pods.keys() - fresh.keys():
+            self.deleted[uid] = dataclasses.replace(self.pods[uid], deleted=True)
+            self.enqueue(uid)
+        changed = [uid for uid, pod in fresh.items() if self.pods.get(uid) != pod]
+        self.pods = fresh
+        for uid in changed:
+            self.enqueue(uid)
+
+    def upsert_pod(self, pod: Pod) -> None:
+        if self.pods.get(pod.uid) != pod:
+            self.pods[pod.uid] = pod
+            self.enqueue(pod.uid)
+
+    def delete_pod(self, pod: Pod) -> None:
+        known = self.pods.pop(pod.uid, pod)
+        self.deleted[pod.uid] = dataclasses.replace(known, deleted=True)
+        self.enqueue(pod.uid)
+
+    def _namespace_changed(self, name: str) -> None:
+        for pod in self.pods.values():
+            if pod.namespace == name:
+                self.enqueue(pod.uid)
+
+    def replace_namespaces(self, namespaces: Sequence[Namespace]) -> None:
+        fresh = {ns.name: ns for ns in namespaces}
+        changed = {
+            n
+            for n in fresh.keys() | self.namespaces.keys()
+            if fresh.get(n) != self.namespaces.get(n)
+        }
+        self.namespaces = fresh
+        for name in changed:
+            self._namespace_changed(name)
+
+    def upsert_namespace(self, ns: Namespace) -> None:
+        if self.namespaces.get(ns.name) != ns:
+            self.namespaces[ns.name] = ns
+            self._namespace_changed(ns.name)
+
+    def delete_namespace(self, ns: Namespace) -> None:
+        if self.namespaces.pop(ns.name, None) is not None:
+            self._namespace_changed(ns.name)
+
+    def find(self, namespace: str, name: str) -> Pod | None:
+        return next(
+            (p for p in self.pods.values() if p.namespace == namespace and p.name == name), None
+        )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        state: ClusterState,
+        policy: EnrollmentPolicy,
+        pod_rules: PodRules,
+        host_rules: HostRules,
+        host_options: HostOptions,
+        ztunnel: Ztunnel,
+        status: StatusWriter,
+        locator: NetnsLocator,
+        observer: Observer,
+    ) -> None:
+        self.state = state
+        self._policy = policy
+        self._pod_rules = pod_rules
+        self._host_rules = host_rules
+        self._host_options = host_options
+        self._ztunnel = ztunnel
+        self._status = status
+        self._locator = locator
+        self._observer = observer
+        self.records: dict[PodUid, PodRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- entry points ---
+
+    async def reconcile(self, key: str) -> None:
+        """Bring one pod (or the host, for HOST_KEY) to its desired state. One run per key at a
+        time, whoever calls (work queue or CNI)."""
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key == HOST_KEY:
+                await self._timed("host", self._reconcile_host())
+            else:
+                await self._reconcile_pod(PodUid(key))
+        if not lock.locked() and key not in self.records:
+            self._locks.pop(key, None)
+
+    async def add_from_cni(self, pod: Pod, netns: str) -> bool:
+        """A new pod's sandbox (CNI ADD): returns False when the pod is not for the mesh, True
+        once its rules are in place and ztunnel acked; raises when that could not be done."""
+        decision = self._policy.decide(pod, self.state.namespaces.get(pod.namespace))
+        if not decision.enrolled:
+            log.debug("cni_add_skipped", pod=pod.key, pod_uid=pod.uid, reason=decision.reason.value)
+            return False
+        record = self.records.get(pod.uid)
+        if record is None or record.netns != netns:
+            self.records[pod.uid] = PodRecord(pod=pod, netns=netns, from_cni=True)
+        known = self.state.pods.get(pod.uid)
+        if known is None or not known.ips:
+            # The watch has not seen the sandbox's IPs yet: the runtime's are the truth.
+            self.state.pods[pod.uid] = pod
+        await self.reconcile(pod.uid)
+        record = self.records.get(pod.uid)
+        if record is None or not record.acked:
+            raise RetryableError(f"pod {pod.key} is not accepted by ztunnel yet")
+        return True
+
+    def adopt(self, pod: Pod, netns: str | None) -> None:
+        """After a restart: a pod the API says we enrolled (annotation), its netns from the scan.
+        Its rules are then verified (and only repaired where they drifted) by `reconcile`."""
+        status = pod.annotations.get(c.STATUS_ANNOTATION)
+        self.records[pod.uid] = PodRecord(
+            pod=pod, netns=netns, acked=status == ENABLED, status=status
+        )
+
+    def workloads(self) -> list[tuple[Pod, str | None]]:
+        """Enrolled pods with rules in place, for the ztunnel snapshot."""
+        return [(r.pod, r.netns) for r in self.records.values() if r.options is not None]
+
+    def snapshot_nacked(self, uid: PodUid) -> None:
+        record = self.records.get(uid)
+        if record is not None:
+            record.acked = False
+
+    def host_elements(self) -> dict[str, PodUid]:
+        """The desired host set: every IP of every enrolled pod."""
+        return {ip: r.pod.uid for r in self.records.values() for ip in r.pod.ips}
+
+    # --- pods ---
+
+    async def _reconcile_pod(self, uid: PodUid) -> None:
+        pod = self.state.pods.get(uid)
+        if pod is None:
+            gone = self.state.deleted.pop(uid, None)
+            record = self.records.get(uid)
+            last = record.pod if record is not None else gone
+            if last is not None and (
+                record is not None or last.annotations.get(c.STATUS_ANNOTATION)
+            ):
+                with structlog.contextvars.bound_contextvars(pod=last.key, pod_uid=uid):
+                    await self._timed("remove", self._remove(uid, last, running=False))
+            return
+        decision = self._policy.decide(pod, self.state.namespaces.get(pod.namespace))
+        if decision.enrolled:
+            with structlog.contextvars.bound_contextvars(pod=pod.key, pod_uid=uid):
+                await self._timed("add", self._enroll(pod))
+        elif uid in self.records or pod.annotations.get(c.STATUS_ANNOTATION):
+            with structlog.contextvars.bound_contextvars(pod=pod.key, pod_uid=uid):
+                log.info("pod_leaving_mesh", reason=decision.reason.value)
+                await self._timed("remove", self._remove(uid, pod, running=True))
+
+    async def _netns_of(self, record: PodRecord) -> str:
+        if record.netns is None:
+            record.netns = await self._locator.locate(record.pod)
+            if record.netns is None:
+                raise NetnsPendingError(f"network namespace of pod {record.pod.key} not found yet")
+            log.info("netns_found", netns=record.netns)
+        return record.netns
+
+    async def _enroll(self, pod: Pod) -> None:
+        record = self.records.get(pod.uid)
+        if record is None:
+            record = self.records[pod.uid] = PodRecord(pod=pod)
+        ips_changed = record.pod.ips != pod.ips
+        record.pod = pod
+        options, warnings = self._policy.pod_options(pod)
+        for warning in warnings:
+            log.warning("pod_annotation_ignored", reason=warning)
+        netns = await self._netns_of(record)
+        try:
+            started = time.perf_counter()
+            drifts = await self._pod_rules.apply(netns, options)
+        except NetnsNotFoundError:
+            # The sandbox was replaced (or the pod is going): find its netns again.
+            log.info("netns_vanished", netns=netns)
+            record.netns, record.acked, record.options = None, False, None
+            raise
+        self._report(drifts, fresh=record.options is None, netns=netns, started=started)
+        record.options = options
+        if not record.acked:
+            await self._add_to_ztunnel(record, netns)
+        await self._host_rules.add_pod(pod.ips, pod.uid, ipv6=self._host_options.ipv6)
+        if ips_changed:
+            self._enqueue_host_check()
+        await self._set_status(record, ENABLED)
+        self._observer.set_pods_enrolled(len(self.records))
+
+    def _report(self, drifts: list[Drift], *, fresh: bool, netns: str, started: float) -> None:
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        if fresh:
+            log.info("pod_rules_applied", netns=netns, changes=len(drifts), duration_ms=duration_ms)
+            return
+        if not drifts:
+            return
+        for drift in drifts:
+            self._observer.count_repair(drift.kind.value)
+        log.info(
+            "drift_repaired",
+            netns=netns,
+            reason=",".join(sorted({d.kind.value for d in drifts})),
+            changes=len(drifts),
+            detail=[str(d) for d in drifts[:5]],
+            duration_ms=duration_ms,
+        )
+
+    async def _add_to_ztunnel(self, record: PodRecord, netns: str) -> None:
+        try:
+            await self._ztunnel.add_workload(record.pod, netns)
+        except RetryableError as exc:
+            log.warning("ztunnel_add_failed", reason=str(exc))
+            await self._set_status(record, PENDING)
+            raise
+        record.acked = True
+        log.info("ztunnel_accepted_pod", netns=netns)
+
+    async def _set_status(self, record: PodRecord, value: str | None) -> None:
+        if record.status == value and record.pod.annotations.get(c.STATUS_ANNOTATION) == value:
+            return
+        await self._status.set_redirection_status(record.pod, value)
+        record.status = value
+        log.info("pod_status_set", status=value)
+
+    async def _remove(self, uid: PodUid, pod: Pod, *, running: bool) -> None:
+        record = self.records.get(uid)
+        ips = record.pod.ips if record else pod.ips
+        removed = await self._host_rules.remove_pod(ips, uid)
+        if running:
+            netns = record.netns if record else None
+            if netns is None:
+                netns = await self._locator.locate(pod)
+            if netns is not None:
+                try:
+                    await self._pod_rules.remove(netns)
+                except NetnsNotFoundError:
+                    log.info("netns_vanished", netns=netns)
+        await self._ztunnel.del_workload(uid)
+        if running:
+            await self._status.set_redirection_status(pod, None)
+        self.records.pop(uid, None)
+        self._observer.set_pods_enrolled(len(self.records))
+        log.info("pod_removed", host_elements=len(removed))
+
+    # --- host ---
+
+    def _enqueue_host_check(self) -> None:
+        self.state.enqueue(HOST_KEY)
+
+    async def _reconcile_host(self) -> None:
+        started = time.perf_counter()
+        drifts = await self._host_rules.apply(self._host_options, self.host_elements())
+        for drift in drifts:
+            self._observer.count_repair(drift.kind.value)
+        if drifts:
+            log.info(
+                "host_drift_repaired",
+                reason=",".join(sorted({d.kind.value for d in drifts})),
+                changes=len(drifts),
+                detail=[str(d) for d in drifts[:5]],
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            )
+
+    async def _timed(self, kind: str, work: Awaitable[None]) -> None:
+        started = time.perf_counter()
+        try:
+            await work
+        finally:
+            self._observer.observe_reconcile(kind, time.perf_counter() - started)
+
+
+def enrolled_by_annotation(pods: Iterable[Pod]) -> list[Pod]:
+    """Pods that a previous run of the agent enrolled (restart: rebuild state from the API)."""
+    return [p for p in pods if p.annotations.get(c.STATUS_ANNOTATION) in (ENABLED, PENDING)]
