@@ -1,0 +1,366 @@
+"""The node agent as a process: fake API server in-process, pods as real network namespaces, a
+fake ztunnel (real ZDS client) with stand-ins serving real traffic.
+
+Every wait is on a condition (a log event, the API server's state, a ZDS request) under a bounded
+timeout; the agent is always stopped and every namespace removed, also on failure (the log tail is
+printed at teardown, so pytest shows it with a failing test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from agent_harness import (
+    AgentProcess,
+    host_set_elements,
+    metric,
+    tables,
+)
+
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.model import PodOptions, PodUid
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.testing.apiserver import ApiServer
+from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
+from ztunnel_redirect.testing.node import NodePod, TestNode
+from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
+from ztunnel_redirect.testing.traffic import App, request
+from ztunnel_redirect.zds import RequestKind
+
+pytestmark = pytest.mark.kernel
+
+NS = "demo"
+PERIOD = 1.0
+"""--reconcile-period of the agent under test: drift is repaired within one period."""
+WAIT = 15.0
+"""Bound on waiting for one change to take effect (normally well under a second)."""
+APP_PORT = 8080
+OPTIONS = PodOptions(ipv6=False, dns_capture=True)
+"""The pod options the agent uses with TestNode's flags (IPv4 only, DNS capture by default)."""
+POD_TABLES = {f"inet {t}" for t in c.POD_TABLES}
+PREFIX = "ztunnel_redirect"
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[ApiServer]:
+    async with ApiServer() as server:
+        yield server
+
+
+@pytest.fixture
+def node(api: ApiServer) -> Iterator[TestNode]:
+    with TestNode(api) as the_node:
+        yield the_node
+
+
+@pytest.fixture
+async def pods(node: TestNode) -> tuple[NodePod, NodePod]:
+    """Two running pods in namespace `demo` (not enrolled yet)."""
+    return node.add_pod("a", NS), node.add_pod("b", NS)
+
+
+class Agents:
+    """Starts agents against the node; stops every one at teardown and prints their log tails."""
+
+    def __init__(self, node: TestNode, log_dir: Path) -> None:
+        self.node = node
+        self.log_dir = log_dir
+        self.started: list[AgentProcess] = []
+
+    def create(self, *extra: str) -> AgentProcess:
+        agent = AgentProcess(
+            self.node,
+            "--log-format",
+            "json",
+            "--reconcile-period",
+            str(PERIOD),
+            *extra,
+            log_path=self.log_dir / f"agent-{len(self.started)}.log",
+        )
+        self.started.append(agent)
+        return agent
+
+    async def start(self, *extra: str) -> AgentProcess:
+        agent = self.create(*extra)
+        await agent.start()
+        return agent
+
+    async def close(self) -> None:
+        for agent in self.started:
+            await agent.stop()
+            print(f"agent log {agent.log_path} (rc {agent.returncode})")
+            print(agent.tail())
+
+
+@pytest.fixture
+async def agents(node: TestNode, tmp_path: Path) -> AsyncIterator[Agents]:
+    the_agents = Agents(node, tmp_path)
+    try:
+        yield the_agents
+    finally:
+        await the_agents.close()
+
+
+@pytest.fixture
+async def agent(agents: Agents, pods: tuple[NodePod, NodePod]) -> AgentProcess:
+    """A ready agent, with the two pods running (not enrolled)."""
+    return await agents.start()
+
+
+class Ztunnels:
+    def __init__(self, node: TestNode) -> None:
+        self.node = node
+        self.connected: list[FakeZtunnel] = []
+
+    async def connect(self, *, serve: bool = True) -> FakeZtunnel:
+        fake = FakeZtunnel(self.node.ztunnel_socket, serve=serve)
+        self.connected.append(fake)
+        await fake.start()
+        async with asyncio.timeout(WAIT):
+            await fake.snapshot_done.wait()
+        return fake
+
+    async def close(self) -> None:
+        for fake in self.connected:
+            await fake.close()
+            assert fake.violations == [], fake.violations
+
+
+@pytest.fixture
+async def ztunnels(node: TestNode) -> AsyncIterator[Ztunnels]:
+    the_ztunnels = Ztunnels(node)
+    try:
+        yield the_ztunnels
+    finally:
+        await the_ztunnels.close()
+
+
+@pytest.fixture
+async def ztunnel(agent: AgentProcess, ztunnels: Ztunnels) -> FakeZtunnel:
+    """A fake ztunnel with stand-ins, connected to the ready agent."""
+    return await ztunnels.connect()
+
+
+@pytest.fixture
+async def netns_runner() -> AsyncIterator[NetnsRunner]:
+    with NetnsRunner(workers=2) as the_runner:
+        yield the_runner
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+async def annotated(api: ApiServer, pod: NodePod, value: str | None) -> None:
+    await api.wait_for_annotation(pod.namespace, pod.name, c.STATUS_ANNOTATION, value, timeout=WAIT)
+
+
+def status_of(api: ApiServer, pod: NodePod) -> str | None:
+    found = api.get_pod(pod.namespace, pod.name) or {}
+    annotations = found.get("metadata", {}).get("annotations") or {}
+    value = annotations.get(c.STATUS_ANNOTATION)
+    return None if value is None else str(value)
+
+
+async def enroll(node: TestNode, *enrolled: NodePod) -> None:
+    node.enroll_namespace(NS)
+    for pod in enrolled:
+        await annotated(node.api, pod, "enabled")
+
+
+async def rules_drift(runner: NetnsRunner, pod: NodePod) -> list[str]:
+    return [str(d) for d in await PodRules(runner).check(pod.path, OPTIONS)]
+
+
+async def wait_request(fake: FakeZtunnel, kind: RequestKind, uid: str) -> None:
+    async with asyncio.timeout(WAIT):
+        await fake.wait_request(kind, uid)
+
+
+def standin_of(fake: FakeZtunnel, pod: NodePod) -> Standin:
+    workload = fake.workloads[PodUid(pod.uid)]
+    assert isinstance(workload.data_plane, Standin)
+    return workload.data_plane
+
+
+async def wait_hop(standin: Standin, kind: HopKind, **expect: object) -> Hop:
+    def matches(hop: Hop) -> bool:
+        return hop.kind is kind and all(getattr(hop, k) == v for k, v in expect.items())
+
+    return await asyncio.to_thread(standin.wait_for, matches, timeout=5.0)
+
+
+async def assert_redirected(fake: FakeZtunnel, client: NodePod, server: NodePod) -> None:
+    """Traffic from `client` to an app in `server` goes through both stand-ins and the app sees
+    the client's own address."""
+    with App(server.path, APP_PORT, name=server.name) as app:
+        reply = await asyncio.to_thread(request, client.path, server.ips[0], APP_PORT)
+        assert reply == f"app {server.name} saw {client.ips[0]}\n".encode()
+        target = (server.ips[0], APP_PORT)
+        outbound = await wait_hop(standin_of(fake, client), HopKind.OUTBOUND, original_dst=target)
+        assert outbound.client[0] == client.ips[0]
+        inbound = await wait_hop(standin_of(fake, server), HopKind.INBOUND, original_dst=target)
+        assert inbound.client[0] == client.ips[0]
+        assert app.peers and app.peers[-1][0] == client.ips[0]
+
+
+async def assert_removed(
+    node: TestNode, fake: FakeZtunnel, runner: NetnsRunner, pod: NodePod
+) -> None:
+    await annotated(node.api, pod, None)
+    await wait_request(fake, RequestKind.DEL, pod.uid)
+    assert tables(pod.lab.netns) & POD_TABLES == set()
+    assert pod.ips[0] not in host_set_elements(node)
+    assert await rules_drift(runner, pod) != []
+
+
+# --- tests ----------------------------------------------------------------------------------------
+
+
+async def test_labelling_namespace_enrolls_running_pods(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    assert status_of(node.api, a) is None
+    assert host_set_elements(node) == {}
+
+    await enroll(node, a, b)
+
+    for pod in (a, b):
+        assert await rules_drift(netns_runner, pod) == []
+        assert tables(pod.lab.netns) == POD_TABLES
+    assert host_set_elements(node) == {a.ips[0]: a.uid, b.ips[0]: b.uid}
+    adds = [r for r in ztunnel.requests if r.kind is RequestKind.ADD]
+    assert {r.uid for r in adds} == {a.uid, b.uid}
+    assert all(r.fds == 1 and r.namespace == NS for r in adds)
+    await assert_redirected(ztunnel, a, b)
+    assert agent.find("work_failed") == []
+
+
+async def test_pod_opting_out_is_removed(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+
+    node.api.set_pod_labels(NS, a.name, {c.ENROLL_LABEL: c.OPT_OUT_VALUE})
+
+    await assert_removed(node, ztunnel, netns_runner, a)
+    assert PodUid(a.uid) not in ztunnel.workloads
+    assert status_of(node.api, b) == "enabled"
+    assert await rules_drift(netns_runner, b) == []
+    assert host_set_elements(node) == {b.ips[0]: b.uid}
+
+
+async def test_unlabelling_namespace_removes_all(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+
+    node.api.set_namespace_labels(NS, {c.ENROLL_LABEL: None})
+
+    for pod in (a, b):
+        await assert_removed(node, ztunnel, netns_runner, pod)
+    assert host_set_elements(node) == {}
+    assert ztunnel.workloads == {}
+    assert metric(await agent.metrics(), f"{PREFIX}_pods_enrolled") == 0
+
+
+async def test_deleting_pod_cleans_host_set_and_sends_del(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+
+    # The runtime tears the sandbox down, then the pod object goes.
+    node.lab.delete(a.lab.netns)
+    node.api.delete_pod(NS, a.name)
+
+    await wait_request(ztunnel, RequestKind.DEL, a.uid)
+    await agent.wait_event("pod_removed", pod_uid=a.uid, timeout=WAIT)
+    assert host_set_elements(node) == {b.ips[0]: b.uid}
+    assert PodUid(a.uid) not in ztunnel.workloads
+    assert metric(await agent.metrics(), f"{PREFIX}_pods_enrolled") == 1
+
+
+async def test_drift_is_repaired_within_a_period(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    before = metric(await agent.metrics(), f"{PREFIX}_drift_repairs_total")
+    mark = len(agent.events)
+
+    a.lab.netns.exec("nft", "flush", "table", "inet", c.NAT_TABLE)
+    assert await rules_drift(netns_runner, a) != []
+    await agent.wait_event("drift_repaired", pod_uid=a.uid, since=mark, timeout=3 * PERIOD + 1)
+    assert await rules_drift(netns_runner, a) == []
+
+    mark = len(agent.events)
+    node.lab.node.exec("nft", "flush", "chain", "inet", c.HOST_TABLE, "postrouting")
+    assert "snat" not in node.lab.node.exec("nft", "list", "table", "inet", c.HOST_TABLE)
+    await agent.wait_event("host_drift_repaired", since=mark, timeout=3 * PERIOD + 1)
+    host = node.lab.node.exec("nft", "list", "table", "inet", c.HOST_TABLE)
+    assert f"snat ip to {c.PROBE_SNAT_V4}" in host
+    assert host_set_elements(node) == {a.ips[0]: a.uid, b.ips[0]: b.uid}
+
+    after = metric(await agent.metrics(), f"{PREFIX}_drift_repairs_total")
+    assert after >= before + 2
+    await assert_redirected(ztunnel, a, b)
+
+
+async def test_watch_drops_and_expiry_lose_no_event(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    restarts = f"{PREFIX}_api_watch_restarts_total"
+    before = await agent.metrics()
+
+    # A change made while the streams are down: the watch resumes from its version.
+    assert node.api.drop_watches() >= 2
+    node.api.set_pod_labels(NS, a.name, {c.ENROLL_LABEL: c.OPT_OUT_VALUE})
+    await assert_removed(node, ztunnel, netns_runner, a)
+
+    # The streams drop, a change is made and the history is compacted before the agent is back:
+    # resuming gets 410 Gone, the agent lists again and must still see the change.
+    await node.api.wait_for(lambda: node.api.open_watches >= 2, timeout=WAIT)
+    assert node.api.drop_watches() >= 2
+    node.api.set_pod_labels(NS, a.name, {c.ENROLL_LABEL: None})
+    node.api.compact()
+    await annotated(node.api, a, "enabled")
+    assert await rules_drift(netns_runner, a) == []
+
+    after = await agent.metrics()
+    assert metric(after, restarts) >= metric(before, restarts) + 4
+    assert metric(after, restarts, reason="expired") > metric(before, restarts, reason="expired")
