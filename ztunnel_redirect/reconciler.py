@@ -275,7 +275,10 @@ class Reconciler:
             log.info("netns_vanished", netns=netns)
             record.netns, record.acked, record.options = None, False, None
             raise
-        self._report(drifts, fresh=record.options is None, netns=netns, started=started)
+        # A pod adopted after a restart (it has a status) was enrolled before: what its check
+        # finds is drift (repaired, counted), and a clean check is a no-op, not an install.
+        fresh = record.options is None and record.status is None
+        self._report(drifts, fresh=fresh, netns=netns, started=started)
         record.options = options
         if not record.acked:
             await self._add_to_ztunnel(record, netns)
