@@ -37,7 +37,8 @@ thread's), so no legacy tool ever runs in a netns without legacy tables (the x_t
 are instantiated on first use).
 
 Every function named `*_here` runs on a `NetnsRunner` worker inside the target netns; subprocesses
-are started from that thread, so they inherit its netns (SPEC §12 trap 5).
+are started from that thread, so they inherit its netns (SPEC §12 trap 5). They do not log (see
+`IptablesMigration`, the async face the agent uses).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ import structlog
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import TableListing
 from ztunnel_redirect.errors import KernelError
+from ztunnel_redirect.model import PodOptions
+from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import Nft
 from ztunnel_redirect.podrules import KernelForms, PodState, apply_here
 from ztunnel_redirect.routing import Family
@@ -66,6 +69,7 @@ __all__ = [
     "POD_CHAINS",
     "SIDECAR_CHAINS",
     "Flavour",
+    "IptablesMigration",
     "IstioIptables",
     "IstioTable",
     "MigrationError",
@@ -318,14 +322,7 @@ def detect_here(*, host: bool = False) -> IstioIptables:
         for family in sorted(families, key=lambda f: f.value):
             text = _run([_tool(flavour, family, "save")])
             tables += parse_save(text, flavour, family, chains=chains)
-    found = IstioIptables(tuple(tables), _ipsets() if host else ())
-    if found.found:
-        log.info(
-            "istio_iptables_detected",
-            tables=[str(t) for t in found.tables],
-            ipsets=list(found.ipsets),
-        )
-    return found
+    return IstioIptables(tuple(tables), _ipsets() if host else ())
 
 
 # -- removing ------------------------------------------------------------------------------------
@@ -347,12 +344,6 @@ def _remove_tables(found: IstioIptables) -> list[str]:
             payload = "".join(t.removal() for t in tables)
             _run([_tool(flavour, family, "restore"), "--noflush", "-w", "5"], stdin=payload)
             removed += [str(t) for t in tables]
-            log.info(
-                "istio_iptables_removed",
-                flavour=flavour.value,
-                family=family.name,
-                table=[t.table for t in tables],
-            )
     return removed
 
 
@@ -370,7 +361,6 @@ def remove_host_iptables_here(found: IstioIptables) -> list[str]:
     for name in found.ipsets:
         _run(["ipset", "destroy", name])
         removed.append(f"ipset {name}")
-        log.info("istio_ipset_removed", set=name)
     return removed
 
 
@@ -382,13 +372,11 @@ def migrate_pod_here(state: PodState, forms: KernelForms) -> MigrationReport:
 
     Idempotent: on a migrated pod it finds nothing and writes nothing.
     """
-    installed = apply_here(state, forms)
+    # No remembered verification: migration always reads our tables back before trusting them.
+    installed = apply_here(state, forms).drifts
     found = detect_here()
     removed = remove_pod_iptables_here(found) if found.found else []
-    report = MigrationReport(tuple(str(d) for d in installed), found, tuple(removed))
-    if report.changed:
-        log.info("pod_migrated", installed=list(report.installed), removed=list(report.removed))
-    return report
+    return MigrationReport(tuple(str(d) for d in installed), found, tuple(removed))
 
 
 def _our_elements() -> dict[str, dict[str, str]] | None:
@@ -415,10 +403,49 @@ def migrate_host_here(install: Callable[[], Iterable[object]]) -> MigrationRepor
     found = detect_here(host=True)
     ours = {_normal(ip) for members in elements.values() for ip in members}
     uncovered = tuple(ip for name in found.ipsets for ip in _ipset_members(name) if ip not in ours)
-    if uncovered:
-        log.warning("probe_ips_uncovered", ips=list(uncovered))
     removed = remove_host_iptables_here(found) if found.found else []
-    report = MigrationReport(installed, found, tuple(removed), uncovered)
-    if report.changed:
-        log.info("host_migrated", installed=list(report.installed), removed=list(report.removed))
-    return report
+    return MigrationReport(installed, found, tuple(removed), uncovered)
+
+
+class IptablesMigration:
+    """The migration for the agent: each call runs on a `NetnsRunner` worker in the given netns.
+
+    Logging happens here, on the event loop, not in the workers: a worker's private fd table
+    holds only stdio, which need not be where the process logs to.
+    """
+
+    def __init__(self, runner: NetnsRunner, *, forms: KernelForms | None = None) -> None:
+        self._runner = runner
+        self._forms = forms or KernelForms()
+
+    async def detect(self, netns: str, *, host: bool = False) -> IstioIptables:
+        return await self._runner.run(netns, detect_here, host=host)
+
+    async def migrate_pod(self, netns: str, options: PodOptions) -> MigrationReport:
+        state = PodState.for_options(options)
+        report = await self._runner.run(netns, migrate_pod_here, state, self._forms)
+        _log_report("pod_migrated", netns, report)
+        return report
+
+    async def migrate_host(
+        self, netns: str, install: Callable[[], Iterable[object]]
+    ) -> MigrationReport:
+        """`install` runs first, on the worker in `netns` (see `migrate_host_here`)."""
+        report = await self._runner.run(netns, migrate_host_here, install)
+        if report.uncovered:
+            log.warning("probe_ips_uncovered", netns=netns, ips=list(report.uncovered))
+        _log_report("host_migrated", netns, report)
+        return report
+
+
+def _log_report(event: str, netns: str, report: MigrationReport) -> None:
+    if not report.changed:
+        log.debug(event, netns=netns, changed=False)
+        return
+    log.info(
+        event,
+        netns=netns,
+        installed=list(report.installed),
+        istio_tables=[str(t) for t in report.found.tables],
+        removed=list(report.removed),
+    )
