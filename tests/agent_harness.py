@@ -6,14 +6,15 @@ to `log_path` and, when it is JSON, parsed into `events`; tests wait for an even
 (never by sleeping). The ops ports are 0 (free ports picked by the agent) and learnt from its
 `ops_server_started` event. `stop()` sends SIGTERM and kills after a timeout; it is idempotent.
 
-Also: kernel snapshots of a netns (`nft -a list ruleset`, `ip rule`, table-100 routes) and the
-host probe sets, for assertions.
+Also: kernel snapshots of a netns (`nft -a list ruleset`, `ip rule`, routes) and the host probe
+sets, for assertions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import json
 import os
 import signal
@@ -258,14 +259,23 @@ class KernelView:
     """`nft -a list ruleset`: with handles and counters."""
     rules: str
     routes: str
+    """IPv4 routes of every table, IPv6 routes of our table."""
 
 
 def kernel_view(ns: Netns) -> KernelView:
     return KernelView(
         ruleset=ns.exec("nft", "-a", "list", "ruleset"),
         rules=ns.ip("rule", "show"),
-        routes=ns.ip("route", "show", "table", str(c.ROUTE_TABLE)),
+        routes=ns.ip("-4", "route", "show", "table", "all") + _v6_table(ns),
     )
+
+
+def _v6_table(ns: Netns) -> str:
+    # Only our table: the kernel adds IPv6 link-local and multicast routes on its own, late.
+    try:
+        return ns.ip("-6", "route", "show", "table", str(c.ROUTE_TABLE))
+    except RuntimeError:  # no such table
+        return ""
 
 
 def tables(ns: Netns) -> set[str]:
@@ -288,3 +298,15 @@ def host_set_elements(node: TestNode) -> dict[str, str]:
             else:
                 elements[str(element)] = ""
     return elements
+
+
+def view_diff(before: Mapping[str, KernelView], after: Mapping[str, KernelView]) -> str:
+    """A unified diff of two sets of kernel views ("" when they are equal)."""
+    out: list[str] = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        for part in ("ruleset", "rules", "routes"):
+            a = getattr(old, part, "").splitlines()
+            b = getattr(new, part, "").splitlines()
+            out.extend(difflib.unified_diff(a, b, f"{name} {part} before", "after", lineterm=""))
+    return "\n".join(out)

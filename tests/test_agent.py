@@ -16,8 +16,10 @@ import pytest
 from agent_harness import (
     AgentProcess,
     host_set_elements,
+    kernel_view,
     metric,
     tables,
+    view_diff,
 )
 
 from ztunnel_redirect import constants as c
@@ -364,3 +366,117 @@ async def test_watch_drops_and_expiry_lose_no_event(
     after = await agent.metrics()
     assert metric(after, restarts) >= metric(before, restarts) + 4
     assert metric(after, restarts, reason="expired") > metric(before, restarts, reason="expired")
+
+
+async def test_restart_on_healthy_node_changes_nothing_in_the_kernel(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+) -> None:
+    a, b = pods
+    first = await agents.start()
+    fake = await ztunnels.connect()
+    await enroll(node, a, b)
+    namespaces = {"node": node.lab.node, a.name: a.lab.netns, b.name: b.lab.netns}
+    before = {name: kernel_view(ns) for name, ns in namespaces.items()}
+    assert all(c.NAT_TABLE in view.ruleset for view in before.values())
+    assert "lookup 100" in before[a.name].rules
+    assert "local default dev lo" in before[a.name].routes
+
+    assert await first.stop() == 0
+    assert view_diff(before, {name: kernel_view(ns) for name, ns in namespaces.items()}) == ""
+    await fake.close()  # this ztunnel's stand-ins go; the new agent's snapshot brings them back
+
+    second = await agents.start("--log-level", "debug")
+    fake = await ztunnels.connect()
+    adds = {r.uid: r for r in fake.requests if r.kind is RequestKind.ADD}
+    assert set(adds) == {a.uid, b.uid}
+    assert all(r.fds == 1 for r in adds.values())
+    await second.wait_event("drift_pass_done", timeout=3 * PERIOD + 1)
+
+    assert view_diff(before, {name: kernel_view(ns) for name, ns in namespaces.items()}) == ""
+    assert second.find("pods_adopted", pods=2, netns_found=2)
+    for written in ("pod_rules_applied", "drift_repaired", "host_drift_repaired", "work_failed"):
+        assert second.find(written) == [], written
+    assert second.find("pod_status_set") == []
+    assert status_of(node.api, a) == status_of(node.api, b) == "enabled"
+    await assert_redirected(fake, a, b)
+
+
+async def test_sigterm_leaves_every_rule_in_place(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    elements = host_set_elements(node)
+    assert len(elements) == 2
+
+    assert await agent.stop() == 0
+
+    assert agent.find("agent_stopping", reason="signal")
+    for pod in (a, b):
+        assert await rules_drift(netns_runner, pod) == []
+        assert status_of(node.api, pod) == "enabled"
+    assert host_set_elements(node) == elements
+    assert ztunnel.requests[-1].kind is not RequestKind.DEL
+    await asyncio.wait_for(ztunnel.closed.wait(), WAIT)
+
+
+async def test_readiness_waits_for_initial_lists(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+) -> None:
+    a, b = pods
+    fault = node.api.fail_next(1_000_000, status=500, path="/pods", watch=False)
+    agent = agents.create()
+    await agent.start(ready=False)
+    await agent.wait_event("watch_failed", resource="pods", timeout=WAIT)
+
+    status, body = await agent.readyz()
+    assert status == 503
+    assert "initial_lists" in body.split()
+    assert await agent.healthz() == (200, "ok\n")
+    assert not agent.find("zds_server_listening")  # nothing starts before the lists
+
+    fault.count = 0  # the API server recovers
+    ready = await agent.wait_ready()
+    assert ready["pods_enrolled"] == 0
+    assert await agent.readyz() == (200, "ready\n")
+
+    await ztunnels.connect()
+    await enroll(node, a, b)
+    samples = await agent.metrics()
+    assert metric(samples, f"{PREFIX}_pods_enrolled") == 2
+    assert metric(samples, f"{PREFIX}_api_watch_restarts_total", resource="pods") >= 1
+
+
+async def test_restart_repairs_rules_lost_while_down(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    first = await agents.start()
+    await ztunnels.connect()
+    await enroll(node, a, b)
+    assert await first.stop() == 0
+
+    a.lab.netns.exec("nft", "delete", "table", "inet", c.NAT_TABLE)  # e.g. a reboot, a flush
+    second = await agents.start()
+
+    repaired = second.find("drift_repaired", pod_uid=a.uid)
+    assert repaired, "the start-up pass did not repair the pod's rules before ready"
+    assert "missing_table" in repaired[0]["reason"]
+    assert second.find("drift_repaired", pod_uid=b.uid) == []
+    assert await rules_drift(netns_runner, a) == []
+    samples = await second.metrics()
+    assert metric(samples, f"{PREFIX}_drift_repairs_total", reason="missing_table") >= 1
