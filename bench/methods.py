@@ -14,8 +14,6 @@ comparison isolates how the rules are installed.
 
 from __future__ import annotations
 
-import socket
-import struct
 import subprocess
 from enum import Enum
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Final
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import routing
 from ztunnel_redirect.drift import Drift
-from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.podrules import KernelForms, PodState, read_tables, repair_script, table_drift
 from ztunnel_redirect.render import Ruleset
 
@@ -140,36 +138,8 @@ def child_shares_netns_here() -> tuple[str, str]:
     return mine, child
 
 
-_NETLINK_NETFILTER: Final = 12
-_NFT_MSG_GETGEN: Final = (10 << 8) | 16  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN
-_NFT_MSG_NEWGEN: Final = (10 << 8) | 15
-_NFTA_GEN_ID: Final = 1
-_NLMSG: Final = struct.Struct("=IHHII")
-_NLA: Final = struct.Struct("=HH")
-_GETGEN: Final = _NLMSG.pack(_NLMSG.size + 4, _NFT_MSG_GETGEN, 1, 1, 0) + bytes(4)
-
-
-def nft_genid_here() -> int:
-    """The netns's nftables generation id: every committed change bumps it, reads do not.
-
-    Equal before and after a pass over a pod means the pass wrote nothing to its nftables.
-    """
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
-        sock.settimeout(5.0)
-        sock.bind((0, 0))
-        sock.send(_GETGEN)
-        data = sock.recv(65536)
-    length, kind, _, _, _ = _NLMSG.unpack_from(data)
-    if kind != _NFT_MSG_NEWGEN:
-        raise RuntimeError(f"NFT_MSG_GETGEN answered with message type {kind}")
-    offset = _NLMSG.size + 4  # nlmsghdr + nfgenmsg
-    while offset + _NLA.size <= length:
-        size, attr = _NLA.unpack_from(data, offset)
-        if attr & 0x7FFF == _NFTA_GEN_ID:
-            genid: int = struct.unpack_from("!I", data, offset + _NLA.size)[0]
-            return genid
-        offset += (size + 3) & ~3
-    raise RuntimeError("NFT_MSG_NEWGEN without NFTA_GEN_ID")
+nft_genid_here = generation
+"""The netns's nftables generation id (every committed change bumps it, reads do not)."""
 
 
 def noop_here() -> None:

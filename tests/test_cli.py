@@ -201,11 +201,6 @@ def test_apply_then_check_is_clean_and_a_second_apply_writes_nothing(
 
 
 @pytest.mark.kernel
-@pytest.mark.xfail(
-    strict=True,
-    reason="routing._have_rule returns in the middle of an rtnetlink dump; the undrained rest "
-    "is read as the answer to the next dump (false missing_ip_rule -6 / missing_route)",
-)
 def test_check_is_clean_when_many_other_ip_rules_follow_ours(pod: LabPod) -> None:
     assert cli("pod", "apply", "--netns", pod.path).returncode == 0
     # Rules listed after ours (priority 32764): enough that the rule dump spans several reads.
@@ -360,11 +355,6 @@ def test_host_add_pod_rejects_a_bad_ip_or_uid(lab: Lab, ip: str, uid: str, needl
 
 
 @pytest.mark.kernel
-@pytest.mark.xfail(
-    strict=True,
-    reason="add-pod before `host apply` exits 2 with nft's raw multi-line error "
-    "('Error: No such file or directory' and the script with carets), not naming the table",
-)
 def test_host_add_pod_without_the_host_table_is_a_clear_one_line_error(lab: Lab) -> None:
     node = lab.node.path
     result = cli("host", "add-pod", "--netns", node, "--pod-uid", "uid-1", "--pod-ip", "10.244.0.9")

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect.drift import Drift, DriftKind
+from ztunnel_redirect import podrules
+from ztunnel_redirect.drift import Drift, DriftKind, TableListing
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner
@@ -191,3 +192,32 @@ async def test_concurrent_pods_do_not_interfere(runner: NetnsRunner, lab: Lab) -
     await asyncio.gather(*(rules.apply(p.path, PodOptions()) for p in pods))
     results = await asyncio.gather(*(rules.check(p.path, PodOptions()) for p in pods))
     assert results == [[] for _ in pods]
+
+
+async def test_generation_gate_skips_listing_but_never_hides_drift(
+    runner: NetnsRunner, pod: LabPod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    assert await rules.check(pod.path, V4) == []  # lists, then remembers the generation
+    listings = []
+    real_read = podrules.read_tables
+
+    def counting_read(nft: Nft, names: tuple[str, ...]) -> dict[str, TableListing | None]:
+        listings.append(names)
+        return real_read(nft, names)
+
+    monkeypatch.setattr(podrules, "read_tables", counting_read)
+
+    assert await rules.check(pod.path, V4) == []
+    assert listings == []  # nothing committed since: no listing needed
+
+    pod.netns.exec("nft", "flush", "chain", "inet", c.MANGLE_TABLE, "istio-output")
+    drifts = await rules.check(pod.path, V4)
+    assert [d.kind for d in drifts] == [DriftKind.MISSING_RULE]
+    assert len(listings) == 1
+
+    pod.netns.exec("nft", "add", "table", "inet", "unrelated")  # any commit moves the generation
+    await rules.apply(pod.path, V4)
+    assert await rules.check(pod.path, V4) == []
+    assert await rules.check(pod.path, PodOptions(ipv6=False, dns_capture=False)) != []

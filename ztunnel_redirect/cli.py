@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ztunnel_redirect import __version__, agent, logs, settings
+from ztunnel_redirect.cleanup import NETNS_DIRS, cleanup
+from ztunnel_redirect.cniinstall import CniInstaller
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.errors import ConfigError, NetnsNotFoundError, RedirectError
 from ztunnel_redirect.hostrules import HostRules
@@ -22,6 +24,7 @@ from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import probe
 from ztunnel_redirect.podrules import PodRules
 from ztunnel_redirect.render import host_ruleset, pod_ruleset
+from ztunnel_redirect.settings import DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
 
@@ -105,6 +108,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--pod-ip", action="append", required=True, metavar="IP")
         sub.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=True)
 
+    clean = commands.add_parser(
+        "cleanup",
+        help="remove everything ztunnel-redirect owns from this node (uninstall)",
+        description="Remove our tables and routing from every pod netns found, the host table "
+        "and the CNI plugin. Safe to run twice. Not for upgrades: rules stay during a restart.",
+    )
+    clean.add_argument("--host-netns", default="/proc/1/ns/net", metavar="PATH")
+    clean.add_argument("--proc-root", default="/proc", metavar="PATH")
+    clean.add_argument(
+        "--netns-dir", action="append", metavar="DIR", help="bound netns directory (repeatable)"
+    )
+    clean.add_argument("--cni-bin-dir", default=DEFAULT_CNI_BIN_DIR, metavar="DIR")
+    clean.add_argument("--cni-conf-dir", default=DEFAULT_CNI_CONF_DIR, metavar="DIR")
+    clean.add_argument("--cni", action=argparse.BooleanOptionalAction, default=True)
+
     agent_parser = commands.add_parser(
         "agent",
         help="run the node agent",
@@ -174,6 +192,24 @@ def _in_kernel(
     return asyncio.run(run())
 
 
+async def _cleanup(args: argparse.Namespace) -> int:
+    installer = (
+        CniInstaller(bin_dir=args.cni_bin_dir, conf_dir=args.cni_conf_dir) if args.cni else None
+    )
+    with NetnsRunner(workers=2) as runner:
+        await runner.run(None, probe)
+        report = await cleanup(
+            runner,
+            host_netns=args.host_netns,
+            proc_root=args.proc_root,
+            netns_dirs=args.netns_dir or NETNS_DIRS,
+            installer=installer,
+        )
+    for line in report.lines():
+        print(line)
+    return EXIT_OK
+
+
 def _agent(args: argparse.Namespace) -> int:
     config = settings.from_args(args)
     logs.configure(fmt=config.log_format, level=config.log_level)
@@ -183,6 +219,9 @@ def _agent(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "agent":
+        # Operator commands print their results on stdout; library events go to stderr.
+        logs.configure(fmt="console", level="warning")
     try:
         if args.command == "render":
             if args.target == "pod":
@@ -193,6 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
         if args.command == "agent":
             return _agent(args)
+        if args.command == "cleanup":
+            return asyncio.run(_cleanup(args))
         if args.command == "pod":
             return _in_kernel(_pod, args)
         return _in_kernel(_host, args)

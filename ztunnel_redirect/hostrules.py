@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing
-from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.errors import ConfigError, NotFoundError
 from ztunnel_redirect.model import HostOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import Nft
@@ -130,7 +130,12 @@ def add_pod_here(ips: Iterable[str], uid: str, *, ipv6: bool) -> None:
     script = "".join(f"add element {_element(ip, u)}\n" for ip, u in pairs if ipv6 or ":" not in ip)
     if script:
         with Nft() as nft:
-            nft.run(script)
+            try:
+                nft.run(script)
+            except NotFoundError as exc:
+                raise NotFoundError(
+                    f"host table inet {c.HOST_TABLE} does not exist: apply the host rules first"
+                ) from exc
 
 
 def remove_pod_here(ips: Iterable[str], uid: str) -> list[str]:

@@ -15,7 +15,7 @@ from ztunnel_redirect import routing
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing, diff_table
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner, entered_scratch
-from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
 
 
@@ -101,30 +101,71 @@ def _names(ruleset: Ruleset) -> tuple[str, ...]:
     return tuple(t.name for t in ruleset.tables) + ruleset.absent
 
 
-def check_here(state: PodState, forms: KernelForms) -> list[Drift]:
-    """Compare the current netns with the desired state. Reads only."""
-    with Nft() as nft:
-        actual = read_tables(nft, _names(state.ruleset))
-    drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
-    with routing.Rtnl() as rtnl:
-        drifts += _routing_drift(routing.check(rtnl, ipv6=state.ipv6))
-    return drifts
+@dataclass(frozen=True)
+class Verified:
+    """The nftables generation of a netns at which its tables were last seen as desired."""
+
+    generation: int
+    ruleset: Ruleset
 
 
-def apply_here(state: PodState, forms: KernelForms) -> list[Drift]:
-    """Bring the current netns to the desired state; returns what was repaired (empty: no write).
+@dataclass(frozen=True)
+class Outcome:
+    drifts: list[Drift]
+    """What differed (for apply: what was repaired). Empty: nothing was written."""
+    verified: Verified | None
 
-    A failed nftables transaction changes nothing (the kernel applies all of it or none).
+
+def sync_tables_here(
+    state: PodState, forms: KernelForms, verified: Verified | None, *, write: bool
+) -> Outcome:
+    """The nftables half: compare our tables with the desired ones and, with `write`, repair
+    what differs in one transaction.
+
+    The generation gate: when the netns's nftables generation has not moved since the tables
+    were last verified for this very ruleset, nothing can have changed them, and the listing
+    (~0.6 ms for three tables) is skipped. Any commit by anyone bumps the generation.
     """
+    seen = generation()
+    if verified == Verified(seen, state.ruleset):
+        return Outcome([], verified)
     with Nft() as nft:
         actual = read_tables(nft, _names(state.ruleset))
         drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
-        if drifts:
+        if drifts and write:
             nft.run(repair_script(state.ruleset, drifts))
+    # After a write, the next check lists again before it trusts a generation.
+    return Outcome(drifts, None if drifts else Verified(seen, state.ruleset))
+
+
+def sync_routing_here(state: PodState, *, write: bool, fresh: bool = False) -> list[Drift]:
+    """The routing half. A `fresh` pod (never set up by us) skips the read: the adds are
+    idempotent (an existing rule is refused with EEXIST, routes are replaced)."""
     with routing.Rtnl() as rtnl:
-        missing = routing.check(rtnl, ipv6=state.ipv6)
-        routing.add(rtnl, missing)
-    return drifts + _routing_drift(missing)
+        missing = (
+            routing.everything(ipv6=state.ipv6) if fresh else routing.check(rtnl, ipv6=state.ipv6)
+        )
+        if write:
+            routing.add(rtnl, missing)
+    return _routing_drift(missing)
+
+
+def check_here(state: PodState, forms: KernelForms, verified: Verified | None = None) -> Outcome:
+    """Compare the current netns with the desired state. Reads only."""
+    tables = sync_tables_here(state, forms, verified, write=False)
+    return Outcome(tables.drifts + sync_routing_here(state, write=False), tables.verified)
+
+
+def apply_here(
+    state: PodState, forms: KernelForms, verified: Verified | None = None, *, fresh: bool = False
+) -> Outcome:
+    """Bring the current netns to the desired state; returns what was repaired.
+
+    A failed nftables transaction changes nothing (the kernel applies all of it or none).
+    """
+    tables = sync_tables_here(state, forms, verified, write=True)
+    routes = sync_routing_here(state, write=True, fresh=fresh)
+    return Outcome(tables.drifts + routes, tables.verified)
 
 
 def remove_here() -> list[str]:
@@ -141,20 +182,46 @@ def remove_here() -> list[str]:
 
 
 class PodRules:
-    """Install, check and remove pod redirection; every call runs in the pod's netns."""
+    """Install, check and remove pod redirection; every call runs in the pod's netns.
+
+    Remembers, per netns, the nftables generation at which its tables were last verified, so
+    that a periodic check of a healthy pod costs a generation read and a routing dump.
+    """
 
     def __init__(self, runner: NetnsRunner) -> None:
         self._runner = runner
         self._forms = KernelForms()
+        self._verified: dict[str, Verified] = {}
 
-    async def apply(self, netns: str, options: PodOptions) -> list[Drift]:
-        return await self._runner.run(netns, apply_here, PodState.for_options(options), self._forms)
+    def _remember(self, netns: str, outcome: Outcome) -> list[Drift]:
+        if outcome.verified is None:
+            self._verified.pop(netns, None)
+        else:
+            self._verified[netns] = outcome.verified
+        return outcome.drifts
+
+    async def apply(self, netns: str, options: PodOptions, *, fresh: bool = False) -> list[Drift]:
+        """Install or repair. `fresh`: a pod we never set up (a new sandbox), routing unread."""
+        state = PodState.for_options(options)
+        outcome = await self._runner.run(
+            netns, apply_here, state, self._forms, self._verified.get(netns), fresh=fresh
+        )
+        return self._remember(netns, outcome)
 
     async def check(self, netns: str, options: PodOptions) -> list[Drift]:
-        return await self._runner.run(netns, check_here, PodState.for_options(options), self._forms)
+        state = PodState.for_options(options)
+        outcome = await self._runner.run(
+            netns, check_here, state, self._forms, self._verified.get(netns)
+        )
+        return self._remember(netns, outcome)
 
     async def remove(self, netns: str) -> list[str]:
+        self._verified.pop(netns, None)
         return await self._runner.run(netns, remove_here)
+
+    def forget(self, netns: str) -> None:
+        """The netns is gone: drop what we remembered of it."""
+        self._verified.pop(netns, None)
 
     async def kernel_form(self, table: Table) -> TableListing:
         """How the kernel lists one desired table (for tests and debugging)."""

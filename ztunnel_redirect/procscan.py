@@ -131,7 +131,7 @@ def _read_text(path: str) -> str | None:
     return None if data is None else data.decode("utf-8", "replace")
 
 
-def _netns_key(path: str) -> tuple[int, int] | None:
+def netns_key(path: str) -> tuple[int, int] | None:
     try:
         st = Path(path).stat()
     except OSError:
@@ -139,7 +139,7 @@ def _netns_key(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
-def _pids(proc_root: str, max_processes: int) -> Iterator[int]:
+def pids(proc_root: str, max_processes: int) -> Iterator[int]:
     """Numeric entries of `proc_root`, in ascending pid order, at most `max_processes`."""
     pids: list[int] = []
     try:
@@ -176,7 +176,7 @@ def kubelet_uid(*, proc_root: str = "/proc", max_processes: int = MAX_PROCESSES)
     """
     candidates: dict[str, list[int]] = {word: [] for word, _ in KUBELET_PROCESSES}
     comms = {comm: word for word, names in KUBELET_PROCESSES for comm in names}
-    for pid in _pids(proc_root, max_processes):
+    for pid in pids(proc_root, max_processes):
         comm = _read_text(f"{proc_root}/{pid}/comm")
         word = comms.get(comm.strip()) if comm is not None else None
         if word is not None:
@@ -240,7 +240,7 @@ class NetnsFinder:
         self._max_processes = max_processes
 
     def _host_netns(self) -> frozenset[tuple[int, int]]:
-        keys = {_netns_key(f"{self._proc_root}/{who}/ns/net") for who in ("1", "self")}
+        keys = {netns_key(f"{self._proc_root}/{who}/ns/net") for who in ("1", "self")}
         keys.discard(None)
         if not keys:
             raise NetnsNotFoundError(
@@ -266,7 +266,7 @@ class NetnsFinder:
         found: dict[PodUid, NetnsMatch] = {}
         verified: dict[tuple[int, int], frozenset[str]] = {}
         scanned = 0
-        for pid in _pids(self._proc_root, self._max_processes):
+        for pid in pids(self._proc_root, self._max_processes):
             scanned += 1
             candidate = self._candidate(pid, wanted, host, found)
             if candidate is None:
@@ -312,7 +312,7 @@ class NetnsFinder:
     ) -> _Candidate | None:
         base = f"{self._proc_root}/{pid}"
         path = f"{base}/ns/net"
-        key = _netns_key(path)
+        key = netns_key(path)
         if key is None or key in host:
             return None
         cgroup = _read_text(f"{base}/cgroup")
@@ -340,7 +340,7 @@ class NetnsFinder:
         except (RedirectError, OSError) as exc:
             log.warning("netns_unverifiable", netns=path, error=str(exc))
             addresses = frozenset()
-        if _netns_key(path) != key:
+        if netns_key(path) != key:
             return None
         return addresses
 

@@ -113,6 +113,7 @@ def _route_msg(family: Family, kind: int, flags: int) -> bytes:
     return _encode(msg, kind, flags)
 
 
+@cache
 def _dump_msg(cls: Any, kind: int, family: Family) -> bytes:
     msg = cls()
     msg["family"] = family.value
@@ -182,32 +183,34 @@ def _families(ipv6: bool) -> list[Family]:
     return [Family.V4, Family.V6] if ipv6 else [Family.V4]
 
 
+# Offsets in a dumped message: nlmsghdr (16 bytes), then fib_rule_hdr / rtmsg, whose bytes are
+# family, dst_len, src_len, tos, table, ... and, for rtmsg, protocol, scope, type.
+_DST_LEN, _TABLE, _TYPE = _HEADER.size + 1, _HEADER.size + 4, _HEADER.size + 7
+
+
 def _have_rule(rtnl: Rtnl, family: Family) -> bool:
+    found = False
     for raw in rtnl.dump(_dump_msg(fibmsg, RTM_GETRULE, family)):
+        if found or raw[_TABLE] != c.ROUTE_TABLE:
+            continue  # only decode candidates (pyroute2 decoding dominates a check); drain all
         msg = fibmsg(raw)
         msg.decode()
-        if (
+        found = (
             msg.get_attr("FRA_PRIORITY") == c.RULE_PRIORITY
             and msg.get_attr("FRA_FWMARK") == c.CONNMARK
             and msg.get_attr("FRA_FWMASK") == c.CONNMARK_MASK
-            and msg.get_attr("FRA_TABLE") == c.ROUTE_TABLE
-        ):
-            return True
-    return False
+        )
+    return found
 
 
 def _have_route(rtnl: Rtnl, family: Family) -> bool:
     found = False
     for raw in rtnl.dump(_dump_msg(rtmsg, RTM_GETROUTE, family)):
+        if found or raw[_TABLE] != c.ROUTE_TABLE or raw[_TYPE] != _RTN_LOCAL or raw[_DST_LEN]:
+            continue
         msg = rtmsg(raw)
         msg.decode()
-        if (
-            msg.get_attr("RTA_TABLE") == c.ROUTE_TABLE
-            and msg["type"] == _RTN_LOCAL
-            and msg["dst_len"] == 0
-            and msg.get_attr("RTA_OIF") == _LO_INDEX
-        ):
-            found = True  # keep reading: the dump must be drained
+        found = msg.get_attr("RTA_OIF") == _LO_INDEX
     return found
 
 
