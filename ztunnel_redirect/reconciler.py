@@ -79,6 +79,8 @@ class PodRecord:
     acked: bool = False
     """ztunnel has accepted the pod (Add acked, or delivered in a snapshot)."""
     status: str | None = None
+    adopted: bool = False
+    """Enrolled by a previous run of the agent (its rules are verified, never assumed fresh)."""
 
 
 class ClusterState:
@@ -210,12 +212,12 @@ class Reconciler:
         Its rules are then verified (and only repaired where they drifted) by `reconcile`."""
         status = pod.annotations.get(c.STATUS_ANNOTATION)
         self.records[pod.uid] = PodRecord(
-            pod=pod, netns=netns, acked=status == ENABLED, status=status
+            pod=pod, netns=netns, acked=status == ENABLED, status=status, adopted=True
         )
 
     def workloads(self) -> list[tuple[Pod, str | None]]:
-        """Enrolled pods with rules in place, for the ztunnel snapshot."""
-        return [(r.pod, r.netns) for r in self.records.values() if r.options is not None]
+        """Every enrolled pod, for the ztunnel snapshot (netns None: sent as Keep)."""
+        return [(r.pod, r.netns) for r in self.records.values()]
 
     def snapshot_nacked(self, uid: PodUid) -> None:
         record = self.records.get(uid)
@@ -269,10 +271,12 @@ class Reconciler:
         netns = await self._netns_of(record)
         try:
             started = time.perf_counter()
-            drifts = await self._pod_rules.apply(netns, options)
+            fresh = record.options is None and not record.adopted
+            drifts = await self._pod_rules.apply(netns, options, fresh=fresh)
         except NetnsNotFoundError:
             # The sandbox was replaced (or the pod is going): find its netns again.
             log.info("netns_vanished", netns=netns)
+            self._pod_rules.forget(netns)
             record.netns, record.acked, record.options = None, False, None
             raise
         # A pod adopted after a restart (it has a status) was enrolled before: what its check
