@@ -15,7 +15,7 @@ from ztunnel_redirect.drift import Drift, DriftKind, TableListing
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.podrules import PodRules, repair_script
 from ztunnel_redirect.render import Rule, Ruleset, Table, pod_ruleset
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
@@ -221,3 +221,12 @@ async def test_generation_gate_skips_listing_but_never_hides_drift(
     await rules.apply(pod.path, V4)
     assert await rules.check(pod.path, V4) == []
     assert await rules.check(pod.path, PodOptions(ipv6=False, dns_capture=False)) != []
+
+
+async def test_a_new_netns_is_at_the_pristine_generation(runner: NetnsRunner, pod: LabPod) -> None:
+    """The fresh-pod shortcut relies on it: generation 1 means no table was ever committed."""
+    assert await runner.run(pod.path, generation) == podrules.PRISTINE_GENERATION
+    pod.netns.exec("nft", "add", "table", "inet", "t")
+    assert await runner.run(pod.path, generation) > podrules.PRISTINE_GENERATION
+    pod.netns.exec("nft", "delete", "table", "inet", "t")
+    assert await runner.run(pod.path, generation) > podrules.PRISTINE_GENERATION

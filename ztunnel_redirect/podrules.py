@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Final
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import routing
@@ -101,6 +102,10 @@ def _names(ruleset: Ruleset) -> tuple[str, ...]:
     return tuple(t.name for t in ruleset.tables) + ruleset.absent
 
 
+PRISTINE_GENERATION: Final = 1
+"""The kernel starts every netns's nftables generation at 1 (nf_tables_init_net)."""
+
+
 @dataclass(frozen=True)
 class Verified:
     """The nftables generation of a netns at which its tables were last seen as desired."""
@@ -130,7 +135,10 @@ def sync_tables_here(
     if verified == Verified(seen, state.ruleset):
         return Outcome([], verified)
     with Nft() as nft:
-        actual = read_tables(nft, _names(state.ruleset))
+        # A netns starts at generation 1: still there, nothing was ever committed in it (a new
+        # sandbox), so there is nothing to list.
+        names = _names(state.ruleset)
+        actual = dict.fromkeys(names) if seen == PRISTINE_GENERATION else read_tables(nft, names)
         drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
         if drifts and write:
             nft.run(repair_script(state.ruleset, drifts))
