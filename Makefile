@@ -35,6 +35,14 @@ test: setup system-packages lint
 demo: setup system-packages
 	$(BIN)/python -m ztunnel_redirect.demo
 
+# Rule-install latency and reconcile cost, ours vs Istio's method, in one run (minutes; as root).
+bench: setup system-packages
+	$(BIN)/python -m bench.run --sizes 1,100,1000 --out bench/results
+
+# The same harness in seconds (CI runs it through tests/test_bench.py).
+bench-quick: setup system-packages
+	$(BIN)/python -m bench.run --quick --out bench/results/quick
+
 # Regenerates the ZDS protobuf code from the .proto file kept in the repo.
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect --python_out=ztunnel_redirect \

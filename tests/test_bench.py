@@ -15,14 +15,11 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-# bench/ is not an installed package: it runs from the repo root (`python -m bench.run`).
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench.pods import BENCH_PREFIX, NETNS_DIR, unpin
+from bench.report import targets
+from bench.summary import Latency, percentile
 
-from bench.pods import BENCH_PREFIX, NETNS_DIR, unpin  # noqa: E402
-from bench.report import targets  # noqa: E402
-from bench.summary import Latency, percentile  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
