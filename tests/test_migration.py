@@ -9,20 +9,22 @@ with real connections that both rule sets redirect, and that none bypassed it wh
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cache
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from ztunnel_redirect import constants as c
+from ztunnel_redirect import hostrules
+from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.migration import (
     Flavour,
     IptablesMigration,
@@ -35,11 +37,9 @@ from ztunnel_redirect.migration import (
     remove_host_iptables_here,
     remove_pod_iptables_here,
 )
-from ztunnel_redirect.model import HostOptions, PodOptions
+from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.nft import Nft
 from ztunnel_redirect.podrules import KernelForms, PodState
-from ztunnel_redirect.render import host_ruleset
 from ztunnel_redirect.routing import Family
 from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
@@ -146,18 +146,14 @@ def install_istio_host(node: Netns, flavour: Flavour, members: dict[str, str]) -
     restore(node.path, flavour, Family.V6, (DATA / "host-v6.rules").read_text())
 
 
-def install_our_host_table(members: dict[str, str]) -> list[str]:
-    """Stands in for the host rules' apply: our host table with the pods' IPs (host netns)."""
-    script = host_ruleset(HostOptions(kubelet_uid=KUBELET_UID)).script()
-    for ip, uid in members.items():
-        name = c.HOST_SET_V6 if ":" in ip else c.HOST_SET_V4
-        script += f'add element inet {c.HOST_TABLE} {name} {{ {ip} comment "{uid}" }}\n'
-    with Nft() as nft:
-        nft.run(script)
-    return [f"table inet {c.HOST_TABLE}"]
+def our_host_table(members: dict[str, str]) -> Callable[[], list[Drift]]:
+    """The agent's install step for the host: the host rules' apply with the pods' IPs."""
+    elements = {ip: PodUid(uid) for ip, uid in members.items()}
+    options = HostOptions(kubelet_uid=KUBELET_UID)
+    return functools.partial(hostrules.apply_here, options, elements, KernelForms())
 
 
-@cache
+@functools.cache
 def legacy_unavailable() -> str | None:
     """Why iptables-legacy cannot be used here, or None (tried in a throwaway lab netns)."""
     if shutil.which("iptables-legacy-restore") is None:
@@ -374,9 +370,7 @@ def test_host_migration_reports_ips_that_our_sets_do_not_cover(
     need(Flavour.NFT)
     install_istio_host(lab.node, Flavour.NFT, {"10.244.0.9": UID_B, "10.244.0.77": "gone"})
 
-    report = runner.call(
-        lab.node.path, migrate_host_here, lambda: install_our_host_table({"10.244.0.9": UID_B})
-    )
+    report = runner.call(lab.node.path, migrate_host_here, our_host_table({"10.244.0.9": UID_B}))
 
     assert report.uncovered == ("10.244.0.77",)
     assert report.removed[-2:] == (f"ipset {c.HOST_SET_V4}", f"ipset {c.HOST_SET_V6}")
@@ -473,9 +467,7 @@ def test_migration_under_traffic_never_lets_a_connection_bypass_ztunnel(
             with loop.cond:
                 at_start = loop.made
             reports = [runner.call(pod.path, migrate_pod_here, STATE, forms) for pod in (a, b)]
-            host_report = runner.call(
-                lab.node.path, migrate_host_here, lambda: install_our_host_table(members)
-            )
+            host_report = runner.call(lab.node.path, migrate_host_here, our_host_table(members))
             with loop.cond:
                 at_end = loop.made
             loop.wait_until(at_end + MIN_AFTER)
