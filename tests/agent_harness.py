@@ -182,6 +182,26 @@ class AgentProcess:
         )
         return self.find(name, since=since, **fields)[0]
 
+    async def wait_count(
+        self,
+        name: str,
+        count: int,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        since: int = 0,
+        **fields: Any,
+    ) -> None:
+        """Until `count` events named `name` (with `fields`) arrived after index `since`; scans
+        each event once (hundreds of pods log thousands of lines)."""
+        seen = [since, 0]  # next index to scan, matches so far
+
+        def enough() -> bool:
+            matches = len(self.find(name, since=seen[0], **fields))
+            seen[0], seen[1] = len(self.events), seen[1] + matches
+            return seen[1] >= count
+
+        await self.wait_until(enough, timeout=timeout, what=f"{count} x {name} {fields}")
+
     def _exited(self) -> bool:
         return self._proc is not None and self._proc.returncode is not None
 

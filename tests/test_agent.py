@@ -9,6 +9,7 @@ printed at teardown, so pytest shows it with a failing test).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -480,3 +481,54 @@ async def test_restart_repairs_rules_lost_while_down(
     assert await rules_drift(netns_runner, a) == []
     samples = await second.metrics()
     assert metric(samples, f"{PREFIX}_drift_repairs_total", reason="missing_table") >= 1
+
+
+MANY = 300
+
+
+@pytest.mark.timeout(240)
+async def test_300_pods_enroll_without_failure(
+    node: TestNode, agents: Agents, ztunnels: Ztunnels, netns_runner: NetnsRunner
+) -> None:
+    started = time.monotonic()
+    many = [node.add_pod(f"p{i}", NS) for i in range(MANY)]
+    created_s = time.monotonic() - started
+    # Debug level for the drift pass's own event (its per-pod lines are part of the cost).
+    agent = await agents.start("--log-level", "debug")
+    fake = await ztunnels.connect(serve=False)
+
+    labelled = time.monotonic()
+    node.enroll_namespace(NS)
+    await agent.wait_count("pod_status_set", MANY, status="enabled", timeout=90)
+    enroll_s = time.monotonic() - labelled
+
+    assert all(
+        (p["metadata"].get("annotations") or {}).get(c.STATUS_ANNOTATION) == "enabled"
+        for p in node.api.pods()
+    )
+    assert len(host_set_elements(node)) == MANY
+    assert len({r.uid for r in fake.requests if r.kind is RequestKind.ADD}) == MANY
+    assert agent.find("work_failed") == []
+    for pod in (many[0], many[-1]):
+        assert await rules_drift(netns_runner, pod) == []
+
+    # Drift passes over 300 pods with nothing to repair: CPU and memory of the agent.
+    mark = len(agent.events)
+    await agent.wait_count("drift_pass_done", 1, since=mark, timeout=3 * PERIOD + 5)
+    mark, cpu, wall = len(agent.events), agent.cpu_seconds(), time.monotonic()
+    passes = 3
+    await agent.wait_count("drift_pass_done", passes, since=mark, timeout=passes * 3 * PERIOD + 5)
+    cpu_per_pass = (agent.cpu_seconds() - cpu) / passes
+    window_s = time.monotonic() - wall
+    durations = [e["duration_ms"] for e in agent.find("drift_pass_done", since=mark)]
+    assert agent.find("drift_repaired") == []
+    assert agent.find("work_failed") == []
+    samples = await agent.metrics()
+    assert metric(samples, f"{PREFIX}_pods_enrolled") == MANY
+    print(
+        f"MEASURE: pods={MANY} create_lab_s={created_s:.1f} label_to_all_enabled_s={enroll_s:.2f}"
+        f" drift_pass_ms={durations} cpu_per_pass_ms={cpu_per_pass * 1e3:.1f}"
+        f" cpu_share_over_{window_s:.1f}s={(cpu_per_pass * passes) / window_s:.1%}"
+        f" rss_mib={agent.rss_kib() / 1024:.1f} fds={agent.fds()} period_s={PERIOD}"
+        " (agent at --log-level debug)"
+    )
