@@ -29,13 +29,16 @@ LABEL org.opencontainers.image.title="ztunnel-redirect" \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # libnftables (the agent calls it in-process through ctypes) comes with nftables, which also gives
 # operators `nft` for inspection; iproute2 gives `ip` (policy routing is done over rtnetlink, `ip`
-# is for debugging on the node). Versions are bookworm's as of writing: a Debian point release that
+# is for debugging on the node). iptables (nft and legacy flavours) and ipset are only for reading
+# and removing Istio's iptables-backend rules when a node migrates in place. Versions are bookworm's as of writing: a Debian point release that
 # replaces them fails the build loudly rather than shipping something untested.
 # Then every setuid/setgid bit is removed: nothing in the image may gain privileges on exec.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         nftables=1.0.6-2+deb12u2 \
         iproute2=6.1.0-3 \
+        iptables=1.8.9-2 \
+        ipset=7.17-1 \
     && rm -rf /var/lib/apt/lists/* \
     && find / -xdev -type f -perm /6000 -exec chmod a-s {} +
 COPY --from=builder /opt/venv /opt/venv
