@@ -72,7 +72,11 @@ def _netns(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ztunnel-redirect", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="ztunnel-redirect",
+        description="nftables-native traffic redirection for Istio ambient mode: "
+        "the node agent and the operator tools around it.",
+    )
     parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
