@@ -156,9 +156,19 @@ class Agent:
         )
         state = ClusterState(queue.enqueue)
         kube = KubeClient(api)
+
+        def snapshot() -> list[Workload]:
+            # A ztunnel just connected. Pods it had not accepted yet wait out a retry backoff
+            # of up to 30 s, pending and without their host set entry (probes): retry them now.
+            # Their Add is queued behind this snapshot on the new connection.
+            for uid, record in reconciler.records.items():
+                if not record.acked:
+                    queue.enqueue(uid, now=True)
+            return [Workload(pod, netns) for pod, netns in reconciler.workloads()]
+
         zds = ZtunnelServer(
             path=s.ztunnel_uds,
-            snapshot=lambda: [Workload(pod, netns) for pod, netns in reconciler.workloads()],
+            snapshot=snapshot,
             on_snapshot_nack=lambda uid, _error: reconciler.snapshot_nacked(uid),
         )
         reconciler = Reconciler(
