@@ -532,3 +532,38 @@ async def test_300_pods_enroll_without_failure(
         f" rss_mib={agent.rss_kib() / 1024:.1f} fds={agent.fds()} period_s={PERIOD}"
         " (agent at --log-level debug)"
     )
+
+
+async def test_pending_pods_are_enabled_as_soon_as_ztunnel_connects(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    agent = await agents.start("--log-level", "debug")
+    node.enroll_namespace(NS)
+    for pod in (a, b):
+        await annotated(node.api, pod, "pending")
+        assert await rules_drift(netns_runner, pod) == []  # rules first, then ztunnel (SPEC §6)
+    assert host_set_elements(node) == {}
+    # Let the retries back off (as while ztunnel restarts), then ztunnel comes.
+    backoff = 2.0
+    await agent.wait_until(
+        lambda: any(e["retry_in_s"] >= backoff for e in agent.find("retry_scheduled", key=a.uid)),
+        timeout=WAIT,
+        what="a long retry backoff",
+    )
+    retry_in_s = max(e["retry_in_s"] for e in agent.find("retry_scheduled", key=a.uid))
+    connecting = time.monotonic()
+
+    fake = await ztunnels.connect()
+    for pod in (a, b):
+        await annotated(node.api, pod, "enabled")
+    waited = time.monotonic() - connecting
+    assert waited < retry_in_s / 2, (
+        f"enabled {waited:.2f}s after ztunnel came (backoff {retry_in_s})"
+    )
+    assert host_set_elements(node) == {a.ips[0]: a.uid, b.ips[0]: b.uid}
+    await assert_redirected(fake, a, b)
