@@ -19,10 +19,7 @@ import contextlib
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +30,7 @@ import pytest
 
 from ztunnel_redirect import cni_plugin
 from ztunnel_redirect import constants as c
+from ztunnel_redirect.demo import AgentProcess, CniRuntime, prev_result
 from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode
@@ -42,143 +40,17 @@ from ztunnel_redirect.zds import RequestKind
 
 pytestmark = pytest.mark.kernel
 
-PLUGIN = Path(cni_plugin.__file__)
 MESH_NS = "shop"
 PLAIN_NS = "plain"
 APP_PORT = 8080
 
-AGENT_READY_TIMEOUT = 30.0
-"""Python start-up, imports, the capability probe and the initial lists; seconds on this machine."""
 EVENT_TIMEOUT = 15.0
-PLUGIN_TIMEOUT = 15.0
-"""The plugin's own agent timeout is 5 s; this only bounds a wedged child."""
 TRAFFIC_TIMEOUT = 5.0
-STOP_TIMEOUT = 10.0
 
 
 def measure(name: str, value: float, unit: str = "ms") -> None:
     """One `MEASURE:` line on stdout (`pytest -s` shows them)."""
     print(f"MEASURE: {name}={value:.1f}{unit}")
-
-
-# --- the agent process ------------------------------------------------------------------------
-
-
-class AgentProcess:
-    """The real agent (`python -m ztunnel_redirect.cli agent`) with JSON logs on stderr.
-
-    A reader task copies every stderr line to `log_path` and keeps the parsed lines, so that a
-    test waits for an event (`wait_event`) instead of sleeping. When the process exits early, a
-    wait raises at once with the log's tail.
-    """
-
-    def __init__(self, argv: list[str], log_path: Path) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self.lines: list[dict[str, Any]] = []
-        self._changed = asyncio.Condition()
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._exited = False
-
-    async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            limit=1 << 20,
-        )
-        self._reader = asyncio.create_task(self._read(), name="agent-log-reader")
-
-    async def _read(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        with self.log_path.open("a") as out:
-            try:
-                while line := await self._proc.stderr.readline():
-                    out.write(line.decode(errors="replace"))
-                    out.flush()
-                    try:
-                        parsed = json.loads(line)
-                    except ValueError:
-                        parsed = {"event": "unparsed", "text": line.decode(errors="replace")}
-                    if not isinstance(parsed, dict):
-                        parsed = {"event": "unparsed", "text": repr(parsed)}
-                    async with self._changed:
-                        self.lines.append(parsed)
-                        self._changed.notify_all()
-            finally:
-                async with self._changed:
-                    self._exited = True
-                    self._changed.notify_all()
-
-    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [
-            line
-            for line in self.lines
-            if line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
-        ]
-
-    def tail(self, n: int = 30) -> str:
-        return "".join(json.dumps(line) + "\n" for line in self.lines[-n:])
-
-    async def wait_event(
-        self,
-        event: str,
-        *,
-        timeout: float = EVENT_TIMEOUT,  # noqa: ASYNC109 - fails with the agent's log tail
-        after: int = 0,
-        **fields: Any,
-    ) -> dict[str, Any]:
-        """The first log line with this event (and fields) from line number `after` on."""
-
-        def find() -> dict[str, Any] | None:
-            for line in self.lines[after:]:
-                if line.get("event") == event and all(line.get(k) == v for k, v in fields.items()):
-                    return line
-            return None
-
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(lambda: find() is not None or self._exited)
-        except TimeoutError:
-            raise AssertionError(
-                f"no {event} {fields} within {timeout}s; agent log tail:\n{self.tail()}"
-            ) from None
-        found = find()
-        if found is None:
-            raise AssertionError(f"agent exited before {event} {fields}:\n{self.tail()}")
-        return found
-
-    @property
-    def mark(self) -> int:
-        """The number of log lines so far (`wait_event(after=mark)` waits for a new one)."""
-        return len(self.lines)
-
-    async def wait_ready(self) -> tuple[int, int]:
-        """Until `agent_ready`; returns the (readiness, metrics) ports it bound."""
-        ops = await self.wait_event("ops_server_started", timeout=AGENT_READY_TIMEOUT)
-        await self.wait_event("agent_ready", timeout=AGENT_READY_TIMEOUT)
-        return int(ops["readiness_port"]), int(ops["metrics_port"])
-
-    async def stop(self) -> int | None:
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await self._reader
-        self._proc = None
-        return proc.returncode
 
 
 async def scrape(metrics_port: int) -> dict[str, float]:
@@ -196,97 +68,6 @@ async def scrape(metrics_port: int) -> dict[str, float]:
     return samples
 
 
-# --- the plugin, as the runtime runs it ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PluginRun:
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
-    """From process start to exit."""
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-def prev_result(pod: NodePod) -> dict[str, Any]:
-    """What the primary CNI (ptp-like, as `netnslab` sets pods up) hands on."""
-    return {
-        "cniVersion": "1.0.0",
-        "interfaces": [{"name": "eth0", "sandbox": pod.path}],
-        "ips": [{"address": f"{ip}/{128 if ':' in ip else 32}", "interface": 0} for ip in pod.ips],
-        "routes": [{"dst": "0.0.0.0/0"}],
-        "dns": {},
-    }
-
-
-@dataclass
-class Runtime:
-    """Runs the installed plugin file as the container runtime does."""
-
-    bin_dir: Path
-    event_socket: str
-    kubeconfig: Path
-    runs: list[PluginRun] = field(default_factory=list)
-
-    @property
-    def plugin(self) -> Path:
-        return self.bin_dir / "ztunnel-redirect-cni"
-
-    def conf(self, pod: NodePod) -> dict[str, Any]:
-        return {
-            "cniVersion": "1.0.0",
-            "name": "lab",
-            "type": "ztunnel-redirect-cni",
-            "plugin_event_socket": self.event_socket,
-            "kubeconfig": str(self.kubeconfig),
-            "prevResult": prev_result(pod),
-        }
-
-    async def run(self, command: str, pod: NodePod, *, stdin: bytes | None = None) -> PluginRun:
-        env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": pod.uid.replace("-", "") + "0" * 32,
-            "CNI_NETNS": pod.path,
-            "CNI_IFNAME": "eth0",
-            "CNI_ARGS": (
-                f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
-                f"K8S_POD_INFRA_CONTAINER_ID={pod.uid[:8]}"
-            ),
-            "CNI_PATH": str(self.bin_dir),
-        }
-        data = json.dumps(self.conf(pod)).encode() if stdin is None else stdin
-        started = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            str(self.plugin),
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(PLUGIN_TIMEOUT):
-                out, err = await proc.communicate(data)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        seconds = time.perf_counter() - started
-        assert proc.returncode is not None
-        outcome = PluginRun(proc.returncode, out.decode(), err.decode(), seconds)
-        self.runs.append(outcome)
-        return outcome
-
-    async def add(self, pod: NodePod) -> PluginRun:
-        return await self.run("ADD", pod)
-
-
 # --- fixtures ---------------------------------------------------------------------------------
 
 
@@ -294,7 +75,7 @@ class Runtime:
 class Cluster:
     api: ApiServer
     node: TestNode
-    runtime: Runtime
+    runtime: CniRuntime
     work: Path
     stack: contextlib.AsyncExitStack
     agents: list[AgentProcess] = field(default_factory=list)
@@ -367,18 +148,14 @@ class Cluster:
 @pytest.fixture
 async def cluster() -> AsyncIterator[Cluster]:
     work = Path(tempfile.mkdtemp(prefix="zr-e2e-"))
-    bin_dir = work / "bin"
-    bin_dir.mkdir()
-    # As the installer does: the plugin file copied into the CNI bin dir, executable.
-    shutil.copy(PLUGIN, bin_dir / "ztunnel-redirect-cni")
-    (bin_dir / "ztunnel-redirect-cni").chmod(0o755)
     try:
         async with contextlib.AsyncExitStack() as stack:
             api = await stack.enter_async_context(ApiServer())
             node = stack.enter_context(TestNode(api))
-            runtime = Runtime(
-                bin_dir, str(Path(node.run_dir) / c.PLUGIN_EVENT_SOCKET), node.kubeconfig
+            runtime = CniRuntime(
+                work / "bin", str(Path(node.run_dir) / c.PLUGIN_EVENT_SOCKET), node.kubeconfig
             )
+            runtime.install()  # as the installer does: the file in the CNI bin dir
             node.namespace(MESH_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
             node.namespace(PLAIN_NS)
             cluster = Cluster(api, node, runtime, work, stack)
@@ -594,7 +371,9 @@ async def test_agent_down_fails_the_add_and_the_retry_succeeds_once_it_is_up(
 
     assert retried.rc == 0, retried.stdout + retried.stderr
     assert retried.json == prev_result(pod)
-    assert requests_for(zt, pod) == [RequestKind.ADD]
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        added = await zt.wait_request(RequestKind.ADD, pod.uid)
+    assert added.netns_inode == inode(pod.path)
 
 
 # --- ztunnel restarts and upgrades ----------------------------------------------------------
