@@ -3,7 +3,9 @@ happened, and leaves none of its network namespaces behind."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import signal
 import subprocess
 import sys
 
@@ -57,3 +59,34 @@ def test_demo_runs_explains_and_cleans_up() -> None:
     assert "exit code 0" in out
     assert f"no {PREFIX}{run.group(1)}-* namespace is left" in out
     assert out.rstrip().endswith("demo finished")
+
+
+async def test_demo_interrupted_mid_way_removes_what_it_created() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "ztunnel_redirect.demo",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    run_id = ""
+    try:
+        async with asyncio.timeout(DEMO_TIMEOUT):
+            assert proc.stdout is not None
+            while line := (await proc.stdout.readline()).decode():
+                if found := re.match(r"demo run (\w+)$", line.strip()):
+                    run_id = found.group(1)
+                if "Step 4:" in line:  # the agent runs and pods a and b are enrolled
+                    break
+            assert run_id, "the demo did not say its run id"
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130, out.decode() + err.decode()
+    assert "interrupted" in err.decode()
+    left = [name for name in leftovers() if name.startswith(f"{PREFIX}{run_id}-")]
+    assert left == []
+    assert f"no {PREFIX}{run_id}-* namespace is left" in out.decode()
