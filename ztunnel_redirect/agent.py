@@ -154,7 +154,10 @@ class Agent:
             name="pods",
             log_key="pod_uid",
         )
-        state = ClusterState(queue.enqueue)
+        # An API change is a real change: it cuts a scheduled retry short (a pod in backoff that
+        # leaves the mesh or is deleted is acted on at once, not after up to 30 s). The drift
+        # pass enqueues without `now`, so failing pods keep their backoff.
+        state = ClusterState(lambda key: queue.enqueue(key, now=True))
         kube = KubeClient(api)
 
         def snapshot() -> list[Workload]:
