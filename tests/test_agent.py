@@ -567,3 +567,31 @@ async def test_pending_pods_are_enabled_as_soon_as_ztunnel_connects(
     )
     assert host_set_elements(node) == {a.ips[0]: a.uid, b.ips[0]: b.uid}
     await assert_redirected(fake, a, b)
+
+
+async def test_label_change_acts_at_once_on_a_pod_in_retry_backoff(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, _ = pods
+    agent = await agents.start("--log-level", "debug")
+    node.enroll_namespace(NS)  # no ztunnel: the pods are pending and retried with backoff
+    await annotated(node.api, a, "pending")
+    backoff = 2.0
+    await agent.wait_until(
+        lambda: any(e["retry_in_s"] >= backoff for e in agent.find("retry_scheduled", key=a.uid)),
+        timeout=WAIT,
+        what="a long retry backoff",
+    )
+    retry_in_s = max(e["retry_in_s"] for e in agent.find("retry_scheduled", key=a.uid))
+    changed = time.monotonic()
+
+    node.api.set_pod_labels(NS, a.name, {c.ENROLL_LABEL: c.OPT_OUT_VALUE})
+
+    await annotated(node.api, a, None)
+    waited = time.monotonic() - changed
+    assert waited < retry_in_s / 2, f"removed {waited:.2f}s after the change, backoff {retry_in_s}"
+    assert tables(a.lab.netns) & POD_TABLES == set()
+    assert await rules_drift(netns_runner, a) != []
