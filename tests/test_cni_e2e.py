@@ -296,12 +296,6 @@ async def test_add_hands_the_pod_to_ztunnel_before_returning_and_traffic_is_redi
     assert zt.violations == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconciler: a pod update without IPs (the agent's own status patch, before the "
-    "kubelet reports the sandbox's IPs) overwrites the IPs from the CNI ADD and removes the pod "
-    "(pod_leaving_mesh reason=no_ip: rules removed, ztunnel Del), until the IPs are reported",
-)
 async def test_pod_stays_redirected_between_add_and_the_kubelet_reporting_its_ips(
     cluster: Cluster, server: NodePod
 ) -> None:

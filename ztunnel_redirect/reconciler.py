@@ -96,8 +96,16 @@ class ClusterState:
         self.deleted: dict[PodUid, Pod] = {}
         """Pods gone from the API whose cleanup has not run yet (keeps their IPs)."""
 
+    def _with_known_ips(self, pod: Pod) -> Pod:
+        """A running pod's IPs do not go away: until the kubelet reports the sandbox's IPs, the
+        API shows none, while the CNI ADD already told us them. Keep what we know."""
+        known = self.pods.get(pod.uid)
+        if pod.ips or known is None or not known.ips:
+            return pod
+        return dataclasses.replace(pod, ips=known.ips)
+
     def replace_pods(self, pods: Sequence[Pod]) -> None:
-        fresh = {pod.uid: pod for pod in pods}
+        fresh = {pod.uid: self._with_known_ips(pod) for pod in pods}
         for uid in self.pods.keys() - fresh.keys():
             self.deleted[uid] = dataclasses.replace(self.pods[uid], deleted=True)
             self.enqueue(uid)
@@ -107,6 +115,7 @@ class ClusterState:
             self.enqueue(uid)
 
     def upsert_pod(self, pod: Pod) -> None:
+        pod = self._with_known_ips(pod)
         if self.pods.get(pod.uid) != pod:
             self.pods[pod.uid] = pod
             self.enqueue(pod.uid)
