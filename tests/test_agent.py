@@ -509,6 +509,10 @@ async def test_300_pods_enroll_without_failure(
     assert len(host_set_elements(node)) == MANY
     assert len({r.uid for r in fake.requests if r.kind is RequestKind.ADD}) == MANY
     assert agent.find("work_failed") == []
+    # Each /proc scan reads every process: they must not grow with the pods (one per pod would
+    # make enrolling a namespace O(pods x processes)).
+    scans = len(agent.find("proc_scanned"))
+    assert scans <= MANY // 10, f"{scans} /proc scans for {MANY} pods"
     for pod in (many[0], many[-1]):
         assert await rules_drift(netns_runner, pod) == []
 
@@ -527,6 +531,7 @@ async def test_300_pods_enroll_without_failure(
     assert metric(samples, f"{PREFIX}_pods_enrolled") == MANY
     print(
         f"MEASURE: pods={MANY} create_lab_s={created_s:.1f} label_to_all_enabled_s={enroll_s:.2f}"
+        f" proc_scans={scans}"
         f" drift_pass_ms={durations} cpu_per_pass_ms={cpu_per_pass * 1e3:.1f}"
         f" cpu_share_over_{window_s:.1f}s={(cpu_per_pass * passes) / window_s:.1%}"
         f" rss_mib={agent.rss_kib() / 1024:.1f} fds={agent.fds()} period_s={PERIOD}"
