@@ -133,7 +133,8 @@ class Ztunnels:
     async def close(self) -> None:
         for fake in self.connected:
             await fake.close()
-            assert fake.violations == [], fake.violations
+        violations = [v for fake in self.connected for v in fake.violations]
+        assert violations == [], violations
 
 
 @pytest.fixture
