@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import signal
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -22,17 +23,18 @@ from pathlib import Path
 
 import structlog
 
-from ztunnel_redirect import nft, procscan
+from ztunnel_redirect import hostrules, nft, procscan
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
 from ztunnel_redirect.cniinstall import CniInstaller, NoPrimaryConfigError
 from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import ConfigError, RetryableError
+from ztunnel_redirect.errors import ConfigError, RedirectError, RetryableError
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.kube import ApiClient, KubeClient, Watcher, load_client
+from ztunnel_redirect.migration import IptablesMigration
 from ztunnel_redirect.model import HostOptions, Pod, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.ops import Metrics, OpsServer, Readiness
-from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.podrules import KernelForms, PodRules
 from ztunnel_redirect.reconciler import (
     HOST_KEY,
     ClusterState,
@@ -224,6 +226,7 @@ class Agent:
             snapshot=snapshot,
             on_snapshot_nack=lambda uid, _error: reconciler.snapshot_nacked(uid),
         )
+        migration = IptablesMigration(runner)
         reconciler = Reconciler(
             state=state,
             policy=policy,
@@ -234,6 +237,8 @@ class Agent:
             status=kube,
             locator=ProcLocator(finder, candidates=unlocated),
             observer=self.metrics,
+            migration=migration,
+            repair_on_startup=s.reconcile_on_startup,
         )
         watcher = Watcher(
             api=api, node_name=s.node_name, store=state, on_restart=self.metrics.count_watch_restart
@@ -247,7 +252,18 @@ class Agent:
             socket_path=str(Path(s.run_dir) / "pluginevent.sock"),
             allowed_netns_dirs=s.allowed_netns_dirs,
         )
-        return _Parts(state, queue, reconciler, finder, watcher, zds, cni, self._installer())
+        return _Parts(
+            state,
+            queue,
+            reconciler,
+            finder,
+            watcher,
+            zds,
+            cni,
+            self._installer(),
+            migration,
+            host_options,
+        )
 
     async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
         await parts.watcher.synced.wait()
@@ -268,6 +284,8 @@ class Agent:
         except TimeoutError:
             log.warning("startup_verification_incomplete", retrying=len(parts.queue.retrying))
         self.readiness.done("startup_verification")
+        # Every enrolled pod's IP is in our host set now: Istio's probe SNAT can go.
+        await self._migrate_host(parts)
 
         await parts.cni.start()
         if parts.installer is not None:
@@ -282,6 +300,19 @@ class Agent:
             name="drift-pass",
         )
         tasks.create_task(periodic.run(), name="drift-pass")
+
+    async def _migrate_host(self, parts: _Parts) -> None:
+        install = functools.partial(
+            hostrules.apply_here,
+            parts.host_options,
+            parts.reconciler.host_elements(),
+            KernelForms(),
+        )
+        try:
+            await parts.migration.migrate_host(self.settings.host_netns, install)
+        except RedirectError as exc:
+            self.metrics.count_failure("migration")
+            log.warning("istio_host_migration_failed", reason=str(exc))
 
     async def _drift_pass(self, parts: _Parts) -> None:
         """Check every enrolled pod and the host; only what drifted gets written."""
@@ -298,6 +329,7 @@ class Agent:
         except TimeoutError:
             log.warning("drift_pass_slow", retrying=len(parts.queue.retrying))
             return
+        self.metrics.set_ztunnel_connections(parts.zds.live_connections)
         if not parts.queue.retrying:
             self.metrics.mark_pass(time.time())
         log.debug("drift_pass_done", duration_ms=round((time.monotonic() - started) * 1e3, 3))
@@ -370,6 +402,8 @@ class _Parts:
     zds: ZtunnelServer
     cni: CniEventServer
     installer: CniInstaller | None
+    migration: IptablesMigration
+    host_options: HostOptions
 
 
 async def run(settings: Settings) -> None:

@@ -26,7 +26,7 @@ import structlog
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import NetnsNotFoundError, RetryableError
+from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
 from ztunnel_redirect.podrules import PodRules
@@ -52,6 +52,12 @@ class StatusWriter(Protocol):
 class NetnsLocator(Protocol):
     async def locate(self, pod: Pod) -> str | None:
         """The path of a running pod's netns (the /proc scan), or None when not found yet."""
+        ...
+
+
+class Migration(Protocol):
+    async def migrate_pod(self, netns: str, options: PodOptions) -> object:
+        """Ours in place first, then Istio's iptables-backend rules removed (if any)."""
         ...
 
 
@@ -81,6 +87,8 @@ class PodRecord:
     status: str | None = None
     adopted: bool = False
     """Enrolled by a previous run of the agent (its rules are verified, never assumed fresh)."""
+    in_host_set: bool = False
+    """Its IPs were added to the host probe sets by this run."""
 
 
 class ClusterState:
@@ -169,7 +177,12 @@ class Reconciler:
         status: StatusWriter,
         locator: NetnsLocator,
         observer: Observer,
+        migration: Migration | None = None,
+        repair_on_startup: bool = True,
     ) -> None:
+        """`repair_on_startup=False` (AMBIENT_RECONCILE_POD_RULES_ON_STARTUP=false): the first
+        look at a pod enrolled by a previous run only reports drift; the next periodic pass
+        repairs it."""
         self.state = state
         self._policy = policy
         self._pod_rules = pod_rules
@@ -179,6 +192,8 @@ class Reconciler:
         self._status = status
         self._locator = locator
         self._observer = observer
+        self._migration = migration
+        self._repair_on_startup = repair_on_startup
         self.records: dict[PodUid, PodRecord] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -278,28 +293,55 @@ class Reconciler:
         for warning in warnings:
             log.warning("pod_annotation_ignored", reason=warning)
         netns = await self._netns_of(record)
+        started = time.perf_counter()
+        fresh = record.options is None and not record.adopted
         try:
-            started = time.perf_counter()
-            fresh = record.options is None and not record.adopted
-            drifts = await self._pod_rules.apply(netns, options, fresh=fresh)
+            if record.options is None and record.adopted and not self._repair_on_startup:
+                drifts = await self._pod_rules.check(netns, options)
+                if drifts:
+                    log.warning(
+                        "startup_drift_found",
+                        netns=netns,
+                        reason=",".join(sorted({d.kind.value for d in drifts})),
+                        changes=len(drifts),
+                    )
+                    drifts = []
+            else:
+                drifts = await self._pod_rules.apply(netns, options, fresh=fresh)
+            if record.options is None and not record.from_cni:
+                await self._migrate(netns, options)
         except NetnsNotFoundError:
             # The sandbox was replaced (or the pod is going): find its netns again.
             log.info("netns_vanished", netns=netns)
             self._pod_rules.forget(netns)
             record.netns, record.acked, record.options = None, False, None
             raise
-        # A pod adopted after a restart (it has a status) was enrolled before: what its check
-        # finds is drift (repaired, counted), and a clean check is a no-op, not an install.
-        fresh = record.options is None and record.status is None
         self._report(drifts, fresh=fresh, netns=netns, started=started)
         record.options = options
         if not record.acked:
             await self._add_to_ztunnel(record, netns)
-        await self._host_rules.add_pod(pod.ips, pod.uid, ipv6=self._host_options.ipv6)
+        if not record.in_host_set or ips_changed:
+            # Once per pod: the host pass keeps the set right afterwards (a check writes nothing).
+            await self._host_rules.add_pod(pod.ips, pod.uid, ipv6=self._host_options.ipv6)
+            record.in_host_set = True
         if ips_changed:
             self._enqueue_host_check()
         await self._set_status(record, ENABLED)
         self._observer.set_pods_enrolled(len(self.records))
+
+    async def _migrate(self, netns: str, options: PodOptions) -> None:
+        """A pod running before we saw it may carry Istio's iptables-backend rules: ours are in
+        place now, theirs go (once per pod and agent run). A failure leaves both in place (the
+        pod stays redirected) and is reported, not retried."""
+        if self._migration is None:
+            return
+        try:
+            await self._migration.migrate_pod(netns, options)
+        except NetnsNotFoundError:
+            raise
+        except RedirectError as exc:
+            self._observer.count_failure("migration")
+            log.warning("istio_migration_failed", netns=netns, reason=str(exc))
 
     def _report(self, drifts: list[Drift], *, fresh: bool, netns: str, started: float) -> None:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
