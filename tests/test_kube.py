@@ -18,7 +18,6 @@ from kubernetes_asyncio import watch as k8s_watch
 from ztunnel_redirect import constants
 from ztunnel_redirect.errors import ConfigError, RetryableError
 from ztunnel_redirect.kube import (
-    Backoff,
     KubeApiError,
     KubeClient,
     KubeRequestError,
@@ -29,6 +28,7 @@ from ztunnel_redirect.kube import (
 )
 from ztunnel_redirect.model import Namespace, Pod
 from ztunnel_redirect.testing.apiserver import ApiServer, kubeconfig
+from ztunnel_redirect.workqueue import Backoff
 
 TIMEOUT = 5.0
 NODE = "node-1"

@@ -32,9 +32,10 @@ from kubernetes_asyncio import config as k8s_config
 from ztunnel_redirect import constants
 from ztunnel_redirect.errors import ConfigError, RedirectError, RetryableError
 from ztunnel_redirect.model import Namespace, Pod, PodUid
+from ztunnel_redirect.workqueue import Backoff
 
 __all__ = [
-    "Backoff",
+    "WATCH_BACKOFF",
     "KubeApiError",
     "KubeClient",
     "KubeRequestError",
@@ -204,19 +205,9 @@ class Store(Protocol):
 # --- the watcher ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with jitter: attempt n waits `min(maximum, initial * factor**n)` reduced
-    by up to `jitter` (a fraction) at random, so agents on many nodes do not retry in step."""
-
-    initial: float = 0.2
-    maximum: float = 5.0
-    factor: float = 2.0
-    jitter: float = 0.5
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        base = min(self.maximum, self.initial * self.factor ** min(attempt, 64))
-        return base * (1.0 - self.jitter * rng.random())
+WATCH_BACKOFF: Final = Backoff(initial=0.2, maximum=5.0, factor=2.0, jitter=0.5)
+"""Reconnect pacing for list/watch: quick first retries, capped low (the API server is usually
+back in seconds), jittered so agents on many nodes do not retry in step."""
 
 
 class RestartReason(Enum):
@@ -261,7 +252,7 @@ class Watcher:
         api: ApiClient,
         node_name: str,
         store: Store,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = WATCH_BACKOFF,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,

@@ -158,8 +158,7 @@ class Backoff:
     factor**n)`, reduced by up to `jitter` (a fraction) at random, so that retries of many keys
     (and agents on many nodes) do not run in step. Jitter only shortens: `maximum` is a hard cap.
 
-    The same shape as `kube.Backoff`, defined here in the control layer, which the adapters sit
-    above.
+    Also paces the Kubernetes watch's reconnects (`kube.WATCH_BACKOFF`).
     """
 
     initial: float = 0.1
