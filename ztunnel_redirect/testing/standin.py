@@ -26,7 +26,6 @@ import functools
 import socket
 import struct
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
@@ -46,6 +45,7 @@ from ztunnel_redirect.testing.traffic import (
     ConnectionSet,
     Handler,
     NetnsLoop,
+    Recorder,
     close_writer,
     drain_to_eof,
     family_of,
@@ -242,8 +242,7 @@ class Standin:
         self._servers: list[asyncio.Server] = []
         self._dns_transports: list[tuple[asyncio.DatagramTransport, _DnsProtocol]] = []
         self._connections = ConnectionSet(name="standin")
-        self._hops: list[Hop] = []
-        self._cond = threading.Condition()
+        self._hops: Recorder[Hop] = Recorder(f"stand-in in {netns_path}")
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -327,9 +326,7 @@ class Standin:
     # -- hop records ---------------------------------------------------------------------------
 
     def _record(self, hop: Hop) -> None:
-        with self._cond:
-            self._hops.append(hop)
-            self._cond.notify_all()
+        self._hops.add(hop)
         log.debug(
             "standin_hop_recorded",
             netns=self.netns_path,
@@ -341,8 +338,7 @@ class Standin:
     @property
     def hops(self) -> list[Hop]:
         """Every hop so far, in arrival order (a copy)."""
-        with self._cond:
-            return list(self._hops)
+        return self._hops.items
 
     def wait_for(
         self, predicate: Callable[[Hop], bool] | None = None, *, timeout: float = 5.0
@@ -351,19 +347,10 @@ class Standin:
 
         Raises TimeoutError when none arrives within `timeout` seconds.
         """
-
-        def find() -> Hop | None:
-            return next((h for h in self._hops if predicate is None or predicate(h)), None)
-
-        with self._cond:
-            found = self._cond.wait_for(find, timeout)
-        if found is None:
-            raise TimeoutError(f"stand-in in {self.netns_path}: no matching hop in {timeout}s")
-        return found
+        return self._hops.wait_for(predicate, timeout=timeout)
 
     def clear(self) -> None:
-        with self._cond:
-            self._hops.clear()
+        self._hops.clear()
 
     # -- connection handlers (run on the stand-in's loop thread) -------------------------------
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 log = structlog.get_logger(__name__)
 
@@ -244,6 +245,42 @@ async def _as_task(awaitable: Awaitable[None]) -> None:
     await awaitable
 
 
+class Recorder(Generic[R]):
+    """What a server thread saw, in order, and a way to wait for it without polling."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._items: list[R] = []
+        self._cond = threading.Condition()
+
+    def add(self, item: R) -> None:
+        with self._cond:
+            self._items.append(item)
+            self._cond.notify_all()
+
+    @property
+    def items(self) -> list[R]:
+        """Everything so far, in arrival order (a copy)."""
+        with self._cond:
+            return list(self._items)
+
+    def wait_for(self, predicate: Callable[[R], bool] | None = None, *, timeout: float) -> R:
+        """The first item matching `predicate` (any, by default); raises TimeoutError."""
+
+        def find() -> R | None:
+            return next((x for x in self._items if predicate is None or predicate(x)), None)
+
+        with self._cond:
+            found = self._cond.wait_for(find, timeout)
+        if found is None:
+            raise TimeoutError(f"{self._what}: nothing matching within {timeout}s")
+        return found
+
+    def clear(self) -> None:
+        with self._cond:
+            self._items.clear()
+
+
 class App:
     """A TCP server in a pod netns: one line per connection, naming the peer address it saw.
 
@@ -262,8 +299,7 @@ class App:
         self._loop = NetnsLoop(netns_path, name=f"app-{name}")
         self._servers: list[asyncio.Server] = []
         self._connections = ConnectionSet(name=f"app-{name}")
-        self._peers: list[tuple[str, int]] = []
-        self._cond = threading.Condition()
+        self._peers: Recorder[tuple[str, int]] = Recorder(f"app {name}")
 
     def start(self) -> None:
         self._loop.start()
@@ -293,9 +329,7 @@ class App:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = peer_of(writer.get_extra_info("peername"))
-        with self._cond:
-            self._peers.append(peer)
-            self._cond.notify_all()
+        self._peers.add(peer)
         with contextlib.suppress(ValueError, asyncio.LimitOverrunError, TimeoutError):
             async with asyncio.timeout(APP_IO_TIMEOUT):
                 await reader.readline()
@@ -325,8 +359,7 @@ class App:
     @property
     def peers(self) -> list[tuple[str, int]]:
         """Every (ip, port) that connected so far, in order."""
-        with self._cond:
-            return list(self._peers)
+        return self._peers.items
 
     def wait_for_peer(
         self,
@@ -335,19 +368,10 @@ class App:
         timeout: float = 5.0,
     ) -> tuple[str, int]:
         """The first recorded peer matching `predicate` (any, by default); waits for one."""
-
-        def find() -> tuple[str, int] | None:
-            return next((p for p in self._peers if predicate is None or predicate(p)), None)
-
-        with self._cond:
-            found = self._cond.wait_for(find, timeout)
-        if found is None:
-            raise TimeoutError(f"app {self.name}: no matching peer within {timeout}s")
-        return found
+        return self._peers.wait_for(predicate, timeout=timeout)
 
     def clear(self) -> None:
-        with self._cond:
-            self._peers.clear()
+        self._peers.clear()
 
     def __enter__(self) -> App:
         self.start()
