@@ -631,8 +631,7 @@ def test_the_cli_has_the_command(command: str) -> None:
     subcommands = next(
         a for a in parser._actions if isinstance(a, argparse._SubParsersAction)
     ).choices
-    if command not in subcommands:
-        pytest.skip(f"the CLI has no `{command}` command yet")
+    assert command in subcommands
     with pytest.raises(SystemExit) as exited:
         parser.parse_args([command, "--help"])
     assert exited.value.code == 0
@@ -663,3 +662,27 @@ def test_the_committed_diagram_is_rendered_from_its_source() -> None:
     assert len(labels) >= 10
     for label in labels:
         assert f">{label.replace('&', '&amp;').replace('<', '&lt;')}<" in svg, label
+
+
+UNINSTALL = DEPLOY / "uninstall"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_uninstall_daemonset_is_valid_and_runs_cleanup(version: str) -> None:
+    objects = render(UNINSTALL)
+    assert [o["kind"] for o in objects] == ["DaemonSet"]
+    for obj in objects:
+        kubernetes_validate.validate(obj, version, strict=True)
+    pod = objects[0]["spec"]["template"]["spec"]
+    (cleanup,) = pod["initContainers"]
+    assert cleanup["args"] == ["cleanup"]
+    assert pod["hostNetwork"] is True
+    assert pod["hostPID"] is True
+    agent = _one(render(BASE), "DaemonSet")["spec"]["template"]["spec"]
+    agent_mounts = {m["mountPath"]: m for m in agent["containers"][0]["volumeMounts"]}
+    for mount in cleanup["volumeMounts"]:
+        assert agent_mounts[mount["mountPath"]] == mount, "cleanup sees the node as the agent did"
+    assert (
+        cleanup["securityContext"]["capabilities"]
+        == agent["containers"][0]["securityContext"]["capabilities"]
+    )
