@@ -9,26 +9,29 @@ printed at teardown, so pytest shows it with a failing test).
 from __future__ import annotations
 
 import asyncio
+import difflib
+import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agent_harness import (
-    AgentProcess,
-    host_set_elements,
-    kernel_view,
-    metric,
-    tables,
-    view_diff,
-)
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.model import PodOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.testing.agentprocess import (
+    AgentProcess,
+    connect_ztunnel,
+    metric,
+    standin_of,
+    status_annotation,
+)
 from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
+from ztunnel_redirect.testing.netnslab import Netns
 from ztunnel_redirect.testing.node import NodePod, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
 from ztunnel_redirect.testing.traffic import App, request
@@ -78,10 +81,8 @@ class Agents:
         self.started: list[AgentProcess] = []
 
     def create(self, *extra: str) -> AgentProcess:
-        agent = AgentProcess(
+        agent = AgentProcess.for_node(
             self.node,
-            "--log-format",
-            "json",
             "--reconcile-period",
             str(PERIOD),
             *extra,
@@ -123,11 +124,10 @@ class Ztunnels:
         self.connected: list[FakeZtunnel] = []
 
     async def connect(self, *, serve: bool = True) -> FakeZtunnel:
-        fake = FakeZtunnel(self.node.ztunnel_socket, serve=serve)
+        fake = await connect_ztunnel(
+            self.node.ztunnel_socket, serve=serve, ipv6=self.node.ipv6, timeout=WAIT
+        )
         self.connected.append(fake)
-        await fake.start()
-        async with asyncio.timeout(WAIT):
-            await fake.snapshot_done.wait()
         return fake
 
     async def close(self) -> None:
@@ -165,13 +165,6 @@ async def annotated(api: ApiServer, pod: NodePod, value: str | None) -> None:
     await api.wait_for_annotation(pod.namespace, pod.name, c.STATUS_ANNOTATION, value, timeout=WAIT)
 
 
-def status_of(api: ApiServer, pod: NodePod) -> str | None:
-    found = api.get_pod(pod.namespace, pod.name) or {}
-    annotations = found.get("metadata", {}).get("annotations") or {}
-    value = annotations.get(c.STATUS_ANNOTATION)
-    return None if value is None else str(value)
-
-
 async def enroll(node: TestNode, *enrolled: NodePod) -> None:
     node.enroll_namespace(NS)
     for pod in enrolled:
@@ -185,12 +178,6 @@ async def rules_drift(runner: NetnsRunner, pod: NodePod) -> list[str]:
 async def wait_request(fake: FakeZtunnel, kind: RequestKind, uid: str) -> None:
     async with asyncio.timeout(WAIT):
         await fake.wait_request(kind, uid)
-
-
-def standin_of(fake: FakeZtunnel, pod: NodePod) -> Standin:
-    workload = fake.workloads[PodUid(pod.uid)]
-    assert isinstance(workload.data_plane, Standin)
-    return workload.data_plane
 
 
 async def wait_hop(standin: Standin, kind: HopKind, **expect: object) -> Hop:
@@ -224,6 +211,70 @@ async def assert_removed(
     assert await rules_drift(runner, pod) != []
 
 
+# --- kernel views -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """What the kernel holds in one netns that the agent may have written."""
+
+    ruleset: str
+    """`nft -a list ruleset`: with handles and counters."""
+    rules: str
+    routes: str
+    """IPv4 routes of every table, IPv6 routes of our table."""
+
+
+def kernel_view(ns: Netns) -> KernelView:
+    return KernelView(
+        ruleset=ns.exec("nft", "-a", "list", "ruleset"),
+        rules=ns.ip("rule", "show"),
+        routes=ns.ip("-4", "route", "show", "table", "all") + _v6_table(ns),
+    )
+
+
+def _v6_table(ns: Netns) -> str:
+    # Only our table: the kernel adds IPv6 link-local and multicast routes on its own, late.
+    try:
+        return ns.ip("-6", "route", "show", "table", str(c.ROUTE_TABLE))
+    except RuntimeError:  # no such table
+        return ""
+
+
+def tables(ns: Netns) -> set[str]:
+    """Names of the nftables tables in a netns (`inet istio-ambient-nat`, ...)."""
+    out = ns.exec("nft", "list", "tables")
+    return {line.removeprefix("table ").strip() for line in out.splitlines() if line.strip()}
+
+
+def host_set_elements(node: TestNode) -> dict[str, str]:
+    """The host's v4 probe set: pod IP → pod UID (its comment); empty when there is no table."""
+    try:
+        out = node.lab.node.exec("nft", "-j", "list", "set", "inet", c.HOST_TABLE, c.HOST_SET_V4)
+    except RuntimeError:
+        return {}
+    elements: dict[str, str] = {}
+    for item in json.loads(out)["nftables"]:
+        for element in item.get("set", {}).get("elem", []):
+            if isinstance(element, dict) and "elem" in element:
+                elements[str(element["elem"]["val"])] = str(element["elem"].get("comment", ""))
+            else:
+                elements[str(element)] = ""
+    return elements
+
+
+def view_diff(before: Mapping[str, KernelView], after: Mapping[str, KernelView]) -> str:
+    """A unified diff of two sets of kernel views ("" when they are equal)."""
+    out: list[str] = []
+    for name in sorted(before.keys() | after.keys()):
+        old, new = before.get(name), after.get(name)
+        for part in ("ruleset", "rules", "routes"):
+            a = getattr(old, part, "").splitlines()
+            b = getattr(new, part, "").splitlines()
+            out.extend(difflib.unified_diff(a, b, f"{name} {part} before", "after", lineterm=""))
+    return "\n".join(out)
+
+
 # --- tests ----------------------------------------------------------------------------------------
 
 
@@ -235,7 +286,7 @@ async def test_labelling_namespace_enrolls_running_pods(
     netns_runner: NetnsRunner,
 ) -> None:
     a, b = pods
-    assert status_of(node.api, a) is None
+    assert status_annotation(node.api, a) is None
     assert host_set_elements(node) == {}
 
     await enroll(node, a, b)
@@ -265,7 +316,7 @@ async def test_pod_opting_out_is_removed(
 
     await assert_removed(node, ztunnel, netns_runner, a)
     assert PodUid(a.uid) not in ztunnel.workloads
-    assert status_of(node.api, b) == "enabled"
+    assert status_annotation(node.api, b) == "enabled"
     assert await rules_drift(netns_runner, b) == []
     assert host_set_elements(node) == {b.ips[0]: b.uid}
 
@@ -402,7 +453,7 @@ async def test_restart_on_healthy_node_changes_nothing_in_the_kernel(
     for written in ("pod_rules_applied", "drift_repaired", "host_drift_repaired", "work_failed"):
         assert second.find(written) == [], written
     assert second.find("pod_status_set") == []
-    assert status_of(node.api, a) == status_of(node.api, b) == "enabled"
+    assert status_annotation(node.api, a) == status_annotation(node.api, b) == "enabled"
     await assert_redirected(fake, a, b)
 
 
@@ -423,7 +474,7 @@ async def test_sigterm_leaves_every_rule_in_place(
     assert agent.find("agent_stopping", reason="signal")
     for pod in (a, b):
         assert await rules_drift(netns_runner, pod) == []
-        assert status_of(node.api, pod) == "enabled"
+        assert status_annotation(node.api, pod) == "enabled"
     assert host_set_elements(node) == elements
     assert ztunnel.requests[-1].kind is not RequestKind.DEL
     await asyncio.wait_for(ztunnel.closed.wait(), WAIT)

@@ -20,7 +20,7 @@ import json
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +30,19 @@ import pytest
 
 from ztunnel_redirect import cni_plugin
 from ztunnel_redirect import constants as c
-from ztunnel_redirect.demo import AgentProcess, CniRuntime, prev_result
+from ztunnel_redirect.testing.agentprocess import (
+    AgentProcess,
+    CniRuntime,
+    connect_ztunnel,
+    metric,
+    prev_result,
+    standin_of,
+    wait_pod_settled,
+)
 from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode
-from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
+from ztunnel_redirect.testing.standin import Hop, HopKind
 from ztunnel_redirect.testing.traffic import App, request
 from ztunnel_redirect.zds import RequestKind
 
@@ -53,21 +61,6 @@ def measure(name: str, value: float, unit: str = "ms") -> None:
     print(f"MEASURE: {name}={value:.1f}{unit}")
 
 
-async def scrape(metrics_port: int) -> dict[str, float]:
-    """The agent's /metrics as {sample name with labels: value}."""
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-        session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response,
-    ):
-        text = await response.text()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
 # --- fixtures ---------------------------------------------------------------------------------
 
 
@@ -81,18 +74,14 @@ class Cluster:
     agents: list[AgentProcess] = field(default_factory=list)
     ztunnels: list[FakeZtunnel] = field(default_factory=list)
     apps: list[App] = field(default_factory=list)
-    metrics_port: int = 0
 
     async def start_agent(self) -> AgentProcess:
-        argv = self.node.agent_argv(
-            "--log-format", "json", "--log-level", "debug",
-            "--reconcile-period", "2",
-            readiness_port=0, metrics_port=0,
+        agent = AgentProcess.for_node(
+            self.node, "--log-level", "debug", "--reconcile-period", "2",
+            log_path=self.work / f"agent-{len(self.agents)}.log",
         )  # fmt: skip
-        agent = AgentProcess(argv, self.work / f"agent-{len(self.agents)}.log")
         self.agents.append(agent)
         await agent.start()
-        _, self.metrics_port = await agent.wait_ready()
         return agent
 
     @property
@@ -103,11 +92,8 @@ class Cluster:
         self, *, serve: bool = True, behaviour: Behaviour | None = None
     ) -> FakeZtunnel:
         """A new ztunnel connects and has received its snapshot."""
-        zt = FakeZtunnel(self.node.ztunnel_socket, serve=serve, behaviour=behaviour)
-        await zt.start()
+        zt = await connect_ztunnel(self.node.ztunnel_socket, serve=serve, behaviour=behaviour)
         self.ztunnels.append(zt)
-        async with asyncio.timeout(EVENT_TIMEOUT):
-            await zt.snapshot_done.wait()
         return zt
 
     def app(self, pod: NodePod) -> App:
@@ -152,9 +138,7 @@ async def cluster() -> AsyncIterator[Cluster]:
         async with contextlib.AsyncExitStack() as stack:
             api = await stack.enter_async_context(ApiServer())
             node = stack.enter_context(TestNode(api))
-            runtime = CniRuntime(
-                work / "bin", str(Path(node.run_dir) / c.PLUGIN_EVENT_SOCKET), node.kubeconfig
-            )
+            runtime = CniRuntime.for_node(node, work / "bin")
             runtime.install()  # as the installer does: the file in the CNI bin dir
             node.namespace(MESH_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
             node.namespace(PLAIN_NS)
@@ -170,53 +154,16 @@ async def cluster() -> AsyncIterator[Cluster]:
 # --- helpers ----------------------------------------------------------------------------------
 
 
-def standin_of(zt: FakeZtunnel, pod: NodePod) -> Standin:
-    workload = zt.workloads.get(pod.uid)  # type: ignore[call-overload]
-    assert workload is not None, f"ztunnel has no workload for {pod.name}"
-    assert isinstance(workload.data_plane, Standin)
-    return workload.data_plane
-
-
-async def first_connection(
-    cluster: Cluster, client: NodePod, server: NodePod, zt: FakeZtunnel
-) -> tuple[bytes, Hop]:
-    """The client pod's first connection to the server pod's app; the stand-in's hop for it."""
-    standin = standin_of(zt, client)
-    reply = await asyncio.to_thread(
-        request, client.path, server.ips[0], APP_PORT, timeout=TRAFFIC_TIMEOUT
-    )
-    hop = await asyncio.to_thread(
-        standin.wait_for,
-        lambda h: h.kind is HopKind.OUTBOUND and h.original_dst == (server.ips[0], APP_PORT),
-        timeout=TRAFFIC_TIMEOUT,
-    )
-    return reply, hop
-
-
 async def cni_add_seconds(cluster: Cluster) -> tuple[float, float]:
-    samples = await scrape(cluster.metrics_port)
+    samples = await cluster.agent.metrics()
     name = "ztunnel_redirect_cni_add_duration_seconds"
-    return samples.get(f"{name}_sum", 0.0), samples.get(f"{name}_count", 0.0)
+    return metric(samples, f"{name}_sum"), metric(samples, f"{name}_count")
 
 
 async def settle(cluster: Cluster, pod: NodePod) -> None:
-    """The kubelet reports the pod's IPs; then until the agent has handled every event of it: the
-    pod is annotated `enabled` with its IPs in the API, and two periodic passes (each waits until
-    the agent's queue is idle) have completed since."""
+    """The kubelet reports the pod's IPs; then until the agent has handled every event of it."""
     await asyncio.to_thread(cluster.node.report_ips, pod)
-
-    def enabled_with_ips(obj: Mapping[str, Any] | None) -> bool:
-        if obj is None:
-            return False
-        annotations = obj["metadata"].get("annotations") or {}
-        return (
-            bool(obj["status"].get("podIP")) and annotations.get(c.STATUS_ANNOTATION) == "enabled"
-        )
-
-    await cluster.api.wait_for_pod(pod.namespace, pod.name, enabled_with_ips, timeout=EVENT_TIMEOUT)
-    mark = cluster.agent.mark
-    first = await cluster.agent.wait_event("drift_pass_done", after=mark)
-    await cluster.agent.wait_event("drift_pass_done", after=cluster.agent.lines.index(first) + 1)
+    await wait_pod_settled(cluster.api, cluster.agent, pod)
 
 
 async def enroll(cluster: Cluster, name: str) -> NodePod:
@@ -310,9 +257,9 @@ async def test_pod_stays_redirected_between_add_and_the_kubelet_reporting_its_ip
     assert outcome.rc == 0, outcome.stdout + outcome.stderr
     # The annotation written by the ADD comes back through the watch, still without IPs
     # (the kubelet has not reported them); the agent handles that update.
-    await cluster.agent.wait_event("work_done", key=pod.uid, after=mark)
+    await cluster.agent.wait_event("work_done", key=pod.uid, since=mark)
 
-    assert cluster.agent.events("pod_leaving_mesh", pod_uid=pod.uid) == []
+    assert cluster.agent.find("pod_leaving_mesh", pod_uid=pod.uid) == []
     assert requests_for(zt, pod) == [RequestKind.ADD]
     # The app's very first connection goes through the ztunnel that got the pod at ADD.
     await caught(cluster, zt, pod, server)
@@ -383,7 +330,7 @@ async def test_ztunnel_restart_replays_the_snapshot_and_traffic_is_caught_again(
 
     mark = cluster.agent.mark
     await old.close()  # ztunnel died: its connection and its listeners in the pod are gone
-    await cluster.agent.wait_event("ztunnel_disconnected", after=mark)
+    await cluster.agent.wait_event("ztunnel_disconnected", since=mark)
     # Fail closed: with no ztunnel, the pod's traffic is still redirected, to nothing.
     with pytest.raises(ConnectionRefusedError):
         await connect(pod, server)
@@ -439,10 +386,10 @@ async def test_pod_deleted_while_ztunnel_is_away_is_not_in_its_next_snapshot(
 
     mark = cluster.agent.mark
     await old.close()
-    await cluster.agent.wait_event("ztunnel_disconnected", after=mark)
+    await cluster.agent.wait_event("ztunnel_disconnected", since=mark)
     await asyncio.to_thread(cluster.api.delete_pod, MESH_NS, "web-1")
     # No ztunnel to send a Del to: the agent forgets the pod anyway.
-    await cluster.agent.wait_event("pod_removed", pod_uid=going.uid, after=mark)
+    await cluster.agent.wait_event("pod_removed", pod_uid=going.uid, since=mark)
     await asyncio.to_thread(cluster.node.lab.delete, going.lab.netns)
 
     new = await cluster.ztunnel(serve=False)
@@ -517,7 +464,7 @@ async def test_garbage_on_both_sockets_is_refused_and_enrolled_pods_keep_working
     mark = agent.mark
     assert await asyncio.to_thread(raw_exchange, cluster.node.ztunnel_socket,
                                    socket.SOCK_SEQPACKET, GARBAGE) == b""  # fmt: skip
-    await agent.wait_event("ztunnel_rejected", reason="undecodable", after=mark)
+    await agent.wait_event("ztunnel_rejected", reason="undecodable", since=mark)
     rogue = FakeZtunnel(cluster.node.ztunnel_socket)
     await rogue.start()
     cluster.ztunnels.append(rogue)
@@ -526,7 +473,7 @@ async def test_garbage_on_both_sockets_is_refused_and_enrolled_pods_keep_working
     await rogue.send_raw(GARBAGE)
     async with asyncio.timeout(EVENT_TIMEOUT):
         await rogue.closed.wait()
-    await agent.wait_event("ztunnel_disconnected", reason="unexpected_message", after=mark)
+    await agent.wait_event("ztunnel_disconnected", reason="unexpected_message", since=mark)
 
     # The enrolled pod and the real ztunnel are untouched; a new pod still gets in.
     assert not zt.closed.is_set()
@@ -535,5 +482,5 @@ async def test_garbage_on_both_sockets_is_refused_and_enrolled_pods_keep_working
     newcomer = await cluster.new_pod("web-1")
     outcome = await cluster.runtime.add(newcomer)
     assert outcome.rc == 0, outcome.stdout + outcome.stderr
-    assert agent.events("cni_add_crashed") == []
+    assert agent.find("cni_add_crashed") == []
     assert zt.violations == []

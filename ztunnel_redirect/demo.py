@@ -9,44 +9,45 @@ which stand-in caught which connection and the address the app saw; a table flus
 the periodic pass repairing it. Everything this run created is removed at the end, also on
 Ctrl-C or failure, and the run checks that none of its `zr-` namespaces is left.
 
-`AgentProcess` and `CniRuntime` are also what the end-to-end tests drive.
+The agent process, the CNI runtime and what they are observed through come from
+`testing.agentprocess`, which the end-to-end tests drive too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from ztunnel_redirect import cni_plugin, logs
 from ztunnel_redirect import constants as c
+from ztunnel_redirect import logs
+from ztunnel_redirect.testing.agentprocess import (
+    EVENT_TIMEOUT,
+    AgentProcess,
+    AgentWaitError,
+    CniRuntime,
+    connect_ztunnel,
+    prev_result,
+    standin_of,
+    status_annotation,
+    wait_pod_settled,
+)
 from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
 from ztunnel_redirect.testing.netnslab import PREFIX, leftovers
 from ztunnel_redirect.testing.node import NodePod, TestNode
-from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
+from ztunnel_redirect.testing.standin import Hop, HopKind
 from ztunnel_redirect.testing.traffic import App, request
 from ztunnel_redirect.zds import RequestKind
 
-__all__ = ["AgentProcess", "CniRuntime", "DemoError", "PluginRun", "main", "prev_result"]
+__all__ = ["DemoError", "main"]
 
-PLUGIN: Final = Path(cni_plugin.__file__)
-PLUGIN_NAME: Final = "ztunnel-redirect-cni"
-AGENT_READY_TIMEOUT: Final = 30.0
-EVENT_TIMEOUT: Final = 15.0
-PLUGIN_TIMEOUT: Final = 15.0
-"""The plugin's own agent timeout is 5 s; this only bounds a wedged child."""
-STOP_TIMEOUT: Final = 10.0
 TRAFFIC_TIMEOUT: Final = 5.0
 PERIOD: Final = 2.0
 """The agent's periodic pass in the demo (seconds)."""
@@ -56,231 +57,6 @@ NAMESPACE: Final = "demo"
 
 class DemoError(Exception):
     """Something the demo expected did not happen; the message says what."""
-
-
-# --- the agent as a process -------------------------------------------------------------------
-
-
-class AgentProcess:
-    """The real agent process with JSON logs on stderr, followed line by line.
-
-    A reader task copies every stderr line to `log_path` and keeps the parsed lines, so that a
-    caller waits for an event (`wait_event`) instead of sleeping. When the process exits early,
-    a wait fails at once with the log's tail.
-    """
-
-    def __init__(self, argv: list[str], log_path: Path) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self.lines: list[dict[str, Any]] = []
-        self._changed = asyncio.Condition()
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._exited = False
-
-    async def start(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            *self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            limit=1 << 20,
-        )
-        self._reader = asyncio.create_task(self._read(self._proc), name="agent-log-reader")
-
-    async def _read(self, proc: asyncio.subprocess.Process) -> None:
-        stream = proc.stderr
-        if stream is None:  # pragma: no cover - start() always pipes stderr
-            return
-        try:
-            with self.log_path.open("a") as out:
-                while line := await stream.readline():
-                    text = line.decode(errors="replace")
-                    out.write(text)
-                    out.flush()
-                    async with self._changed:
-                        self.lines.append(_parse_line(text))
-                        self._changed.notify_all()
-        finally:
-            async with self._changed:
-                self._exited = True
-                self._changed.notify_all()
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._proc is None else self._proc.pid
-
-    @property
-    def mark(self) -> int:
-        """The number of log lines so far (`wait_event(after=mark)` waits for a newer one)."""
-        return len(self.lines)
-
-    def events(self, event: str, **fields: Any) -> list[dict[str, Any]]:
-        return [line for line in self.lines if _matches(line, event, fields)]
-
-    def tail(self, n: int = 30) -> str:
-        return "".join(json.dumps(line) + "\n" for line in self.lines[-n:])
-
-    async def wait_event(
-        self,
-        event: str,
-        *,
-        timeout: float = EVENT_TIMEOUT,  # noqa: ASYNC109 - fails with the agent's log tail
-        after: int = 0,
-        **fields: Any,
-    ) -> dict[str, Any]:
-        """The first log line with this event (and these fields) from line `after` on."""
-
-        def find() -> dict[str, Any] | None:
-            return next((x for x in self.lines[after:] if _matches(x, event, fields)), None)
-
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                await self._changed.wait_for(lambda: find() is not None or self._exited)
-        except TimeoutError:
-            raise DemoError(
-                f"agent logged no {event} {fields} within {timeout}s; its last lines:\n"
-                f"{self.tail()}"
-            ) from None
-        found = find()
-        if found is None:
-            raise DemoError(f"agent exited before logging {event} {fields}:\n{self.tail()}")
-        return found
-
-    async def wait_ready(self) -> tuple[int, int]:
-        """Until `agent_ready`; returns the (readiness, metrics) ports it bound."""
-        ops = await self.wait_event("ops_server_started", timeout=AGENT_READY_TIMEOUT)
-        await self.wait_event("agent_ready", timeout=AGENT_READY_TIMEOUT)
-        return int(ops["readiness_port"]), int(ops["metrics_port"])
-
-    async def stop(self) -> int | None:
-        """SIGTERM (the agent leaves rules in place), SIGKILL after STOP_TIMEOUT; the exit code."""
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-        if self._reader is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(STOP_TIMEOUT):
-                    await self._reader
-        self._proc = None
-        return proc.returncode
-
-
-def _parse_line(text: str) -> dict[str, Any]:
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        return {"event": "unparsed", "text": text}
-    return parsed if isinstance(parsed, dict) else {"event": "unparsed", "text": text}
-
-
-def _matches(line: Mapping[str, Any], event: str, fields: Mapping[str, Any]) -> bool:
-    return line.get("event") == event and all(line.get(k) == v for k, v in fields.items())
-
-
-# --- the plugin, as the container runtime runs it -----------------------------------------------
-
-
-@dataclass(frozen=True)
-class PluginRun:
-    rc: int
-    stdout: str
-    stderr: str
-    seconds: float
-    """From process start to exit."""
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-
-def prev_result(pod: NodePod) -> dict[str, Any]:
-    """What the primary CNI hands on for a lab pod (ptp-like: /32 and /128 addresses)."""
-    return {
-        "cniVersion": "1.0.0",
-        "interfaces": [{"name": "eth0", "sandbox": pod.path}],
-        "ips": [{"address": f"{ip}/{128 if ':' in ip else 32}", "interface": 0} for ip in pod.ips],
-        "routes": [{"dst": "0.0.0.0/0"}],
-        "dns": {},
-    }
-
-
-@dataclass
-class CniRuntime:
-    """Runs the installed plugin file (`bin_dir/ztunnel-redirect-cni`) as a container runtime."""
-
-    bin_dir: Path
-    event_socket: str
-    kubeconfig: Path
-    runs: list[PluginRun] = field(default_factory=list)
-
-    @property
-    def plugin(self) -> Path:
-        return self.bin_dir / PLUGIN_NAME
-
-    def install(self) -> None:
-        """As the installer does: the plugin file copied into the CNI bin dir, executable."""
-        self.bin_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(PLUGIN, self.plugin)
-        self.plugin.chmod(0o755)
-
-    def conf(self, pod: NodePod) -> dict[str, Any]:
-        return {
-            "cniVersion": "1.0.0",
-            "name": "lab",
-            "type": PLUGIN_NAME,
-            "plugin_event_socket": self.event_socket,
-            "kubeconfig": str(self.kubeconfig),
-            "prevResult": prev_result(pod),
-        }
-
-    async def run(self, command: str, pod: NodePod, *, stdin: bytes | None = None) -> PluginRun:
-        env = {
-            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-            "CNI_COMMAND": command,
-            "CNI_CONTAINERID": pod.uid.replace("-", "") + "0" * 32,
-            "CNI_NETNS": pod.path,
-            "CNI_IFNAME": "eth0",
-            "CNI_ARGS": (
-                f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
-                f"K8S_POD_INFRA_CONTAINER_ID={pod.uid[:8]}"
-            ),
-            "CNI_PATH": str(self.bin_dir),
-        }
-        data = json.dumps(self.conf(pod)).encode() if stdin is None else stdin
-        started = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            str(self.plugin),
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            async with asyncio.timeout(PLUGIN_TIMEOUT):
-                out, err = await proc.communicate(data)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        seconds = time.perf_counter() - started
-        rc = proc.returncode if proc.returncode is not None else -1
-        outcome = PluginRun(rc, out.decode(), err.decode(), seconds)
-        self.runs.append(outcome)
-        return outcome
-
-    async def add(self, pod: NodePod) -> PluginRun:
-        return await self.run("ADD", pod)
 
 
 # --- the story ------------------------------------------------------------------------------------
@@ -302,19 +78,6 @@ class _Narrator:
             print(f"    {line}", flush=True)
 
 
-def _standin(zt: FakeZtunnel, pod: NodePod) -> Standin:
-    workload = zt.workloads.get(pod.uid)  # type: ignore[call-overload]
-    if workload is None or not isinstance(workload.data_plane, Standin):
-        raise DemoError(f"the fake ztunnel holds no workload for pod {pod.name}")
-    return workload.data_plane
-
-
-def _annotation(api: ApiServer, pod: NodePod) -> str | None:
-    obj = api.get_pod(pod.namespace, pod.name) or {}
-    value = (obj.get("metadata", {}).get("annotations") or {}).get(c.STATUS_ANNOTATION)
-    return None if value is None else str(value)
-
-
 def _short_ruleset(pod: NodePod) -> str:
     """The pod's nat table, comments and counters stripped, and its policy-routing rule."""
     table = pod.lab.netns.exec("nft", "list", "table", "inet", c.NAT_TABLE)
@@ -327,28 +90,11 @@ def _short_ruleset(pod: NodePod) -> str:
     return "\n".join([*lines, f"ip rule  {rule.strip()}"])
 
 
-async def _settled(api: ApiServer, agent: AgentProcess, pod: NodePod) -> None:
-    """Until the pod is `enabled` with its IPs in the API and a periodic pass has completed since
-    (each pass waits until the agent's queue is idle, so every event of the pod was handled)."""
-
-    def holds(obj: Mapping[str, Any] | None) -> bool:
-        if obj is None:
-            return False
-        annotations = obj["metadata"].get("annotations") or {}
-        return (
-            bool(obj["status"].get("podIP")) and annotations.get(c.STATUS_ANNOTATION) == "enabled"
-        )
-
-    await api.wait_for_pod(pod.namespace, pod.name, holds, timeout=EVENT_TIMEOUT)
-    first = await agent.wait_event("drift_pass_done", after=agent.mark)
-    await agent.wait_event("drift_pass_done", after=agent.lines.index(first) + 1)
-
-
 async def _connect(
     say: _Narrator, zt: FakeZtunnel, client: NodePod, server: NodePod
 ) -> tuple[Hop, Hop]:
     """One request client → server's app; says which stand-in caught it and what the app saw."""
-    out_standin, in_standin = _standin(zt, client), _standin(zt, server)
+    out_standin, in_standin = standin_of(zt, client), standin_of(zt, server)
     out_standin.clear()
     in_standin.clear()
     reply = await asyncio.to_thread(
@@ -391,21 +137,15 @@ async def _story(say: _Narrator, api: ApiServer, node: TestNode, work: Path) -> 
     say.say(f"pods: a {a.ips[0]} and b {b.ips[0]} in namespace {NAMESPACE!r}, not in the mesh")
 
     say.step("start the agent (a real process) and a fake ztunnel")
-    argv = node.agent_argv(
-        "--log-format", "json", "--log-level", "debug", "--reconcile-period", str(PERIOD),
-        readiness_port=0, metrics_port=0,
-    )  # fmt: skip
-    agent = AgentProcess(argv, work / "agent.log")
+    agent = AgentProcess.for_node(
+        node, "--log-level", "debug", "--reconcile-period", str(PERIOD), log_path=work / "agent.log"
+    )
     zt: FakeZtunnel | None = None
     apps: list[App] = []
     try:
         await agent.start()
-        await agent.wait_ready()
         say.say(f"agent pid {agent.pid} is ready; its log: {agent.log_path}")
-        zt = FakeZtunnel(node.ztunnel_socket, serve=True)
-        await zt.start()
-        async with asyncio.timeout(EVENT_TIMEOUT):
-            await zt.snapshot_done.wait()
+        zt = await connect_ztunnel(node.ztunnel_socket)
         say.say(f"ztunnel connected on {node.ztunnel_socket} and got its (empty) snapshot")
         scene = _Scene(say, api, node, agent, zt, work, apps)
         await _enrolled_story(scene, a, b)
@@ -446,9 +186,7 @@ async def _enrolled_story(scene: _Scene, a: NodePod, b: NodePod) -> None:
 
     say.step("pod c is created the way a container runtime does it: the CNI plugin")
     c_pod = await asyncio.to_thread(node.add_pod, "c", NAMESPACE, ips=False)
-    runtime = CniRuntime(
-        work / "bin", str(Path(node.run_dir) / c.PLUGIN_EVENT_SOCKET), node.kubeconfig
-    )
+    runtime = CniRuntime.for_node(node, work / "bin")
     runtime.install()
     outcome = await runtime.add(c_pod)
     if outcome.rc != 0:
@@ -459,7 +197,7 @@ async def _enrolled_story(scene: _Scene, a: NodePod, b: NodePod) -> None:
         f"{outcome.json == prev_result(c_pod)}"
     )
     await asyncio.to_thread(node.report_ips, c_pod)
-    await _settled(api, agent, c_pod)
+    await wait_pod_settled(api, agent, c_pod)
     seen = ", ".join(r.kind.value for r in zt.requests if r.uid == c_pod.uid)
     say.say(
         f"the kubelet reported c's IP {c_pod.ips[0]}; c is enrolled "
@@ -480,7 +218,7 @@ async def _enrolled_story(scene: _Scene, a: NodePod, b: NodePod) -> None:
 
     say.step("the annotation on each pod")
     for pod in (a, b, c_pod):
-        say.say(f"{pod.name}: {c.STATUS_ANNOTATION}={_annotation(api, pod)}")
+        say.say(f"{pod.name}: {c.STATUS_ANNOTATION}={status_annotation(api, pod)}")
 
     say.step(f"drift: flush table inet {c.NAT_TABLE} in pod a by hand")
     mark = agent.mark
@@ -489,7 +227,7 @@ async def _enrolled_story(scene: _Scene, a: NodePod, b: NodePod) -> None:
     rules = await asyncio.to_thread(a.lab.netns.exec, "nft", "list", "table", "inet", c.NAT_TABLE)
     say.say(f"after the flush the table holds {rules.count('redirect')} redirect rules")
     repaired = await agent.wait_event(
-        "drift_repaired", pod_uid=a.uid, after=mark, timeout=2 * PERIOD + EVENT_TIMEOUT
+        "drift_repaired", pod_uid=a.uid, since=mark, timeout=2 * PERIOD + EVENT_TIMEOUT
     )
     took = time.monotonic() - flushed_at
     rules = await asyncio.to_thread(a.lab.netns.exec, "nft", "list", "table", "inet", c.NAT_TABLE)
@@ -548,7 +286,7 @@ def main() -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("\ninterrupted; what the demo created was removed", file=sys.stderr)
         return 130
-    except DemoError as exc:
+    except (DemoError, AgentWaitError) as exc:
         print(f"\ndemo failed: {exc}", file=sys.stderr)
         return 1
     print("\ndemo finished", flush=True)
