@@ -681,14 +681,6 @@ async def test_label_change_acts_at_once_on_a_pod_in_retry_backoff(
     assert await rules_drift(netns_runner, a) != []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="reconciler._enroll runs the Istio migration for every adopted pod, also after "
-    "--no-reconcile-on-startup only reported its drift, and migrate_pod_here installs our rules "
-    "before detecting Istio's (none here): the pod is repaired before ready, logged as "
-    "pod_migrated(installed=...) and not counted as a drift repair",
-)
 async def test_without_repair_on_startup_drift_is_reported_and_left_until_a_pass(
     node: TestNode,
     pods: tuple[NodePod, NodePod],

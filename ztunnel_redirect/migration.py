@@ -368,14 +368,18 @@ def remove_host_iptables_here(found: IstioIptables) -> list[str]:
 
 
 def migrate_pod_here(state: PodState, forms: KernelForms) -> MigrationReport:
-    """Install our pod rules, then remove Istio's iptables rules (in the pod's netns).
+    """When Istio's iptables rules are in the pod's netns: install ours, then remove theirs.
 
-    Idempotent: on a migrated pod it finds nothing and writes nothing.
+    Detection only reads, so a pod without Istio's rules is left exactly as it is (what our
+    own rules need is the reconciler's business, e.g. report-only at start-up). Idempotent: on a
+    migrated pod it finds nothing and writes nothing.
     """
+    found = detect_here()
+    if not found.found:
+        return MigrationReport((), found, ())
     # No remembered verification: migration always reads our tables back before trusting them.
     installed = apply_here(state, forms).drifts
-    found = detect_here()
-    removed = remove_pod_iptables_here(found) if found.found else []
+    removed = remove_pod_iptables_here(found)
     return MigrationReport(tuple(str(d) for d in installed), found, tuple(removed))
 
 
