@@ -4,8 +4,10 @@ Every function named `*_here` runs on a `NetnsRunner` worker that has entered a 
 (`runner.run(path, fn, ...)`), so ours and the baseline pay the same cost to get there and the
 comparison isolates how the rules are installed.
 
-- ours: libnftables in-process through `PodRules` / the functions of `podrules` (read first,
-  write only what differs), routing over rtnetlink (`routing`).
+- ours: the core's own functions, as the agent runs them: `PodRules.apply(..., fresh=True)` for
+  a new sandbox (a netns still at nftables generation 1 is not listed, the routing is not read),
+  `podrules.sync_tables_here` / `sync_routing_here` for each half alone, and `PodRules.check`
+  (with its remembered generations) for the drift pass.
 - baseline, Istio's method: one `nft -f -` process per pod fed `pod_ruleset(options).script()`.
   The child is spawned from the worker thread with `subprocess.run`, so it inherits the thread's
   netns (SPEC §12 trap 5: asyncio's subprocess on the loop thread would not). Its routing is done
@@ -20,10 +22,9 @@ from pathlib import Path
 from typing import Final
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import routing
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.podrules import KernelForms, PodState, read_tables, repair_script, table_drift
+from ztunnel_redirect.podrules import KernelForms, PodState, sync_routing_here, sync_tables_here
 from ztunnel_redirect.render import Ruleset
 
 NFT_TIMEOUT: Final = 10.0
@@ -45,7 +46,7 @@ class Method(Enum):
             Method.BASE_RULES: "baseline (nft -f child) rules only",
             Method.OURS_RULES: "ours (libnftables) rules only",
             Method.BASE_FULL: "baseline rules + our routing",
-            Method.OURS_FULL: "ours PodRules.apply (rules + routing)",
+            Method.OURS_FULL: "ours PodRules.apply(fresh=True) (rules + routing)",
             Method.OURS_ROUTING: "ours routing only (rtnetlink)",
         }[self]
 
@@ -56,33 +57,22 @@ def table_names(ruleset: Ruleset) -> tuple[str, ...]:
 
 
 def ours_rules_here(state: PodState, forms: KernelForms) -> list[Drift]:
-    """The nftables half of `podrules.apply_here`: read, compare, write one transaction."""
-    with Nft() as nft:
-        actual = read_tables(nft, table_names(state.ruleset))
-        drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
-        if drifts:
-            nft.run(repair_script(state.ruleset, drifts))
-    return drifts
+    """The nftables half of `podrules.apply_here` on a pod never seen (no remembered generation)."""
+    return sync_tables_here(state, forms, None, write=True).drifts
 
 
 def table_drift_here(state: PodState, forms: KernelForms) -> list[Drift]:
-    """The nftables half of `podrules.check_here`. Reads only."""
-    with Nft() as nft:
-        actual = read_tables(nft, table_names(state.ruleset))
-    return table_drift(state.ruleset, forms.of(state.ruleset), actual)
+    """The nftables half of `podrules.check_here`, without a remembered generation. Reads only."""
+    return sync_tables_here(state, forms, None, write=False).drifts
 
 
-def routing_here(*, ipv6: bool) -> list[routing.RoutingItem]:
-    """The routing half of `podrules.apply_here`; returns what was added."""
-    with routing.Rtnl() as rtnl:
-        missing = routing.check(rtnl, ipv6=ipv6)
-        routing.add(rtnl, missing)
-    return missing
+def routing_here(state: PodState) -> list[Drift]:
+    """The routing half of `podrules.apply_here` for a new sandbox (`fresh`: nothing read)."""
+    return sync_routing_here(state, write=True, fresh=True)
 
 
-def routing_missing_here(*, ipv6: bool) -> list[routing.RoutingItem]:
-    with routing.Rtnl() as rtnl:
-        return routing.check(rtnl, ipv6=ipv6)
+def routing_missing_here(state: PodState) -> list[Drift]:
+    return sync_routing_here(state, write=False)
 
 
 def baseline_rules_here(script: str) -> None:
@@ -99,9 +89,9 @@ def baseline_rules_here(script: str) -> None:
         raise RuntimeError(f"nft -f - failed: {result.stderr.strip()}")
 
 
-def baseline_full_here(script: str, *, ipv6: bool) -> None:
+def baseline_full_here(script: str, state: PodState) -> None:
     baseline_rules_here(script)
-    routing_here(ipv6=ipv6)
+    routing_here(state)
 
 
 def flush_nat_here() -> None:

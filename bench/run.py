@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import cProfile
 import io
+import logging
 import math
 import os
 import platform
@@ -41,7 +42,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Final, TypeVar
 
+import structlog
+
 from bench import report
+from bench.agent import AgentConfig, measure_agent, memory_floor
 from bench.methods import (
     Method,
     baseline_full_here,
@@ -58,13 +62,20 @@ from bench.methods import (
     table_names,
 )
 from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, remove_leftovers
-from bench.steps import apply_steps_here, check_steps_here
+from bench.steps import TimedForms, apply_steps_here, check_steps_here
 from bench.summary import Latency, Phase, merge
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.podrules import KernelForms, PodRules, PodState, apply_here, check_here
+from ztunnel_redirect.podrules import (
+    KernelForms,
+    Outcome,
+    PodRules,
+    PodState,
+    apply_here,
+    check_here,
+)
 from ztunnel_redirect.testing.netnslab import Netns
 
 T = TypeVar("T")
@@ -72,6 +83,7 @@ T = TypeVar("T")
 DEFAULT_OUT: Final = Path(__file__).resolve().parent / "results"
 MAX_ROUNDS: Final = 500
 """Bound on repeated rounds for small N."""
+PROFILE_KINDS: Final = ("apply_fresh", "check_first", "check_steady")
 VERIFY_SAMPLE: Final = 5
 """Pods per method whose installed state is checked after the install phase."""
 
@@ -91,6 +103,8 @@ class Config:
     handle_sample: int
     profile_pods: int
     options: PodOptions = field(default_factory=PodOptions)
+    agent: AgentConfig | None = None
+    """The agent-level measurements (None: not run)."""
 
 
 def netns_of_this_thread() -> str:
@@ -143,27 +157,29 @@ class Bench:
     async def install(self, method: Method, ns: Netns) -> None:
         o = self.config.options
         if method is Method.OURS_FULL:
-            if not await self.rules.apply(ns.path, o):
+            # As the agent installs a new sandbox (CNI ADD): `fresh`, routing not read.
+            if not await self.rules.apply(ns.path, o, fresh=True):
                 raise BenchError(f"apply on fresh {ns.name} reported nothing to do")
         elif method is Method.OURS_RULES:
             await self.runner.run(ns.path, ours_rules_here, self.state, self.forms)
         elif method is Method.OURS_ROUTING:
-            await self.runner.run(ns.path, routing_here, ipv6=o.ipv6)
+            await self.runner.run(ns.path, routing_here, self.state)
         elif method is Method.BASE_RULES:
             await self.runner.run(ns.path, baseline_rules_here, self.script)
         else:
-            await self.runner.run(ns.path, baseline_full_here, self.script, ipv6=o.ipv6)
+            await self.runner.run(ns.path, baseline_full_here, self.script, self.state)
 
     async def verify(self, method: Method, ns: Netns) -> None:
         """The method installed what it must (drift reads are the kernel's word for it)."""
-        o = self.config.options
         problems: list[object] = []
         if method in (Method.OURS_FULL, Method.BASE_FULL):
-            problems += await self.rules.check(ns.path, o)
+            # Not through `self.rules`: it would remember the generation, and the first drift
+            # pass would skip these pods' listing.
+            problems += (await self.runner.run(ns.path, check_here, self.state, self.forms)).drifts
         if method in (Method.OURS_RULES, Method.BASE_RULES):
             problems += await self.runner.run(ns.path, table_drift_here, self.state, self.forms)
         if method is Method.OURS_ROUTING:
-            problems += await self.runner.run(ns.path, routing_missing_here, ipv6=o.ipv6)
+            problems += await self.runner.run(ns.path, routing_missing_here, self.state)
         if problems:
             raise BenchError(f"{method.value} left {ns.name} wrong: {problems[:3]}")
 
@@ -323,10 +339,16 @@ async def measure_drift(bench: Bench, enrolled: list[Netns]) -> dict[str, Any]:
             concurrency=cfg.concurrency,
             what="genid pass",
         )
-        say(f"N={n}: {cfg.drift_passes} drift-check passes over {n} healthy pods")
+        # PodRules.check as the agent's pass calls it: the first pass after the installs lists
+        # every pod's tables (an apply that wrote trusts no generation); from the second pass on
+        # (the steady state) a pod whose nftables generation has not moved is not listed.
+        say(f"N={n}: first drift-check pass and {cfg.drift_passes} more over {n} healthy pods")
+        first, results = await check_pass(bench, enrolled, "check pass 1 (first)")
+        if drifted := sum(1 for r in results if r):
+            raise BenchError(f"first healthy pass reported drift in {drifted} pods")
         passes = []
         for p in range(cfg.drift_passes):
-            phase, results = await check_pass(bench, enrolled, f"check pass {p + 1}")
+            phase, results = await check_pass(bench, enrolled, f"check pass {p + 2}")
             drifted = sum(1 for r in results if r)
             if drifted:
                 raise BenchError(f"healthy pass reported drift in {drifted} pods")
@@ -339,6 +361,7 @@ async def measure_drift(bench: Bench, enrolled: list[Netns]) -> dict[str, Any]:
         gen_changed = sum(1 for a, b in zip(gen_before, gen_after, strict=True) if a != b)
         if gen_changed:
             raise BenchError(f"a check wrote nftables: generation id moved in {gen_changed} pods")
+        out["first_pass"] = first.as_dict() | {"pods": n, "drift_reported": 0}
         walls = sorted(p.wall_s for p in passes)
         cpus = sorted(p.cpu_s for p in passes)
         out["healthy"] = {
@@ -437,30 +460,60 @@ def _profiled_here(prof: cProfile.Profile, fn: Callable[..., T], *args: Any) -> 
 
 
 async def measure_profile(bench: Bench, out: Path) -> dict[str, Any]:
-    """Where the time of apply and check goes: timed steps, and cProfile on the worker."""
+    """Where the time of apply and check goes, as the agent calls them: a fresh install, the
+    first check after it (lists the tables), a steady-state check (generation unchanged). Timed
+    by step on the worker, then cProfile of the same calls on fresh pods."""
     k = bench.config.profile_pods
-    say(f"profile: apply and check, by step, on {k} fresh pods")
+    say(f"profile: fresh apply, first and steady check, by step, on {k} fresh pods")
+    forms = TimedForms()
+    steps: dict[str, dict[str, list[float]]] = {kind: {} for kind in PROFILE_KINDS}
+
+    def record(kind: str, timings: dict[str, float]) -> None:
+        for step, ms in timings.items():
+            steps[kind].setdefault(step, []).append(ms)
+
     pods = await bench.factory.create_many("profile", k)
     try:
-        steps: dict[str, dict[str, list[float]]] = {"apply": {}, "check": {}}
-        for kind, fn in (("apply", apply_steps_here), ("check", check_steps_here)):
-            for ns in pods:
-                timings = await bench.runner.run(ns.path, fn, bench.state, bench.forms)
-                for step, ms in timings.items():
-                    steps[kind].setdefault(step, []).append(ms)
-        for ns in pods:  # start over from empty pods for the cProfile run
-            await bench.rules.remove(ns.path)
-        prof = {"apply": cProfile.Profile(), "check": cProfile.Profile()}
-        for kind, fn2 in (("apply", apply_here), ("check", check_here)):
-            for ns in pods:
-                await bench.runner.run(
-                    ns.path, _profiled_here, prof[kind], fn2, bench.state, bench.forms
-                )
+        await bench.runner.run(None, forms.of, bench.state.ruleset)  # learnt once, not per pod
+        for ns in pods:
+            timings, _ = await bench.runner.run(
+                ns.path, apply_steps_here, bench.state, forms, None, fresh=True
+            )
+            record("apply_fresh", timings)
+            timings, first = await bench.runner.run(
+                ns.path, check_steps_here, bench.state, forms, None
+            )
+            record("check_first", timings)
+            timings, _ = await bench.runner.run(
+                ns.path, check_steps_here, bench.state, forms, first.verified
+            )
+            record("check_steady", timings)
+    finally:
+        bench.factory.remove(pods)
+    pods = await bench.factory.create_many("cprofile", k)
+    try:
+        prof = {kind: cProfile.Profile() for kind in PROFILE_KINDS}
+        for ns in pods:
+            await bench.runner.run(
+                ns.path, _profiled_here, prof["apply_fresh"], _apply_fresh, bench.state, forms
+            )
+            first = await bench.runner.run(
+                ns.path, _profiled_here, prof["check_first"], check_here, bench.state, forms
+            )
+            await bench.runner.run(
+                ns.path,
+                _profiled_here,
+                prof["check_steady"],
+                check_here,
+                bench.state,
+                forms,
+                first.verified,
+            )
         text = io.StringIO()
         for kind, p in prof.items():
-            text.write(f"==== {kind}_here over {k} pods, by own time ====\n")
+            text.write(f"==== {kind} over {k} pods, by own time ====\n")
             pstats.Stats(p, stream=text).sort_stats("tottime").print_stats(20)
-            text.write(f"==== {kind}_here over {k} pods, cumulative ====\n")
+            text.write(f"==== {kind} over {k} pods, cumulative ====\n")
             pstats.Stats(p, stream=text).sort_stats("cumulative").print_stats(25)
         (out / "profile.txt").write_text(text.getvalue())
     finally:
@@ -469,6 +522,10 @@ async def measure_profile(bench: Bench, out: Path) -> dict[str, Any]:
         kind: {step: round(Latency.of(v).p50_ms, 4) for step, v in by_step.items()}
         for kind, by_step in steps.items()
     } | {"pods": k, "note": "p50 ms per step, timed on the worker; cProfile in profile.txt"}
+
+
+def _apply_fresh(state: PodState, forms: KernelForms) -> Outcome:
+    return apply_here(state, forms, None, fresh=True)
 
 
 def _command(*argv: str) -> str:
@@ -525,6 +582,28 @@ async def bench_all(
     data: dict[str, Any] = {"sizes": sizes}
     if profile:
         data["profile"] = await measure_profile(bench, out)
+    agent = bench.config.agent
+    if agent is not None:
+        t0 = time.perf_counter()
+        say(f"agent: sizes {list(agent.sizes)}, {agent.samples} CNI ADDs per size")
+        by_size, samples = await measure_agent(
+            bench.runner, bench.factory, agent, profile_out=out if profile else None
+        )
+        agent_profile = by_size.pop("profile", None)
+        data["agent"] = {
+            "sizes": by_size,
+            "profile": agent_profile,
+            "baseline": await memory_floor(),
+            "samples": samples,
+            "config": {
+                "sizes": list(agent.sizes),
+                "samples": agent.samples,
+                "drift_passes": agent.drift_passes,
+                "reconcile_period_s": agent.period_for(max(agent.sizes)),
+                "log_level": "debug",
+            },
+            "duration_s": round(time.perf_counter() - t0, 1),
+        }
     return data, raw
 
 
@@ -540,6 +619,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loaded-pods", type=int, default=50, help="pods installed with N enrolled")
     p.add_argument("--handle-sample", type=int, default=10, help="pods whose handles are compared")
     p.add_argument("--profile-pods", type=int, default=200, help="0: no profile")
+    p.add_argument("--agent-sizes", help="pods N for the agent part (default: --sizes)")
+    p.add_argument("--agent-samples", type=int, default=30, help="CNI ADDs measured per N")
+    p.add_argument("--agent-drift-passes", type=int, default=3)
+    p.add_argument("--no-agent", action="store_true", help="skip the agent-level measurements")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
     p.add_argument(
@@ -553,6 +636,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.loaded_pods = 5
         args.handle_sample = 3
         args.profile_pods = 0
+        args.agent_sizes = "3"
+        args.agent_samples = 3
+        args.agent_drift_passes = 1
     return args
 
 
@@ -560,6 +646,17 @@ def config_of(args: argparse.Namespace) -> Config:
     sizes = tuple(int(s) for s in str(args.sizes).split(",") if s.strip())
     if not sizes or min(sizes) < 1 or args.concurrency < 1:
         raise SystemExit("--sizes needs positive counts, --concurrency at least 1")
+    options = PodOptions(ipv6=not args.no_ipv6, dns_capture=not args.no_dns_capture)
+    agent_sizes = tuple(int(x) for x in str(args.agent_sizes or args.sizes).split(",") if x.strip())
+    if not agent_sizes or min(agent_sizes) < 1 or args.agent_samples < 1:
+        raise SystemExit("--agent-sizes needs positive counts, --agent-samples at least 1")
+    agent = AgentConfig(
+        sizes=agent_sizes,
+        samples=args.agent_samples,
+        drift_passes=max(1, args.agent_drift_passes),
+        options=options,
+        reconcile_period=1.0,
+    )
     return Config(
         sizes=sizes,
         min_samples=args.min_samples,
@@ -569,7 +666,8 @@ def config_of(args: argparse.Namespace) -> Config:
         drift_fraction=args.drift_fraction,
         handle_sample=max(1, args.handle_sample),
         profile_pods=args.profile_pods,
-        options=PodOptions(ipv6=not args.no_ipv6, dns_capture=not args.no_dns_capture),
+        options=options,
+        agent=None if args.no_agent else agent,
     )
 
 
@@ -589,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, _interrupt)
+    # The stand-ins log every hop at debug level on this process's stdout: keep only warnings.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     run_id = secrets.token_hex(3)
     runner = NetnsRunner(workers=config.concurrency)
     factory = PodFactory(runner, run_id=run_id)

@@ -1,76 +1,162 @@
-"""`podrules.apply_here` and `check_here`, step by step with a clock, to see where time goes.
+"""Where the time of `podrules.apply_here` / `check_here` goes: the core's own functions, each
+timed where the core calls it.
 
-Same calls in the same order as the core (read tables, compare with the kernel forms, one
-transaction; then the routing check and add), each step timed on the worker. Kept apart from the
-install methods: the core is measured as it is, this only explains its numbers.
+Nothing of the core is re-implemented here: for the duration of one call, the names that
+`ztunnel_redirect.podrules` looks up (`generation`, `Nft`, `TableListing`, `table_drift`,
+`repair_script`, `routing`) are swapped for timed wrappers around the very same objects, then
+restored. Run it on a `NetnsRunner` worker with nothing else running in the process (the swap is
+process-wide), as `measure_profile` does. Steps do not overlap; `other` is the rest of `total`
+(the core's own glue).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from typing import TypeVar
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, ParamSpec, TypeVar
 
-from bench.methods import table_names
-from ztunnel_redirect import routing
+from ztunnel_redirect import podrules, routing
 from ztunnel_redirect.drift import TableListing
-from ztunnel_redirect.nft import Nft
-from ztunnel_redirect.podrules import KernelForms, PodState, repair_script, table_drift
+from ztunnel_redirect.nft import Nft, generation
+from ztunnel_redirect.podrules import KernelForms, Outcome, PodState, Verified
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
-class _Clock:
+class Clock:
+    """Milliseconds per step name, summed over calls."""
+
     def __init__(self) -> None:
         self.ms: dict[str, float] = {}
 
-    def time(self, step: str, fn: Callable[[], T]) -> T:
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.ms[step] = self.ms.get(step, 0.0) + (time.perf_counter() - t0) * 1000
+    def add(self, step: str, seconds: float) -> None:
+        self.ms[step] = self.ms.get(step, 0.0) + seconds * 1000
+
+    def timed(self, step: str, fn: Callable[P, T]) -> Callable[P, T]:
+        def call(*args: P.args, **kwargs: P.kwargs) -> T:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.add(step, time.perf_counter() - t0)
+
+        return call
 
 
-def _read(clock: _Clock, nft: Nft, state: PodState) -> dict[str, TableListing | None]:
-    actual: dict[str, TableListing | None] = {}
-    for name in table_names(state.ruleset):
-        text = clock.time("nft_list_tables", lambda n=name: nft.list_table(n))  # type: ignore[misc]
-        actual[name] = (
-            None
-            if text is None
-            else clock.time("parse_listing", lambda t=text: TableListing.parse(t))  # type: ignore[misc]
+def _timed_nft(clock: Clock) -> type[Nft]:
+    class TimedNft(Nft):
+        def __init__(self) -> None:
+            t0 = time.perf_counter()
+            super().__init__()
+            clock.add("nft_context_new", time.perf_counter() - t0)
+            self._listing = False
+
+        def run(self, script: str) -> str:
+            if self._listing:
+                return super().run(script)
+            return clock.timed("nft_commit", super().run)(script)
+
+        def list_table(self, name: str) -> str | None:
+            self._listing = True
+            try:
+                return clock.timed("nft_list_tables", super().list_table)(name)
+            finally:
+                self._listing = False
+
+        def close(self) -> None:
+            clock.timed("nft_context_free", super().close)()
+
+    return TimedNft
+
+
+def _timed_listing(clock: Clock) -> type[TableListing]:
+    class TimedListing(TableListing):
+        @classmethod
+        def parse(cls, text: str) -> TableListing:
+            return clock.timed("parse_listing", TableListing.parse)(text)
+
+    return TimedListing
+
+
+def _timed_routing(clock: Clock) -> types.SimpleNamespace:
+    class TimedRtnl(routing.Rtnl):
+        def __init__(self) -> None:
+            clock.timed("rtnl_open", super().__init__)()
+
+        def close(self) -> None:
+            clock.timed("rtnl_close", super().close)()
+
+    # Everything else of the module as it is (podrules also uses its kinds).
+    return types.SimpleNamespace(
+        **(
+            vars(routing)
+            | {
+                "Rtnl": TimedRtnl,
+                "check": clock.timed("routing_check", routing.check),
+                "add": clock.timed("routing_add", routing.add),
+                "everything": clock.timed("routing_everything", routing.everything),
+            }
         )
-    return actual
+    )
 
 
-def _steps(state: PodState, forms: KernelForms, *, write: bool) -> dict[str, float]:
-    clock = _Clock()
-    t0 = time.perf_counter()
-    nft = clock.time("nft_context_new", Nft)
+class TimedForms(KernelForms):
+    """`KernelForms` whose lookups are timed by the clock of the current call."""
+
+    clock: Clock | None = None
+
+    def of(self, ruleset: Any) -> dict[str, TableListing]:
+        if self.clock is None:
+            return super().of(ruleset)
+        return self.clock.timed("kernel_forms_lookup", super().of)(ruleset)
+
+
+@contextlib.contextmanager
+def instrumented(clock: Clock, forms: TimedForms) -> Iterator[None]:
+    """Swap the names `podrules` calls for timed wrappers; restored on exit."""
+    swaps: dict[str, Any] = {
+        "generation": clock.timed("nft_generation", generation),
+        "Nft": _timed_nft(clock),
+        "TableListing": _timed_listing(clock),
+        "table_drift": clock.timed("diff", podrules.table_drift),
+        "repair_script": clock.timed("repair_script", podrules.repair_script),
+        "routing": _timed_routing(clock),
+    }
+    saved = {name: getattr(podrules, name) for name in swaps}
+    for name, value in swaps.items():
+        setattr(podrules, name, value)
+    forms.clock = clock
     try:
-        actual = _read(clock, nft, state)
-        expected = clock.time("kernel_forms_lookup", lambda: forms.of(state.ruleset))
-        drifts = clock.time("diff", lambda: table_drift(state.ruleset, expected, actual))
-        if write and drifts:
-            script = clock.time("repair_script", lambda: repair_script(state.ruleset, drifts))
-            clock.time("nft_commit", lambda: nft.run(script))
+        yield
     finally:
-        clock.time("nft_context_free", nft.close)
-    rtnl = clock.time("rtnl_open", routing.Rtnl)
-    try:
-        missing = clock.time("routing_check", lambda: routing.check(rtnl, ipv6=state.ipv6))
-        if write:
-            clock.time("routing_add", lambda: routing.add(rtnl, missing))
-    finally:
-        clock.time("rtnl_close", rtnl.close)
-    clock.ms["total"] = (time.perf_counter() - t0) * 1000
-    return clock.ms
+        forms.clock = None
+        for name, value in saved.items():
+            setattr(podrules, name, value)
 
 
-def apply_steps_here(state: PodState, forms: KernelForms) -> dict[str, float]:
-    return _steps(state, forms, write=True)
+def _steps(call: Callable[[], Outcome], forms: TimedForms) -> tuple[dict[str, float], Outcome]:
+    clock = Clock()
+    with instrumented(clock, forms):
+        t0 = time.perf_counter()
+        outcome = call()
+        total = (time.perf_counter() - t0) * 1000
+    clock.ms["other"] = max(0.0, total - sum(clock.ms.values()))
+    clock.ms["total"] = total
+    return clock.ms, outcome
 
 
-def check_steps_here(state: PodState, forms: KernelForms) -> dict[str, float]:
-    return _steps(state, forms, write=False)
+def apply_steps_here(
+    state: PodState, forms: TimedForms, verified: Verified | None, *, fresh: bool
+) -> tuple[dict[str, float], Outcome]:
+    """`podrules.apply_here`, by step."""
+    return _steps(lambda: podrules.apply_here(state, forms, verified, fresh=fresh), forms)
+
+
+def check_steps_here(
+    state: PodState, forms: TimedForms, verified: Verified | None
+) -> tuple[dict[str, float], Outcome]:
+    """`podrules.check_here`, by step."""
+    return _steps(lambda: podrules.check_here(state, forms, verified), forms)

@@ -115,22 +115,74 @@ def test_quick_run_writes_well_formed_json(quick_run: tuple[Path, str]) -> None:
         if where.endswith(("_changed", "drift_reported", "min_ms")) or "memory" in where:
             continue
         assert value > 0, where
-    assert len(data["targets"]["results"]) == 5
+    names = [t["name"] for t in data["targets"]["results"]]
+    assert len(names) == 10, names
+    assert any(name.startswith("restart catch-up of") for name in names)
+    assert any(name.startswith("agent RSS") for name in names)
     assert all(isinstance(t["met"], bool) for t in data["targets"]["results"])
+
+
+def ordered(lat: dict[str, Any], count: int) -> None:
+    assert lat["count"] == count
+    assert 0 < lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+
+
+@pytest.mark.kernel
+def test_quick_run_measures_the_agent_process(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    agent = json.loads((out / "latest.json").read_text())["agent"]
+    samples = agent["config"]["samples"]
+    assert set(agent["sizes"]) == {"3"} == set(agent["samples"])
+    at = agent["sizes"]["3"]
+    assert at["first_start_to_ready_s"] > 0
+    assert at["enrollment_by_label"]["pods_added"] == 3
+    assert at["enrollment_by_label"]["label_to_all_enabled_s"] > 0
+    add = at["cni_add"]
+    for series in ("agent_add", "plugin", "first_connection"):
+        ordered(add[series], samples)
+        assert len(agent["samples"]["3"][series]) == samples
+    # The plugin process includes the agent's part of the ADD.
+    assert add["plugin"]["p50_ms"] > add["agent_add"]["p50_ms"]
+    assert add["enrolled"] == 3
+    res = at["resources"]
+    assert res["pods"] == 3
+    for when in ("after_enrollment", "after_drift_pass"):
+        assert res[when]["rss_kib"] > 10_000
+        assert res[when]["open_fds"] >= 3  # at least a netns fd per pod
+    drift = res["drift_pass"]
+    assert drift["passes"] >= 1
+    assert drift["cpu_s_median"] >= 0
+    assert drift["wall_ms_median"] > 0
+    assert drift["pod_reconciles_per_pass"] == [3.0] * drift["passes"]
+    assert drift["write_events"] == 0
+    restart = at["restart"]
+    assert restart["readyz_status"] == 200
+    assert restart["start_to_ready_s"] > 0
+    assert restart["pods_adopted"] == restart["netns_found"] == 3
+    assert restart["pod_generations_checked"] == 3
+    assert restart["rules_rewritten"] == restart["pod_generations_moved"] == 0
+    assert set(restart["write_events"]) >= {"pod_rules_applied", "drift_repaired"}
+    floor = agent["baseline"]
+    assert 0 < floor["python_bare_rss_kib"] < floor["imports_rss_kib"]
+    assert "kubernetes_asyncio" in floor["by_import_kib"]
 
 
 @pytest.mark.kernel
 def test_quick_run_writes_markdown_and_png(quick_run: tuple[Path, str]) -> None:
     out, log = quick_run
     md = (out / "latest.md").read_text()
-    for heading in ("## N = 1\n", "## N = 20\n", "## Targets"):
+    for heading in ("## N = 1\n", "## N = 20\n", "## The agent as a process\n", "## Targets"):
         assert heading in md
+    assert "| healthy, steady state" in md
+    assert "| first pass after the installs" in md
+    assert "| 3 | " in md  # the agent's row for N=3
     assert "| ours_rules |" in md
     assert "ours_rules / baseline_rules: p50" in md
     png = (out / "latest.png").read_bytes()
     assert png.startswith(PNG_MAGIC)
     assert len(png) > 10_000
     assert "install ours_full into 20 fresh pods" in log  # progress per phase
+    assert "agent: N=3: restart with 3 pods enrolled" in log
 
 
 # -- cleanup on SIGTERM ----------------------------------------------------------------------
@@ -220,6 +272,7 @@ def synthetic(ours_rules_p99: float, cpu_s: float) -> dict[str, Any]:
                 "healthy": {
                     "cpu_s_median": cpu_s,
                     "wall_s_median": cpu_s,
+                    "passes": 5,
                     "handles_changed": 0,
                     "drift_reported": 0,
                     "genid_changed": 0,
@@ -240,5 +293,64 @@ def test_targets_say_met_or_missed_and_by_how_much() -> None:
     by_name = {t.name.split(":")[0]: t for t in found}
     assert not by_name["rules-only install p99"].met
     assert "missed by 0.5 ms" in by_name["rules-only install p99"].margin
-    assert not by_name["drift pass over 1000 healthy pods"].met
+    assert not by_name["core drift pass over 1000 healthy pods, steady state"].met
     assert "no profile" in by_name["rules-only install p99"].why
+
+
+def synthetic_agent(rewritten: int, rss_kib: int, cpu_s: float) -> dict[str, Any]:
+    return {
+        "baseline": {
+            "python_bare_rss_kib": 10_000,
+            "imports_rss_kib": 90_000,
+            "by_import_kib": {"aiohttp": 14_000, "kubernetes_asyncio": 40_000},
+        },
+        "sizes": {
+            "1000": {
+                "resources": {
+                    "pods": 1000,
+                    "after_enrollment": {"rss_kib": rss_kib, "open_fds": 1010},
+                    "after_drift_pass": {"rss_kib": rss_kib, "open_fds": 1010},
+                    "drift_pass": {
+                        "passes": 3,
+                        "cpu_s_median": cpu_s,
+                        "cpu_s_max": cpu_s,
+                        "wall_ms_median": 500.0,
+                        "write_events": 0,
+                        "clock_tick_s": 0.01,
+                    },
+                },
+                "restart": {
+                    "pods": 1000,
+                    "rules_rewritten": rewritten,
+                    "pod_generations_moved": rewritten,
+                    "pod_generations_checked": 1000,
+                    "write_events": {"pod_rules_applied": 0, "drift_repaired": 0},
+                    "start_to_ready_s": 2.0,
+                },
+            }
+        },
+    }
+
+
+def test_agent_targets_say_met_or_missed_and_why() -> None:
+    data = synthetic(ours_rules_p99=0.8, cpu_s=0.5)
+    n, found = targets(data | {"agent": synthetic_agent(0, 80 * 1024, 0.4)})
+    assert n == 1000
+    agent = {t.name: t for t in found[5:]}
+    assert list(agent) == [
+        "restart catch-up of 1000 healthy pods rewrites zero rules",
+        "agent RSS with 1000 pods enrolled",
+        "agent drift pass over 1000 healthy pods: CPU",
+        "agent drift passes over healthy pods: writes",
+    ]
+    assert all(t.met for t in agent.values())
+
+    _, found = targets(data | {"agent": synthetic_agent(3, 120 * 1024, 1.5)})
+    agent = {t.name.split(" with")[0].split(" of")[0]: t for t in found[5:]}
+    assert not agent["restart catch-up"].met
+    assert agent["restart catch-up"].margin == "missed by 3"
+    rss = agent["agent RSS"]
+    assert not rss.met
+    assert "missed by 20 MiB" in rss.margin
+    assert "kubernetes_asyncio +39.1 MiB" in rss.why  # the largest import is named
+    assert not agent["agent drift pass over 1000 healthy pods: CPU"].met

@@ -1,0 +1,674 @@
+"""Agent-level measurements: the real agent as a process, against the in-process fake API server,
+pods as network namespaces with a fake /proc (`TestNode`), and a fake ztunnel (real ZDS client).
+
+For each N of the sweep, one agent (started once, pods added as N grows):
+
+1. enrollment by namespace label of the pods that bring the node to N (label to all `enabled`);
+2. enrollment latency end to end, on `samples` new sandboxes through the CNI plugin file (each
+   deleted again, so the node stays at N): the agent's ADD (`cni_add_duration_seconds`, received to
+   answered), the plugin process (start to exit), and the first redirected connection (after the
+   plugin exits, a connection from the pod until the ztunnel stand-in's OUTBOUND hop);
+3. the agent's RSS and open fds after enrollment and after a drift pass, and its CPU time (from
+   /proc/<pid>/stat) per drift pass over N healthy pods (a pass ends with `drift_pass_done`);
+4. restart catch-up: SIGTERM, start again, time to ready (and /readyz 200), and what it rewrote:
+   the nftables generation of every pod netns and of the host before and after (through the first
+   drift pass after the restart), and the write events it logged.
+
+Pods are cheap (creating 1000 lab pods with `ip` takes minutes): a netns made in-process
+(`PodFactory`), with a veth pair whose both ends stay in the pod (`eth0` carries the pod IP, for
+the /proc scan's IP check, and the default route), and an unreachable route for ztunnel-marked
+sockets so that the stand-in's relay of a test connection fails at once instead of waiting for
+ARP. The agent runs at `--log-level debug` (the pass's own event is debug; its per-pod debug lines
+are part of the CPU measured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import io
+import json
+import os
+import pstats
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink.rtnl import RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE
+from pyroute2.netlink.rtnl.fibmsg import FR_ACT_TO_TBL, fibmsg
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+from bench.methods import nft_genid_here
+from bench.pods import PodFactory
+from bench.summary import Latency
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.errors import RedirectError
+from ztunnel_redirect.model import PodOptions
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.routing import Rtnl
+from ztunnel_redirect.testing.agentprocess import (
+    AgentProcess,
+    CniRuntime,
+    metric,
+    standin_of,
+)
+from ztunnel_redirect.testing.apiserver import ApiServer
+from ztunnel_redirect.testing.fakeztunnel import DataPlane, FakeZtunnel
+from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
+from ztunnel_redirect.testing.node import NodePod, TestNode
+from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
+
+PREFIX: Final = "ztunnel_redirect"
+SAMPLE_NS: Final = "cni"
+"""Labelled for the mesh; the CNI samples' namespace."""
+TARGET: Final = ("10.96.0.10", 80)
+"""Where a sample pod's first connection goes (redirected to its stand-in before it leaves)."""
+CONNECT_TIMEOUT: Final = 3.0
+HOP_TIMEOUT: Final = 5.0
+WRITE_EVENTS: Final = ("pod_rules_applied", "drift_repaired", "host_drift_repaired")
+"""Agent events that mean it wrote rules (restart catch-up must log none)."""
+_UNREACHABLE_TABLE: Final = 101
+_RTN_UNICAST, _RTN_UNREACHABLE = 1, 7
+_RT_SCOPE_LINK: Final = 253
+_RTPROT_BOOT: Final = 3
+_MAIN_TABLE: Final = 254
+_IFF_UP: Final = 1
+_ETH0, _PEER = 2, 3
+"""Interface indexes in a new netns (lo is 1): fixed in the create request."""
+
+
+class AgentBenchError(RedirectError):
+    """The agent did not do what the measurement needs (the numbers would be meaningless)."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    sizes: tuple[int, ...]
+    samples: int
+    """CNI ADDs measured per N."""
+    drift_passes: int
+    """Passes whose CPU is measured per N."""
+    options: PodOptions
+    reconcile_period: float
+    """Seconds; at least the longest pass (a longer pass is cut off as `drift_pass_slow`)."""
+
+    def period_for(self, pods: int) -> float:
+        return max(self.reconcile_period, 1.0 + pods / 500)
+
+
+# --- cheap pods -------------------------------------------------------------------------------
+
+
+def _encode(msg: Any, kind: int, *, create: bool = True) -> bytes:
+    msg["header"]["type"] = kind
+    msg["header"]["flags"] = (
+        NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if create else 0)
+    )
+    msg.encode()
+    data: bytes = msg.data
+    return data
+
+
+def _veth_message() -> bytes:
+    link = ifinfmsg()
+    link["index"] = _ETH0
+    peer = {"index": _PEER, "attrs": [("IFLA_IFNAME", "eth0p")]}
+    link["attrs"] = [
+        ("IFLA_IFNAME", "eth0"),
+        (
+            "IFLA_LINKINFO",
+            {
+                "attrs": [
+                    ("IFLA_INFO_KIND", "veth"),
+                    ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
+                ]
+            },
+        ),
+    ]
+    return _encode(link, RTM_NEWLINK)
+
+
+def _up_message(index: int) -> bytes:
+    link = ifinfmsg()
+    link["index"] = index
+    link["flags"] = _IFF_UP
+    link["change"] = _IFF_UP
+    return _encode(link, RTM_NEWLINK, create=False)
+
+
+def _static_messages() -> list[bytes]:
+    """Default route via eth0; ztunnel-marked sockets get an unreachable route instead."""
+    default = rtmsg()
+    default["family"] = socket.AF_INET
+    default["table"] = _MAIN_TABLE
+    default["proto"] = _RTPROT_BOOT
+    default["scope"] = _RT_SCOPE_LINK
+    default["type"] = _RTN_UNICAST
+    default["attrs"] = [("RTA_OIF", _ETH0)]
+    rule = fibmsg()
+    rule["family"] = socket.AF_INET
+    rule["action"] = FR_ACT_TO_TBL
+    rule["table"] = _UNREACHABLE_TABLE
+    rule["attrs"] = [
+        ("FRA_PRIORITY", 1000),
+        ("FRA_FWMARK", c.ZTUNNEL_MARK),
+        ("FRA_FWMASK", c.CONNMARK_MASK),  # 0xfff, the mask of both marks
+        ("FRA_TABLE", _UNREACHABLE_TABLE),
+    ]
+    unreachable = rtmsg()
+    unreachable["family"] = socket.AF_INET
+    unreachable["table"] = _UNREACHABLE_TABLE
+    unreachable["proto"] = _RTPROT_BOOT
+    unreachable["type"] = _RTN_UNREACHABLE
+    return [
+        _encode(default, RTM_NEWROUTE),
+        _encode(rule, RTM_NEWRULE),
+        _encode(unreachable, RTM_NEWROUTE),
+    ]
+
+
+_VETH: Final = _veth_message()
+_UPS: Final = [_up_message(_ETH0), _up_message(_PEER)]
+_STATIC: Final = _static_messages()
+
+
+def _address_message(ipv4: str) -> bytes:
+    addr = ifaddrmsg()
+    addr["family"] = socket.AF_INET
+    addr["prefixlen"] = 32
+    addr["index"] = _ETH0
+    addr["attrs"] = [("IFA_LOCAL", ipv4), ("IFA_ADDRESS", ipv4)]
+    return _encode(addr, RTM_NEWADDR)
+
+
+def plumb_here(ipv4: str) -> None:
+    """On a worker in a new pod netns (lo up): eth0 with the pod IP, the routes above."""
+    with Rtnl() as rtnl:
+        rtnl.request([_VETH])
+        rtnl.request(_UPS)
+        rtnl.request([_address_message(ipv4), *_STATIC])
+
+
+class CheapLab(Lab):
+    """The lab of a `TestNode` (its node netns), whose pods are made in-process: `prepare(k)`
+    makes k pod namespaces ahead (async), `add_pod` hands out the next one."""
+
+    def __init__(self, base: Lab, runner: NetnsRunner, factory: PodFactory) -> None:
+        # Takes over the base lab (its node netns and the names it created); not a new lab.
+        vars(self).update(vars(base))
+        self._runner = runner
+        self._factory = factory
+        self._ready: collections.deque[LabPod] = collections.deque()
+        self._count = 0
+
+    async def prepare(self, count: int) -> None:
+        for _ in range(count):
+            self._count += 1
+            n = self._count + 1
+            ns = await self._factory.create("agent", n)
+            ipv4 = f"10.244.{n // 250}.{n % 250 + 2}"
+            await self._runner.run(ns.path, plumb_here, ipv4)
+            self._ready.append(LabPod(netns=ns, ipv4=ipv4, ipv6=None, node_side=""))
+
+    def add_pod(self, name: str) -> LabPod:
+        if not self._ready:
+            raise AgentBenchError(f"no prepared pod netns left for {name}")
+        return self._ready.popleft()
+
+    def delete(self, ns: Netns) -> None:
+        self._factory.remove([ns])
+
+
+class BenchNode(TestNode):
+    """A `TestNode` whose pods come from a `CheapLab`."""
+
+    __test__ = False
+
+    def __init__(
+        self, api: ApiServer, runner: NetnsRunner, factory: PodFactory, *, ipv6: bool
+    ) -> None:
+        super().__init__(api, ipv6=ipv6)
+        self.cheap = CheapLab(self.lab, runner, factory)
+        self.lab = self.cheap
+
+
+# --- the fake ztunnel: stand-ins only in the sample pods ------------------------------------
+
+
+class _NoDataPlane:
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class SampledDataPlanes:
+    """A `FakeZtunnel` data-plane factory: a `Standin` for the netns whose inode was `watch`ed,
+    nothing for the others (a thread per pod for 1000 pods would measure the fake)."""
+
+    def __init__(self, *, ipv6: bool) -> None:
+        self.ipv6 = ipv6
+        self._watched: set[int] = set()
+
+    def watch(self, path: str) -> None:
+        self._watched.add(Path(path).stat().st_ino)
+
+    def __call__(self, netns_path: str) -> DataPlane:
+        if Path(netns_path).stat().st_ino in self._watched:
+            return Standin(netns_path, ipv6=self.ipv6)
+        return _NoDataPlane()
+
+
+async def connect_fake(path: str, planes: SampledDataPlanes, *, timeout: float) -> FakeZtunnel:  # noqa: ASYNC109
+    fake = FakeZtunnel(path, data_plane=planes)
+    try:
+        await fake.start()
+        async with asyncio.timeout(timeout):
+            await fake.snapshot_done.wait()
+    except BaseException:
+        await fake.close()
+        raise
+    return fake
+
+
+def connect_here(target: tuple[str, int], timeout: float) -> None:
+    """From the pod: one TCP connection (redirected, it lands on the stand-in), then close.
+
+    The stand-in's relay to `target` fails at once (unreachable for marked sockets) and it resets
+    the client, sometimes before the connect returns: a reset is fine, its hop says it arrived.
+    """
+    with (
+        contextlib.suppress(ConnectionResetError),
+        socket.create_connection(target, timeout=timeout),
+    ):
+        pass
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """(main thread, all other threads) CPU seconds of a live process: the event loop against
+    the netns workers and other threads (threads that exited are not counted)."""
+    main = other = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick
+            if int(task.name) == pid:
+                main += seconds
+            else:
+                other += seconds
+    return main, other
+
+
+def _lat(samples: list[float]) -> dict[str, Any]:
+    return Latency.of(samples).as_dict() if samples else {"count": 0}
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] agent: {msg}", flush=True)
+
+
+class AgentBench:
+    """One node, one agent at a time, the fake ztunnel; `close()` removes all of it."""
+
+    def __init__(
+        self,
+        api: ApiServer,
+        runner: NetnsRunner,
+        factory: PodFactory,
+        config: AgentConfig,
+        work: Path,
+    ) -> None:
+        self.api = api
+        self.runner = runner
+        self.config = config
+        self.work = work
+        self.node = BenchNode(api, runner, factory, ipv6=config.options.ipv6)
+        self.runtime = CniRuntime.for_node(self.node, work / "bin")
+        self.planes = SampledDataPlanes(ipv6=config.options.ipv6)
+        self.agent: AgentProcess | None = None
+        self.fake: FakeZtunnel | None = None
+        self.runs = 0
+        self.bulk: list[NodePod] = []
+        self.period = config.reconcile_period
+
+    # --- lifecycle
+
+    def _agent(self) -> AgentProcess:
+        if self.agent is None:
+            raise AgentBenchError("no agent running")
+        return self.agent
+
+    async def start_agent(self, *, profile: Path | None = None) -> float:
+        """Start an agent; seconds from spawn to `agent_ready`. With `profile`, the agent runs
+        under cProfile (its event loop thread), which writes its stats there at exit."""
+        o = self.config.options
+        self.runs += 1
+        argv = self.node.agent_argv(
+            "--log-format", "json",
+            "--log-level", "debug",
+            "--reconcile-period", str(self.period),
+            "--dns-capture" if o.dns_capture else "--no-dns-capture",
+            readiness_port=0,
+            metrics_port=0,
+        )  # fmt: skip
+        if profile is not None:
+            argv[1:1] = ["-m", "cProfile", "-o", str(profile)]
+        agent = AgentProcess(argv, log_path=self.work / f"agent-{self.runs}.log")
+        self.agent = agent
+        started = time.perf_counter()
+        await agent.start(ready=False, timeout=120)
+        await agent.wait_ready(timeout=300)
+        return time.perf_counter() - started
+
+    async def connect_ztunnel(self) -> float:
+        started = time.perf_counter()
+        self.fake = await connect_fake(self.node.ztunnel_socket, self.planes, timeout=300)
+        return time.perf_counter() - started
+
+    async def close(self) -> None:
+        try:
+            if self.fake is not None:
+                await self.fake.close()
+            if self.agent is not None:
+                await self.agent.stop()
+                if self.agent.find("work_failed"):
+                    say(f"work_failed events in {self.agent.log_path}")
+        finally:
+            self.node.close()
+
+    # --- 1. grow the node to N by a namespace label
+
+    async def grow(self, n: int) -> dict[str, Any]:
+        agent = self._agent()
+        k = n - len(self.bulk)
+        if k <= 0:
+            return {"pods_added": 0}
+        say(f"N={n}: making {k} pods")
+        t0 = time.perf_counter()
+        await self.node.cheap.prepare(k)
+        namespace = f"bulk-{n}"
+        self.node.namespace(namespace)
+        self.bulk += [self.node.add_pod(f"p{n}-{i}", namespace) for i in range(k)]
+        created = time.perf_counter() - t0
+        mark = agent.mark
+        t0 = time.perf_counter()
+        self.node.enroll_namespace(namespace)
+        await agent.wait_count(
+            "pod_status_set", k, since=mark, status="enabled", timeout=60 + k * 0.2
+        )
+        enrolled = time.perf_counter() - t0
+        say(f"N={n}: {k} pods enabled {enrolled:.2f} s after the namespace label")
+        return {
+            "pods_added": k,
+            "create_s": round(created, 3),
+            "label_to_all_enabled_s": round(enrolled, 3),
+            "proc_scans": len(agent.find("proc_scanned", since=mark)),
+        }
+
+    # --- 2. CNI ADD end to end
+
+    async def sample(self, n: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
+        agent, fake = self._agent(), self.fake
+        if fake is None:
+            raise AgentBenchError("no ztunnel connected")
+        k = self.config.samples
+        say(f"N={n}: {k} CNI ADDs through the plugin, each with a first connection")
+        await self.node.cheap.prepare(k)
+        raw: dict[str, list[float]] = {"agent_add": [], "plugin": [], "first_connection": []}
+        rules: list[float] = []
+        name = f"{PREFIX}_cni_add_duration_seconds"
+        for i in range(k):
+            pod = self.node.add_pod(f"web-{n}-{i}", SAMPLE_NS, ips=False)
+            self.planes.watch(pod.path)
+            before = await agent.metrics()
+            outcome = await self.runtime.add(pod)
+            exited = time.perf_counter()
+            if outcome.rc != 0:
+                raise AgentBenchError(f"CNI ADD of {pod.name} failed: {outcome.stdout}")
+            await self.runner.run(pod.path, connect_here, TARGET, CONNECT_TIMEOUT)
+            standin = standin_of(fake, pod)
+            await asyncio.to_thread(standin.wait_for, _outbound_to_target, timeout=HOP_TIMEOUT)
+            first = time.perf_counter() - exited
+            after = await agent.metrics()
+            if metric(after, f"{name}_count") != metric(before, f"{name}_count") + 1:
+                raise AgentBenchError("the agent's ADD histogram did not count one ADD")
+            raw["agent_add"].append(
+                (metric(after, f"{name}_sum") - metric(before, f"{name}_sum")) * 1e3
+            )
+            raw["plugin"].append(outcome.seconds * 1e3)
+            raw["first_connection"].append(first * 1e3)
+            rules += [e["duration_ms"] for e in agent.find("pod_rules_applied", netns=pod.path)]
+            await self._delete(pod)
+        out = {name: _lat(v) for name, v in raw.items()} | {
+            "agent_rules_install": _lat(rules),
+            "samples": k,
+            "enrolled": len(self.bulk),
+        }
+        return out, raw
+
+    async def _delete(self, pod: NodePod) -> None:
+        agent = self._agent()
+        mark = agent.mark
+        self.api.delete_pod(pod.namespace, pod.name)
+        await agent.wait_event("pod_removed", pod_uid=pod.uid, since=mark, timeout=30)
+        del self.node.pods[pod.name]
+        self.node.cheap.delete(pod.lab.netns)
+
+    # --- 3. memory, fds, CPU per drift pass
+
+    async def resources(self, n: int) -> dict[str, Any]:
+        agent = self._agent()
+        after_enrollment = {"rss_kib": agent.rss_kib(), "open_fds": agent.fds()}
+        passes = self.config.drift_passes
+        say(f"N={n}: CPU of {passes} drift passes over {len(self.bulk)} healthy pods")
+        mark = agent.mark
+        # Passes end with drift_pass_done; the window between two ends is one pass (and idle).
+        await agent.wait_count("drift_pass_done", 1, since=mark, timeout=3 * self.period + 30)
+        cpu: list[float] = []
+        walls: list[float] = []
+        reconciles: list[float] = []
+        samples = await agent.metrics()
+        threads0 = thread_cpu(agent.pid)
+        for _ in range(passes):
+            mark, cpu0 = agent.mark, agent.cpu_seconds()
+            count0 = metric(samples, f"{PREFIX}_reconcile_duration_seconds_count", kind="add")
+            await agent.wait_count("drift_pass_done", 1, since=mark, timeout=3 * self.period + 30)
+            cpu.append(agent.cpu_seconds() - cpu0)
+            samples = await agent.metrics()
+            count1 = metric(samples, f"{PREFIX}_reconcile_duration_seconds_count", kind="add")
+            reconciles.append(count1 - count0)
+            walls += [e["duration_ms"] for e in agent.find("drift_pass_done", since=mark)]
+        threads1 = thread_cpu(agent.pid)
+        writes = sum(len(agent.find(name, since=mark)) for name in WRITE_EVENTS)
+        ordered = sorted(cpu)
+        return {
+            "pods": len(self.bulk),
+            "after_enrollment": after_enrollment,
+            "after_drift_pass": {"rss_kib": agent.rss_kib(), "open_fds": agent.fds()},
+            "drift_pass": {
+                "passes": passes,
+                "cpu_s_median": round(ordered[len(ordered) // 2], 4),
+                "cpu_s_max": round(ordered[-1], 4),
+                "wall_ms_median": round(sorted(walls)[len(walls) // 2], 3) if walls else None,
+                "pod_reconciles_per_pass": reconciles,
+                "cpu_s_per_pass_event_loop_thread": round((threads1[0] - threads0[0]) / passes, 4),
+                "cpu_s_per_pass_other_threads": round((threads1[1] - threads0[1]) / passes, 4),
+                "write_events": writes,
+                "period_s": self.period,
+                "clock_tick_s": round(1 / os.sysconf("SC_CLK_TCK"), 4),
+            },
+        }
+
+    # --- 4. restart catch-up
+
+    async def _generations(self) -> tuple[list[int], int]:
+        pods = [await self.runner.run(p.path, nft_genid_here) for p in self.bulk]
+        host = await self.runner.run(self.node.lab.node.path, nft_genid_here)
+        return pods, host
+
+    async def restart(self, n: int) -> dict[str, Any]:
+        old = self._agent()
+        say(f"N={n}: restart with {len(self.bulk)} pods enrolled")
+        pods_before, host_before = await self._generations()
+        if await old.stop() != 0:
+            raise AgentBenchError(f"the agent exited {old.returncode} on SIGTERM")
+        if self.fake is not None:
+            await self.fake.close()
+            self.fake = None
+        ready_s = await self.start_agent()
+        agent = self._agent()
+        status, _ = await agent.readyz()
+        if status != 200:
+            raise AgentBenchError(f"/readyz answered {status} after agent_ready")
+        adopted = agent.find("pods_adopted")
+        snapshot_s = await self.connect_ztunnel()
+        mark = agent.mark
+        await agent.wait_count("drift_pass_done", 1, since=mark, timeout=3 * self.period + 60)
+        pods_after, host_after = await self._generations()
+        moved = sum(1 for a, b in zip(pods_before, pods_after, strict=True) if a != b)
+        events = {name: len(agent.find(name)) for name in (*WRITE_EVENTS, "pod_status_set")}
+        say(f"N={n}: ready {ready_s:.2f} s after start; {moved} pod generations moved")
+        return {
+            "pods": len(self.bulk),
+            "start_to_ready_s": round(ready_s, 3),
+            "readyz_status": status,
+            "pods_adopted": adopted[0].get("pods") if adopted else 0,
+            "netns_found": adopted[0].get("netns_found") if adopted else 0,
+            "ztunnel_snapshot_s": round(snapshot_s, 3),
+            "pod_generations_checked": len(pods_after),
+            "pod_generations_moved": moved,
+            "host_generation_moved": host_before != host_after,
+            "write_events": events,
+            "rules_rewritten": moved + sum(events[name] for name in WRITE_EVENTS[:2]),
+        }
+
+    async def profile(self, out: Path, passes: int) -> dict[str, Any]:
+        """One more restart under cProfile, `passes` drift passes, stop: where the event loop
+        thread's time goes (start-up included, its share is small next to the passes)."""
+        old = self._agent()
+        await old.stop()
+        if self.fake is not None:
+            await self.fake.close()
+            self.fake = None
+        stats = self.work / "agent.prof"
+        say(f"cProfile of the agent over {passes} drift passes with {len(self.bulk)} pods")
+        await self.start_agent(profile=stats)
+        await self.connect_ztunnel()
+        agent = self._agent()
+        mark = agent.mark
+        await agent.wait_count(
+            "drift_pass_done", passes, since=mark, timeout=passes * 3 * self.period + 60
+        )
+        await agent.stop()
+        text = io.StringIO()
+        for order, count in (("tottime", 30), ("cumulative", 40)):
+            text.write(f"==== agent event loop thread, {len(self.bulk)} pods, by {order} ====\n")
+            pstats.Stats(str(stats), stream=text).sort_stats(order).print_stats(count)
+        (out / "agent_profile.txt").write_text(text.getvalue())
+        return {"pods": len(self.bulk), "drift_passes": passes, "file": "agent_profile.txt"}
+
+
+def _outbound_to_target(hop: Hop) -> bool:
+    return hop.kind is HopKind.OUTBOUND and hop.original_dst == TARGET
+
+
+@contextlib.asynccontextmanager
+async def agent_bench(
+    runner: NetnsRunner, factory: PodFactory, config: AgentConfig
+) -> AsyncIterator[AgentBench]:
+    work = Path(tempfile.mkdtemp(prefix="zr-bench-agent-"))
+    try:
+        async with ApiServer() as api:
+            bench = AgentBench(api, runner, factory, config, work)
+            try:
+                bench.runtime.install()
+                bench.node.namespace(SAMPLE_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
+                yield bench
+            finally:
+                await bench.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+IMPORT_ORDER: Final = (
+    "asyncio",
+    "aiohttp",
+    "structlog",
+    "prometheus_client",
+    "google.protobuf",
+    "pyroute2",
+    "kubernetes_asyncio",
+    "ztunnel_redirect.agent",
+    "ztunnel_redirect.cli",
+)
+_RSS_OF_IMPORTS: Final = """
+import importlib, json, sys
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+steps = [("python", rss())]
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+    steps.append((name, rss()))
+print(json.dumps(steps))
+"""
+
+
+async def memory_floor() -> dict[str, Any]:
+    """Where the agent's RSS floor comes from: a bare interpreter, then the RSS after each
+    import, in the agent's order (no pod, no connection)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _RSS_OF_IMPORTS, *IMPORT_ORDER, stdout=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(60):
+        stdout, _ = await proc.communicate()
+    steps = json.loads(stdout)
+    return {
+        "python_bare_rss_kib": steps[0][1],
+        "imports_rss_kib": steps[-1][1],
+        "by_import_kib": {
+            name: rss - before for (name, rss), (_, before) in zip(steps[1:], steps, strict=False)
+        },
+    }
+
+
+async def measure_agent(
+    runner: NetnsRunner, factory: PodFactory, config: AgentConfig, *, profile_out: Path | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every agent measurement for every N; (results by N, raw samples by N)."""
+    results: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    async with agent_bench(runner, factory, config) as bench:
+        bench.period = config.period_for(max(config.sizes))
+        start_s = await bench.start_agent()
+        await bench.connect_ztunnel()
+        for n in config.sizes:
+            t0 = time.perf_counter()
+            at: dict[str, Any] = (
+                {"first_start_to_ready_s": round(start_s, 3)} if not results else {}
+            )
+            at["enrollment_by_label"] = await bench.grow(n)
+            at["cni_add"], raw[str(n)] = await bench.sample(n)
+            at["resources"] = await bench.resources(n)
+            at["restart"] = await bench.restart(n)
+            results[str(n)] = at
+            say(f"N={n}: done in {time.perf_counter() - t0:.1f} s")
+        if profile_out is not None:
+            results["profile"] = await bench.profile(profile_out, config.drift_passes + 2)
+    return results, raw
