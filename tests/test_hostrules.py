@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ztunnel_redirect import constants as c
+from ztunnel_redirect import hostrules
 from ztunnel_redirect.drift import DriftKind
 from ztunnel_redirect.errors import ConfigError
 from ztunnel_redirect.hostrules import HostRules
@@ -98,3 +99,23 @@ async def test_remove_is_idempotent(runner: NetnsRunner, lab: Lab) -> None:
     await host.apply(OPTIONS, {})
     assert await host.remove() is True
     assert await host.remove() is False
+
+
+async def test_a_verified_host_table_is_not_listed_again_until_something_commits(
+    runner: NetnsRunner, lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = HostRules(runner, netns=lab.node.path)
+    wanted = {"10.244.0.2": A}
+    await host.apply(OPTIONS, wanted)
+    assert await host.check(OPTIONS, wanted) == []
+    listings: list[object] = []
+    real_read = hostrules.read_tables
+    monkeypatch.setattr(
+        hostrules, "read_tables", lambda *args: listings.append(args) or real_read(*args)
+    )
+
+    assert await host.check(OPTIONS, wanted) == []
+    assert listings == []
+    assert await host.check(OPTIONS, {**wanted, "10.244.0.3": B}) != []  # other desired state
+    lab.node.exec("nft", "flush", "chain", "inet", c.HOST_TABLE, "postrouting")
+    assert DriftKind.MISSING_RULE in {d.kind for d in await host.check(OPTIONS, wanted)}

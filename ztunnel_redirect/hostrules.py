@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing
 from ztunnel_redirect.errors import ConfigError, NotFoundError
 from ztunnel_redirect.model import HostOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.nft import Nft
+from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.podrules import KernelForms, read_tables, table_drift
 from ztunnel_redirect.render import element_family_set, host_ruleset
 
@@ -159,6 +159,28 @@ def remove_here() -> bool:
     return True
 
 
+_Sync = Callable[[HostOptions, Elements | None, KernelForms], list[Drift]]
+Verified = tuple[int, Hashable]
+"""(nftables generation, desired state) at which the host table was last seen as desired."""
+
+
+def _gated_here(
+    sync: _Sync,
+    options: HostOptions,
+    elements: Elements | None,
+    forms: KernelForms,
+    verified: Verified | None,
+) -> tuple[list[Drift], Verified | None]:
+    """Skip the listing (the set may hold thousands of elements) while the host netns's
+    nftables generation has not moved since the same desired state was verified."""
+    desired = (options, None if elements is None else frozenset(elements.items()))
+    seen = generation()
+    if verified == (seen, desired):
+        return [], verified
+    drifts = sync(options, elements, forms)
+    return drifts, None if drifts else (seen, desired)
+
+
 class HostRules:
     """The host table in the host netns (`/proc/1/ns/net` on a node, a lab netns in tests)."""
 
@@ -166,12 +188,21 @@ class HostRules:
         self._runner = runner
         self._netns = netns
         self._forms = KernelForms()
+        self._verified: Verified | None = None
+
+    async def _gated(
+        self, sync: _Sync, options: HostOptions, elements: Elements | None
+    ) -> list[Drift]:
+        drifts, self._verified = await self._runner.run(
+            self._netns, _gated_here, sync, options, elements, self._forms, self._verified
+        )
+        return drifts
 
     async def apply(self, options: HostOptions, elements: Elements | None = None) -> list[Drift]:
-        return await self._runner.run(self._netns, apply_here, options, elements, self._forms)
+        return await self._gated(apply_here, options, elements)
 
     async def check(self, options: HostOptions, elements: Elements | None = None) -> list[Drift]:
-        return await self._runner.run(self._netns, check_here, options, elements, self._forms)
+        return await self._gated(check_here, options, elements)
 
     async def add_pod(self, ips: Iterable[str], uid: PodUid, *, ipv6: bool) -> None:
         await self._runner.run(self._netns, add_pod_here, tuple(ips), uid, ipv6=ipv6)

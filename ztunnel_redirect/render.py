@@ -11,6 +11,7 @@ pasted into `nft -f`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -184,8 +185,10 @@ def _raw_table() -> Table:
     return _hooked_table(c.RAW_TABLE, kind="filter", priority=-300, rules=rules)
 
 
+@functools.cache
 def pod_ruleset(options: PodOptions) -> Ruleset:
-    """The in-pod redirection of SPEC §2 for one combination of options."""
+    """The in-pod redirection of SPEC §2 for one combination of options (cached: a drift pass
+    asks for every pod's, and nodes have few distinct combinations)."""
     tables = [_nat_table(options), _mangle_table()]
     absent: tuple[str, ...] = ()
     if options.dns_capture:
@@ -195,6 +198,7 @@ def pod_ruleset(options: PodOptions) -> Ruleset:
     return Ruleset(tuple(tables), absent)
 
 
+@functools.cache
 def host_ruleset(options: HostOptions) -> Ruleset:
     """The host's probe SNAT of SPEC §4: two sets of enrolled pod IPs and one postrouting chain."""
     sets = [NftSet(c.HOST_SET_V4, "ipv4_addr", PROBE_SET_COMMENT)]
