@@ -59,6 +59,7 @@ from ztunnel_redirect.routing import Rtnl
 from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     CniRuntime,
+    connect_ztunnel,
     metric,
     standin_of,
 )
@@ -270,18 +271,6 @@ class SampledDataPlanes:
         return _NoDataPlane()
 
 
-async def connect_fake(path: str, planes: SampledDataPlanes, *, timeout: float) -> FakeZtunnel:  # noqa: ASYNC109
-    fake = FakeZtunnel(path, data_plane=planes)
-    try:
-        await fake.start()
-        async with asyncio.timeout(timeout):
-            await fake.snapshot_done.wait()
-    except BaseException:
-        await fake.close()
-        raise
-    return fake
-
-
 def connect_here(target: tuple[str, int], timeout: float) -> None:
     """From the pod: one TCP connection (redirected, it lands on the stand-in), then close.
 
@@ -377,7 +366,9 @@ class AgentBench:
 
     async def connect_ztunnel(self) -> float:
         started = time.perf_counter()
-        self.fake = await connect_fake(self.node.ztunnel_socket, self.planes, timeout=300)
+        self.fake = await connect_ztunnel(
+            self.node.ztunnel_socket, serve=False, data_plane=self.planes, timeout=300
+        )
         return time.perf_counter() - started
 
     async def close(self) -> None:

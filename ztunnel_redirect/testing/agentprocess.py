@@ -40,7 +40,7 @@ from ztunnel_redirect import constants as c
 from ztunnel_redirect.errors import RedirectError
 from ztunnel_redirect.model import PodUid
 from ztunnel_redirect.testing.apiserver import ApiServer
-from ztunnel_redirect.testing.fakeztunnel import Behaviour, FakeZtunnel
+from ztunnel_redirect.testing.fakeztunnel import Behaviour, DataPlaneFactory, FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode
 from ztunnel_redirect.testing.standin import Standin
 
@@ -396,11 +396,14 @@ async def connect_ztunnel(
     serve: bool = True,
     ipv6: bool = False,
     behaviour: Behaviour | None = None,
+    data_plane: DataPlaneFactory | None = None,
     timeout: float = EVENT_TIMEOUT,  # noqa: ASYNC109 - closes the fake on failure
 ) -> FakeZtunnel:
-    """A fake ztunnel (with stand-ins when `serve`) connected to the agent, once its snapshot has
-    arrived; the caller closes it."""
-    fake = FakeZtunnel(socket_path, serve=serve, ipv6=ipv6, behaviour=behaviour)
+    """A fake ztunnel (with stand-ins when `serve`, or `data_plane`'s) connected to the agent,
+    once its snapshot has arrived; the caller closes it."""
+    fake = FakeZtunnel(
+        socket_path, serve=serve, ipv6=ipv6, behaviour=behaviour, data_plane=data_plane
+    )
     try:
         await fake.start()
         async with asyncio.timeout(timeout):
