@@ -424,7 +424,7 @@ class KeyedQueue(Generic[K]):
 
 
 class Periodic:
-    """Call `tick()` every `period` seconds, each wait jittered by up to ±`jitter` (a fraction),
+    """Call `tick()` every `period` seconds, each wait shortened by up to `jitter` (a fraction),
     measured from the end of the previous tick, so a slow tick never overlaps or bunches up the
     next one. The first tick comes after one period, or at once if `immediate`.
 
@@ -468,8 +468,9 @@ class Periodic:
         self._triggered.set()
 
     def next_delay(self) -> float:
-        """A jittered period: uniform within `period * (1 ± jitter)`."""
-        return self._period * (1.0 + self._jitter * (2.0 * self._rng.random() - 1.0))
+        """A jittered period: uniform within `period * (1 - jitter)` and `period`. Jitter only
+        shortens, so the period is a bound (a drift is repaired within one period)."""
+        return self._period * (1.0 - self._jitter * self._rng.random())
 
     async def run(self) -> None:
         """Tick until cancelled."""
