@@ -1,0 +1,236 @@
+"""Creating pod tables by replaying a recorded netlink batch, against the real kernel.
+
+Each test works in lab namespaces (removed by the `lab` fixture) or in anonymous scratch
+namespaces that vanish when the worker leaves them.
+"""
+
+from __future__ import annotations
+
+import errno
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+
+import pytest
+
+from tests.test_render import POD_MATRIX, _pod_name
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.drift import Drift, DriftKind
+from ztunnel_redirect.errors import KernelError
+from ztunnel_redirect.model import PodOptions
+from ztunnel_redirect.netns import NetnsRunner, entered_scratch
+from ztunnel_redirect.nft import Nft, generation
+from ztunnel_redirect.nlbatch import BatchRejectedError, Recordings, record_here, send_batch
+from ztunnel_redirect.podrules import (
+    KernelForms,
+    PodRules,
+    PodState,
+    sync_routing_here,
+    sync_tables_here,
+)
+from ztunnel_redirect.render import Ruleset, pod_ruleset
+from ztunnel_redirect.testing.netnslab import Lab, Netns
+
+pytestmark = pytest.mark.kernel
+
+FULL = PodOptions(ipv6=True, dns_capture=True)
+
+
+class SpyRecordings(Recordings):
+    """The real recordings, noting which tables each replay asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[frozenset[str]] = []
+
+    def batch(self, ruleset: Ruleset, names: Iterable[str]) -> bytes:
+        wanted = frozenset(names)
+        self.asked.append(wanted)
+        return super().batch(ruleset, wanted)
+
+
+class WholeRulesetRecordings(SpyRecordings):
+    """Always replays every table of the ruleset, whatever was missing: stands for a table
+    that someone else created between our read and our replay."""
+
+    def batch(self, ruleset: Ruleset, names: Iterable[str]) -> bytes:
+        self.asked.append(frozenset(names))
+        return Recordings.batch(self, ruleset, [t.name for t in ruleset.tables])
+
+
+class NoReplay(Recordings):
+    """Every replay fails before sending: sync_tables_here takes the libnftables path."""
+
+    def batch(self, ruleset: Ruleset, names: Iterable[str]) -> bytes:
+        raise KernelError("replay disabled")
+
+
+def listing(ns: Netns, *, handles: bool = False) -> str:
+    return ns.exec("nft", "-a" if handles else "-s", "list", "ruleset")
+
+
+def install_with_nft(ns: Netns, script: str) -> None:
+    """The reference installer: `nft -f` in the namespace."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns.name, "nft", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def all_missing(ruleset: Ruleset, names: Iterable[str] | None = None) -> list[Drift]:
+    wanted = set(names) if names is not None else {t.name for t in ruleset.tables}
+    return [Drift(DriftKind.MISSING_TABLE, t.name) for t in ruleset.tables if t.name in wanted]
+
+
+@pytest.mark.parametrize("options", POD_MATRIX, ids=[_pod_name(o) for o in POD_MATRIX])
+async def test_replayed_install_is_the_libnftables_one(
+    runner: NetnsRunner, lab: Lab, options: PodOptions
+) -> None:
+    replayed, reference = lab.add_netns("replayed"), lab.add_netns("reference")
+    state = PodState.for_options(options)
+    spy = SpyRecordings()
+
+    outcome = await runner.run(
+        replayed.path, sync_tables_here, state, KernelForms(), None, write=True, recordings=spy
+    )
+    install_with_nft(reference, state.ruleset.script())
+
+    assert outcome.drifts == all_missing(state.ruleset)
+    assert spy.asked == [frozenset(t.name for t in state.ruleset.tables)]
+    assert listing(replayed) == listing(reference)
+    replayed.ip("link", "set", "lo", "up")  # the local route of table 100 needs it
+    await runner.run(replayed.path, sync_routing_here, state, write=True)
+    assert await PodRules(runner).check(replayed.path, options) == []
+
+
+async def test_replay_of_some_tables_creates_only_those(runner: NetnsRunner, lab: Lab) -> None:
+    ruleset = pod_ruleset(FULL)
+    replayed, reference = lab.add_netns("replayed"), lab.add_netns("reference")
+    recording = await runner.run(None, record_here, ruleset)
+
+    await runner.run(replayed.path, send_batch, recording.batch([c.MANGLE_TABLE]))
+    install_with_nft(reference, ruleset.table(c.MANGLE_TABLE).script())
+
+    assert listing(replayed) == listing(reference)
+    with pytest.raises(KeyError):
+        recording.batch(["not-recorded"])
+
+
+@pytest.mark.parametrize("existing", [c.NAT_TABLE, c.MANGLE_TABLE, c.RAW_TABLE])
+async def test_replay_over_an_existing_table_changes_nothing(
+    runner: NetnsRunner, lab: Lab, existing: str
+) -> None:
+    ruleset = pod_ruleset(FULL)
+    ns = lab.add_netns("pod")
+    install_with_nft(ns, ruleset.table(existing).script())
+    before = listing(ns, handles=True)
+    generation_before = await runner.run(ns.path, generation)
+    batch = await runner.run(None, Recordings().batch, ruleset, [t.name for t in ruleset.tables])
+
+    with pytest.raises(BatchRejectedError) as refused:
+        await runner.run(ns.path, send_batch, batch)
+
+    assert refused.value.errno == errno.EEXIST
+    assert listing(ns, handles=True) == before
+    assert await runner.run(ns.path, generation) == generation_before
+
+
+async def test_refused_replay_falls_back_to_libnftables(runner: NetnsRunner, lab: Lab) -> None:
+    state = PodState.for_options(FULL)
+    ns = lab.add_netns("pod")
+    install_with_nft(ns, state.ruleset.table(c.MANGLE_TABLE).script())
+    racing = WholeRulesetRecordings()
+    forms = KernelForms()
+
+    outcome = await runner.run(
+        ns.path, sync_tables_here, state, forms, None, write=True, recordings=racing
+    )
+
+    assert racing.asked == [frozenset({c.NAT_TABLE, c.RAW_TABLE})]
+    assert outcome.drifts == all_missing(state.ruleset, [c.NAT_TABLE, c.RAW_TABLE])
+    check = await runner.run(ns.path, sync_tables_here, state, forms, None, write=False)
+    assert check.drifts == []
+
+
+async def test_drift_of_an_existing_table_is_repaired_by_libnftables(
+    runner: NetnsRunner, lab: Lab
+) -> None:
+    state = PodState.for_options(FULL)
+    ns = lab.add_netns("pod")
+    install_with_nft(ns, state.ruleset.table(c.NAT_TABLE).script())
+    ns.exec(
+        "nft", "add", "rule", "inet", c.NAT_TABLE, "istio-output", "tcp", "dport", "9", "accept"
+    )
+    spy = SpyRecordings()
+    forms = KernelForms()
+
+    outcome = await runner.run(
+        ns.path, sync_tables_here, state, forms, None, write=True, recordings=spy
+    )
+
+    assert spy.asked == []
+    assert {d.kind for d in outcome.drifts} == {DriftKind.EXTRA_RULE, DriftKind.MISSING_TABLE}
+    check = await runner.run(ns.path, sync_tables_here, state, forms, None, write=False)
+    assert check.drifts == []
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def _timed_in_fresh_netns(count: int, install: Callable[[], object]) -> list[float]:
+    """`count` fresh anonymous namespaces, one install timed in each (ms)."""
+    samples = []
+    for _ in range(count):
+        with entered_scratch():
+            start = time.perf_counter()
+            install()
+            samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+PODS = 300
+
+
+async def test_measure_replay_against_libnftables(runner: NetnsRunner) -> None:
+    state = PodState.for_options(FULL)
+    forms, recordings = KernelForms(), Recordings()
+    names = [t.name for t in state.ruleset.tables]
+    batch = await runner.run(None, recordings.batch, state.ruleset, names)
+    await runner.run(None, forms.of, state.ruleset)
+    script = state.ruleset.script()
+
+    def libnftables() -> None:
+        with Nft() as nft:
+            nft.run(script)
+
+    def replay() -> None:
+        send_batch(batch)
+
+    def sync_with_replay() -> None:
+        sync_tables_here(state, forms, None, write=True, recordings=recordings)
+
+    def sync_without_replay() -> None:
+        sync_tables_here(state, forms, None, write=True, recordings=NoReplay())
+
+    results = {}
+    for name, install in [
+        ("libnftables", libnftables),
+        ("replay", replay),
+        ("sync_tables_libnftables", sync_without_replay),
+        ("sync_tables_replay", sync_with_replay),
+    ]:
+        samples = await runner.run(None, _timed_in_fresh_netns, PODS, install)
+        results[name] = _percentiles(samples)
+        p50, p99 = results[name]
+        print(f"MEASURE: pod_tables_install_{name} pods={PODS} p50_ms={p50:.3f} p99_ms={p99:.3f}")
+
+    assert results["replay"][0] < results["libnftables"][0]
+    assert results["sync_tables_replay"][0] < results["sync_tables_libnftables"][0]
