@@ -1,5 +1,6 @@
-"""Creating a pod's tables by replaying a recorded nftables netlink batch (SPEC §12: ~0.1 ms
-instead of ~0.3-0.7 ms through libnftables).
+"""Creating a pod's tables by replaying a recorded nftables netlink batch (SPEC §12; here the
+three pod tables into a fresh netns: 0.33 ms p50 instead of 0.73 ms through libnftables, most of
+what is left being the kernel's own work).
 
 The pod ruleset holds no per-pod value: every pod with the same options gets the same tables.
 So the translation from rules to netlink is done once per `Ruleset`, by the kernel itself:
@@ -35,7 +36,15 @@ from ztunnel_redirect.netns import entered_scratch
 from ztunnel_redirect.nft import Nft
 from ztunnel_redirect.render import Ruleset
 
-__all__ = ["BatchRejectedError", "Recording", "Recordings", "record_here", "send_batch"]
+__all__ = [
+    "BatchRejectedError",
+    "Recording",
+    "Recordings",
+    "Request",
+    "encode_batch",
+    "record_here",
+    "send_batch",
+]
 
 _NETLINK_NETFILTER: Final = 12
 _SOL_NETLINK: Final = 270
@@ -232,7 +241,7 @@ def record_here(ruleset: Ruleset, *, timeout: float = 5.0) -> Recording:
 def send_batch(batch: bytes, *, timeout: float = 5.0) -> None:
     """Send a batch on a new NETLINK_NETFILTER socket in the current netns; raises
     `BatchRejectedError` with the first error the kernel reported (then nothing was applied)."""
-    expected = _count(batch)
+    expected = _acked_seqs(batch)
     acked: set[int] = set()
     failure: tuple[int, int] | None = None
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
@@ -260,7 +269,7 @@ def send_batch(batch: bytes, *, timeout: float = 5.0) -> None:
         )
 
 
-def _count(batch: bytes) -> set[int]:
+def _acked_seqs(batch: bytes) -> set[int]:
     """The sequence numbers that ask for an ack."""
     seqs: set[int] = set()
     offset = 0
