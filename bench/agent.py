@@ -18,8 +18,7 @@ Pods are cheap (creating 1000 lab pods with `ip` takes minutes): a netns made in
 (`PodFactory`), with a veth pair whose both ends stay in the pod (`eth0` carries the pod IP, for
 the /proc scan's IP check, and the default route), and an unreachable route for ztunnel-marked
 sockets so that the stand-in's relay of a test connection fails at once instead of waiting for
-ARP. The agent runs at `--log-level debug` (the pass's own event is debug; its per-pod debug lines
-are part of the CPU measured).
+ARP. The agent runs at its default log level, info, as on a node.
 """
 
 from __future__ import annotations
@@ -349,7 +348,6 @@ class AgentBench:
         self.runs += 1
         argv = self.node.agent_argv(
             "--log-format", "json",
-            "--log-level", "debug",
             "--reconcile-period", str(self.period),
             "--dns-capture" if o.dns_capture else "--no-dns-capture",
             readiness_port=0,

@@ -214,7 +214,7 @@ def agent_targets(agent: dict[str, Any] | None, load: str) -> list[Target]:
             f"<= {DRIFT_CPU_S} s",
             f"{dp['cpu_s_median']:.3f} s (median of {dp['passes']} passes, max "
             f"{dp['cpu_s_max']:.3f} s; wall {dp['wall_ms_median']} ms; /proc stat resolution "
-            f"{dp['clock_tick_s']} s; agent at debug log level)",
+            f"{dp['clock_tick_s']} s; agent at info log level)",
             met,
             margin,
             "" if met else "see the agent profile" + load,

@@ -600,7 +600,7 @@ async def bench_all(
                 "samples": agent.samples,
                 "drift_passes": agent.drift_passes,
                 "reconcile_period_s": agent.period_for(max(agent.sizes)),
-                "log_level": "debug",
+                "log_level": "info",
             },
             "duration_s": round(time.perf_counter() - t0, 1),
         }

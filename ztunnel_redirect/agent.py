@@ -337,7 +337,12 @@ class Agent:
         self.metrics.set_ztunnel_connections(parts.zds.live_connections)
         if not parts.queue.retrying:
             self.metrics.mark_pass(time.time())
-        log.debug("drift_pass_done", duration_ms=round((time.monotonic() - started) * 1e3, 3))
+        # One line per period: the heartbeat that shows every enrolled pod is being verified.
+        log.info(
+            "drift_pass_done",
+            pods=len(parts.reconciler.records),
+            duration_ms=round((time.monotonic() - started) * 1e3, 3),
+        )
 
     async def _adopt(
         self, state: ClusterState, reconciler: Reconciler, finder: procscan.NetnsFinder
