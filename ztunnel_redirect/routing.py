@@ -114,9 +114,10 @@ def _route_msg(family: Family, kind: int, flags: int) -> bytes:
 
 
 @cache
-def _dump_msg(cls: Any, kind: int, family: Family) -> bytes:
+def _dump_msg(cls: Any, kind: int) -> bytes:
+    """A dump of both families at once (family AF_UNSPEC): one round trip instead of two."""
     msg = cls()
-    msg["family"] = family.value
+    msg["family"] = socket.AF_UNSPEC
     return _encode(msg, kind, NLM_F_REQUEST | NLM_F_DUMP)
 
 
@@ -185,47 +186,66 @@ def _families(ipv6: bool) -> list[Family]:
 
 # Offsets in a dumped message: nlmsghdr (16 bytes), then fib_rule_hdr / rtmsg, whose bytes are
 # family, dst_len, src_len, tos, table, ... and, for rtmsg, protocol, scope, type.
-_DST_LEN, _TABLE, _TYPE = _HEADER.size + 1, _HEADER.size + 4, _HEADER.size + 7
+_FAMILY, _DST_LEN, _TABLE, _TYPE = (_HEADER.size + n for n in (0, 1, 4, 7))
+_FAMILIES: dict[int, Family] = {int(f.value): f for f in Family}
 
 
-def _have_rule(rtnl: Rtnl, family: Family) -> bool:
-    found = False
-    for raw in rtnl.dump(_dump_msg(fibmsg, RTM_GETRULE, family)):
-        if found or raw[_TABLE] != c.ROUTE_TABLE:
-            continue  # only decode candidates (pyroute2 decoding dominates a check); drain all
-        msg = fibmsg(raw)
-        msg.decode()
-        found = (
-            msg.get_attr("FRA_PRIORITY") == c.RULE_PRIORITY
-            and msg.get_attr("FRA_FWMARK") == c.CONNMARK
-            and msg.get_attr("FRA_FWMASK") == c.CONNMARK_MASK
-        )
-    return found
+# Attribute types read back (linux/fib_rules.h, linux/rtnetlink.h); all are u32.
+_FRA_PRIORITY, _FRA_FWMARK, _FRA_FWMASK, _RTA_OIF = 6, 10, 16, 4
+_ATTR = struct.Struct("=HH")
+_U32 = struct.Struct("=I")
+_FIXED_HEADER = 12  # fib_rule_hdr and rtmsg are both 12 bytes
 
 
-def _have_route(rtnl: Rtnl, family: Family) -> bool:
-    found = False
-    for raw in rtnl.dump(_dump_msg(rtmsg, RTM_GETROUTE, family)):
-        if found or raw[_TABLE] != c.ROUTE_TABLE or raw[_TYPE] != _RTN_LOCAL or raw[_DST_LEN]:
+def _u32_attrs(msg: bytes) -> dict[int, int]:
+    """The 4-byte attributes of a dumped rule or route message, by type."""
+    attrs = {}
+    offset = _HEADER.size + _FIXED_HEADER
+    while offset + _ATTR.size <= len(msg):
+        length, kind = _ATTR.unpack_from(msg, offset)
+        if length < _ATTR.size:
+            break
+        if length == _ATTR.size + _U32.size:
+            attrs[kind & 0x3FFF] = _U32.unpack_from(msg, offset + _ATTR.size)[0]
+        offset += (length + 3) & ~3
+    return attrs
+
+
+def present(rtnl: Rtnl) -> set[RoutingItem]:
+    """Our ip rules and routes in the current netns, both families, in two dumps. Reads only.
+
+    Requests are encoded with pyroute2's message classes (once); reading back only needs four
+    u32 attributes of the few messages whose fixed header could be ours, so those are read
+    directly (decoding every message with pyroute2 dominated a check). Dumps are read to the end.
+    """
+    found: set[RoutingItem] = set()
+    for raw in rtnl.dump(_dump_msg(fibmsg, RTM_GETRULE)):
+        if raw[_TABLE] != c.ROUTE_TABLE or raw[_FAMILY] not in _FAMILIES:
             continue
-        msg = rtmsg(raw)
-        msg.decode()
-        found = msg.get_attr("RTA_OIF") == _LO_INDEX
+        attrs = _u32_attrs(raw)
+        if (
+            attrs.get(_FRA_PRIORITY) == c.RULE_PRIORITY
+            and attrs.get(_FRA_FWMARK) == c.CONNMARK
+            and attrs.get(_FRA_FWMASK) == c.CONNMARK_MASK
+        ):
+            found.add(RoutingItem(RoutingKind.IP_RULE, _FAMILIES[raw[_FAMILY]]))
+    for raw in rtnl.dump(_dump_msg(rtmsg, RTM_GETROUTE)):
+        if (
+            raw[_TABLE] != c.ROUTE_TABLE
+            or raw[_TYPE] != _RTN_LOCAL
+            or raw[_DST_LEN]
+            or raw[_FAMILY] not in _FAMILIES
+        ):
+            continue
+        if _u32_attrs(raw).get(_RTA_OIF) == _LO_INDEX:
+            found.add(RoutingItem(RoutingKind.ROUTE, _FAMILIES[raw[_FAMILY]]))
     return found
 
 
 def check(rtnl: Rtnl, *, ipv6: bool) -> list[RoutingItem]:
     """What of our routing is missing in the current netns. Reads only."""
-    v6 = ipv6 and ipv6_usable()
-    missing = [
-        RoutingItem(RoutingKind.IP_RULE, fam)
-        for fam in _families(ipv6)
-        if not _have_rule(rtnl, fam)
-    ]
-    missing += [
-        RoutingItem(RoutingKind.ROUTE, fam) for fam in _families(v6) if not _have_route(rtnl, fam)
-    ]
-    return missing
+    have = present(rtnl)
+    return [item for item in everything(ipv6=ipv6) if item not in have]
 
 
 def add(rtnl: Rtnl, missing: list[RoutingItem]) -> None:
@@ -253,20 +273,11 @@ def everything(*, ipv6: bool) -> list[RoutingItem]:
 def remove(rtnl: Rtnl) -> list[str]:
     """Remove our ip rules and routes, both families; what is not there is fine."""
     removed = []
-    for fam in Family:
-        for what, present, msg in (
-            (
-                RoutingKind.IP_RULE,
-                _have_rule,
-                _rule_msg(fam, RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK),
-            ),
-            (
-                RoutingKind.ROUTE,
-                _have_route,
-                _route_msg(fam, RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK),
-            ),
-        ):
-            if present(rtnl, fam):
-                rtnl.request([msg], ok=frozenset({errno.ENOENT, errno.ESRCH}))
-                removed.append(str(RoutingItem(what, fam)))
+    for item in sorted(present(rtnl), key=str):
+        if item.what is RoutingKind.IP_RULE:
+            msg = _rule_msg(item.family, RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK)
+        else:
+            msg = _route_msg(item.family, RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK)
+        rtnl.request([msg], ok=frozenset({errno.ENOENT, errno.ESRCH}))
+        removed.append(str(item))
     return removed
