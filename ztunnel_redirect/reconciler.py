@@ -394,6 +394,8 @@ class Reconciler:
         await self._ztunnel.del_workload(uid)
         if running:
             await self._status.set_redirection_status(pod, None)
+        if record is not None and record.netns is not None:
+            self._pod_rules.forget(record.netns)  # what we remembered of a netns that is going
         self.records.pop(uid, None)
         self._observer.set_pods_enrolled(len(self.records))
         log.info("pod_removed", host_elements=len(removed))
