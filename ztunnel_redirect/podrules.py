@@ -18,7 +18,7 @@ from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner, entered_scratch
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import Recordings, send_batch
+from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings, send_batch
 from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
 
 
@@ -144,6 +144,9 @@ def _created_by_replay(ruleset: Ruleset, drifts: list[Drift], recordings: Record
 _RECORDINGS: Final = Recordings()
 """One per process, like `pod_ruleset`'s cache: a recording depends on the ruleset only."""
 
+_EXPECTED_DUMPS: Final = ExpectedDumps()
+"""Likewise: the normalised dump of a desired ruleset depends on the ruleset only."""
+
 
 def sync_tables_here(
     state: PodState,
@@ -152,6 +155,7 @@ def sync_tables_here(
     *,
     write: bool,
     recordings: Recordings = _RECORDINGS,
+    dumps: ExpectedDumps = _EXPECTED_DUMPS,
 ) -> Outcome:
     """The nftables half: compare our tables with the desired ones and, with `write`, repair
     what differs in one transaction.
@@ -163,6 +167,11 @@ def sync_tables_here(
     Missing tables are created by a replayed netlink batch (`nlbatch`), so a new sandbox needs
     no libnftables context at all; listing and other repairs each open their own (~0.02 ms;
     the listing one commits nothing, so closing it never waits for RCU: SPEC §12 trap 4).
+
+    Before listing (the first check after a restart, or after anyone's commit), a raw netlink
+    dump of our tables, normalised, is compared with the desired ruleset's (~0.1 ms instead of
+    ~0.5 ms; `nlbatch.dump_here` says what it ignores). Only equality is trusted: anything else
+    falls through to the listing, which reports precisely and decides the repair.
     """
     seen = generation()
     if verified == Verified(seen, state.ruleset):
@@ -172,6 +181,8 @@ def sync_tables_here(
         # A netns starts at generation 1: still there, nothing was ever committed in it (a new
         # sandbox), so there is nothing to list.
         actual: dict[str, TableListing | None] = dict.fromkeys(names)
+    elif dumps.identical(state.ruleset, generation=seen):
+        return Outcome([], Verified(seen, state.ruleset))
     else:
         with Nft() as nft:
             actual = read_tables(nft, names)
