@@ -230,3 +230,23 @@ async def test_a_new_netns_is_at_the_pristine_generation(runner: NetnsRunner, po
     assert await runner.run(pod.path, generation) > podrules.PRISTINE_GENERATION
     pod.netns.exec("nft", "delete", "table", "inet", "t")
     assert await runner.run(pod.path, generation) > podrules.PRISTINE_GENERATION
+
+
+async def test_a_dormant_table_or_a_foreign_set_in_ours_is_drift(
+    runner: NetnsRunner, pod: LabPod
+) -> None:
+    """A dormant table redirects nothing; what we never create must not hide in our tables."""
+    rules = PodRules(runner)
+    await rules.apply(pod.path, V4)
+    pod.netns.exec("nft", "add", "table", "inet", c.NAT_TABLE, "{ flags dormant ; }")
+    pod.netns.exec("nft", "add", "set", "inet", c.MANGLE_TABLE, "extra", "{ type ipv4_addr ; }")
+
+    drifts = await rules.check(pod.path, V4)
+
+    assert {(d.kind, d.table, d.detail) for d in drifts} == {
+        (DriftKind.CHANGED_TABLE, c.NAT_TABLE, "flags dormant"),
+        (DriftKind.CHANGED_TABLE, c.MANGLE_TABLE, "extra set extra"),
+    }
+    await rules.apply(pod.path, V4)
+    assert await rules.check(pod.path, V4) == []
+    assert "dormant" not in pod.netns.exec("nft", "list", "table", "inet", c.NAT_TABLE)

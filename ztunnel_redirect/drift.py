@@ -7,6 +7,7 @@ the desired ruleset into a scratch netns, because nft rewrites expressions when 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,14 +28,25 @@ class TableListing:
     sets: dict[str, tuple[str, ...]] = field(default_factory=dict)
     elements: dict[str, dict[str, str]] = field(default_factory=dict)
     """set name -> {ip: comment}"""
+    attributes: tuple[str, ...] = ()
+    """Table-level lines, e.g. `flags dormant` (a dormant table redirects nothing)."""
+    others: tuple[str, ...] = ()
+    """Objects we never create (maps, flowtables, named counters...), by their header line."""
 
     @classmethod
     def parse(cls, text: str) -> TableListing:
         listing = cls()
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         i = 1  # skip "table inet <name> {"
+        attributes: list[str] = []
+        others: list[str] = []
         while i < len(lines) - 1:
-            kind, name, _ = [*lines[i].split(" ", 2), "", ""][:3]
+            if not lines[i].endswith("{"):
+                attributes.append(lines[i])
+                i += 1
+                continue
+            header = lines[i]
+            kind, name, _ = [*header.split(" ", 2), "", ""][:3]
             i += 1
             body: list[str] = []
             while i < len(lines) and lines[i] != "}":
@@ -56,11 +68,9 @@ class TableListing:
             elif kind == "set":
                 listing.sets[name] = tuple(body)
                 listing.elements.setdefault(name, {})
-        return listing
-
-    def structure(self) -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
-        """What must match the desired state: chains and set definitions, not elements."""
-        return self.chains, self.sets
+            else:
+                others.append(header)
+        return dataclasses.replace(listing, attributes=tuple(attributes), others=tuple(others))
 
 
 class DriftKind(Enum):
@@ -72,6 +82,7 @@ class DriftKind(Enum):
     MISSING_RULE = "missing_rule"
     EXTRA_RULE = "extra_rule"
     CHANGED_SET = "changed_set"
+    CHANGED_TABLE = "changed_table"
     MISSING_ELEMENT = "missing_element"
     EXTRA_ELEMENT = "extra_element"
     MISSING_IP_RULE = "missing_ip_rule"
@@ -134,4 +145,8 @@ def diff_table(name: str, expected: TableListing, actual: TableListing | None) -
         for set_name, want_set in expected.sets.items()
         if actual.sets.get(set_name) != want_set
     ]
+    if actual.attributes != expected.attributes:
+        drifts.append(Drift(DriftKind.CHANGED_TABLE, name, " ".join(actual.attributes)))
+    extra = [f"set {s}" for s in actual.sets if s not in expected.sets] + list(actual.others)
+    drifts += [Drift(DriftKind.CHANGED_TABLE, name, f"extra {what}") for what in extra]
     return drifts
