@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 
@@ -70,19 +69,6 @@ def listing(ns: Netns, *, handles: bool = False) -> str:
     return ns.exec("nft", "-a" if handles else "-s", "list", "ruleset")
 
 
-def install_with_nft(ns: Netns, script: str) -> None:
-    """The reference installer: `nft -f` in the namespace."""
-    result = subprocess.run(
-        ["ip", "netns", "exec", ns.name, "nft", "-f", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
-
-
 def all_missing(ruleset: Ruleset, names: Iterable[str] | None = None) -> list[Drift]:
     wanted = set(names) if names is not None else {t.name for t in ruleset.tables}
     return [Drift(DriftKind.MISSING_TABLE, t.name) for t in ruleset.tables if t.name in wanted]
@@ -99,7 +85,7 @@ async def test_replayed_install_is_the_libnftables_one(
     outcome = await runner.run(
         replayed.path, sync_tables_here, state, KernelForms(), None, write=True, recordings=spy
     )
-    install_with_nft(reference, state.ruleset.script())
+    reference.nft(state.ruleset.script())
 
     assert outcome.drifts == all_missing(state.ruleset)
     assert spy.asked == [frozenset(t.name for t in state.ruleset.tables)]
@@ -115,7 +101,7 @@ async def test_replay_of_some_tables_creates_only_those(runner: NetnsRunner, lab
     recording = await runner.run(None, record_here, ruleset)
 
     await runner.run(replayed.path, send_batch, recording.batch([c.MANGLE_TABLE]))
-    install_with_nft(reference, ruleset.table(c.MANGLE_TABLE).script())
+    reference.nft(ruleset.table(c.MANGLE_TABLE).script())
 
     assert listing(replayed) == listing(reference)
     with pytest.raises(KeyError):
@@ -128,7 +114,7 @@ async def test_replay_over_an_existing_table_changes_nothing(
 ) -> None:
     ruleset = pod_ruleset(FULL)
     ns = lab.add_netns("pod")
-    install_with_nft(ns, ruleset.table(existing).script())
+    ns.nft(ruleset.table(existing).script())
     before = listing(ns, handles=True)
     generation_before = await runner.run(ns.path, generation)
     batch = await runner.run(None, Recordings().batch, ruleset, [t.name for t in ruleset.tables])
@@ -144,7 +130,7 @@ async def test_replay_over_an_existing_table_changes_nothing(
 async def test_refused_replay_falls_back_to_libnftables(runner: NetnsRunner, lab: Lab) -> None:
     state = PodState.for_options(FULL)
     ns = lab.add_netns("pod")
-    install_with_nft(ns, state.ruleset.table(c.MANGLE_TABLE).script())
+    ns.nft(state.ruleset.table(c.MANGLE_TABLE).script())
     racing = WholeRulesetRecordings()
     forms = KernelForms()
 
@@ -163,7 +149,7 @@ async def test_drift_of_an_existing_table_is_repaired_by_libnftables(
 ) -> None:
     state = PodState.for_options(FULL)
     ns = lab.add_netns("pod")
-    install_with_nft(ns, state.ruleset.table(c.NAT_TABLE).script())
+    ns.nft(state.ruleset.table(c.NAT_TABLE).script())
     ns.exec(
         "nft", "add", "rule", "inet", c.NAT_TABLE, "istio-output", "tcp", "dport", "9", "accept"
     )

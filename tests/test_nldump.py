@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,18 +60,6 @@ class NeverIdentical(ExpectedDumps):
 
     def identical(self, ruleset: Ruleset, *, generation: int) -> bool:
         return False
-
-
-def nft_in(ns: Netns, script: str) -> None:
-    result = subprocess.run(
-        ["ip", "netns", "exec", ns.name, "nft", "-f", "-"],
-        input=script,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
-    assert result.returncode == 0, result.stderr
 
 
 def handle_of(ns: Netns, table: str, chain: str, text: str) -> str:
@@ -143,8 +130,7 @@ async def test_counters_do_not_matter(runner: NetnsRunner, lab: Lab, listings: L
 def _rule_replaced(ns: Netns) -> None:
     text = "ip daddr != 127.0.0.1 meta mark & 0x00000fff != 0x00000539 counter"
     handle = handle_of(ns, NAT, "istio-output", text)
-    nft_in(
-        ns,
+    ns.nft(
         f"replace rule inet {NAT} istio-output handle {handle} meta l4proto tcp "
         "ip daddr != 127.0.0.1/32 meta mark & 0xfff != 0x539 counter redirect to :15002\n",
     )
@@ -152,12 +138,11 @@ def _rule_replaced(ns: Netns) -> None:
 
 def _rule_deleted(ns: Netns) -> None:
     handle = handle_of(ns, NAT, "istio-output", "redirect to :15001")
-    nft_in(ns, f"delete rule inet {NAT} istio-output handle {handle}\n")
+    ns.nft(f"delete rule inet {NAT} istio-output handle {handle}\n")
 
 
 def _chain_priority_changed(ns: Netns) -> None:
-    nft_in(
-        ns,
+    ns.nft(
         f"flush chain inet {NAT} prerouting\n"
         f"delete chain inet {NAT} prerouting\n"
         f"add chain inet {NAT} prerouting {{ type nat hook prerouting priority -99 ; }}\n"
@@ -166,18 +151,17 @@ def _chain_priority_changed(ns: Netns) -> None:
 
 
 def _rule_added(ns: Netns) -> None:
-    nft_in(ns, f"add rule inet {NAT} istio-output tcp dport 9 accept\n")
+    ns.nft(f"add rule inet {NAT} istio-output tcp dport 9 accept\n")
 
 
 def _chain_added(ns: Netns) -> None:
-    nft_in(ns, f"add chain inet {NAT} extra\n")
+    ns.nft(f"add chain inet {NAT} extra\n")
 
 
 def _counter_removed(ns: Netns) -> None:
     """The same rule without its counter: a counter's data is ignored, the counter is not."""
     handle = handle_of(ns, c.MANGLE_TABLE, "istio-output", "meta mark set ct mark")
-    nft_in(
-        ns,
+    ns.nft(
         f"replace rule inet {c.MANGLE_TABLE} istio-output handle {handle} "
         "ct mark & 0xfff == 0x111 meta mark set ct mark\n",
     )
@@ -185,24 +169,24 @@ def _counter_removed(ns: Netns) -> None:
 
 def _set_added(ns: Netns) -> None:
     """Something we never create in our table: drift for the listing too."""
-    nft_in(ns, f"add set inet {NAT} extra {{ type ipv4_addr ; }}\n")
+    ns.nft(f"add set inet {NAT} extra {{ type ipv4_addr ; }}\n")
 
 
 def _table_flushed(ns: Netns) -> None:
-    nft_in(ns, f"flush table inet {NAT}\n")
+    ns.nft(f"flush table inet {NAT}\n")
 
 
 def _table_deleted(ns: Netns) -> None:
-    nft_in(ns, f"delete table inet {c.MANGLE_TABLE}\n")
+    ns.nft(f"delete table inet {c.MANGLE_TABLE}\n")
 
 
 def _stale_raw_table(ns: Netns) -> None:
     """A raw table left from when DNS capture was on."""
-    nft_in(ns, pod_ruleset(FULL).table(c.RAW_TABLE).script())
+    ns.nft(pod_ruleset(FULL).table(c.RAW_TABLE).script())
 
 
 def _table_dormant(ns: Netns) -> None:
-    nft_in(ns, f"add table inet {NAT} {{ flags dormant ; }}\n")
+    ns.nft(f"add table inet {NAT} {{ flags dormant ; }}\n")
 
 
 @dataclass(frozen=True)
@@ -280,7 +264,7 @@ async def test_dump_of_another_generation_proves_nothing(runner: NetnsRunner, la
 async def test_tables_with_sets_are_never_proven(runner: NetnsRunner, lab: Lab) -> None:
     host = host_ruleset(HostOptions(kubelet_uid=1000))
     ns = lab.add_netns("host")
-    nft_in(ns, host.script())
+    ns.nft(host.script())
     dumps = ExpectedDumps()
     seen = await runner.run(ns.path, generation)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -301,23 +300,11 @@ def test_request_reports_refusal_and_timeout(lab: Lab, pods: tuple[LabPod, LabPo
         request(a.path, "10.99.0.1", APP_PORT, timeout=0.3, uid=NOBODY)
 
 
-def nft(pod: LabPod, ruleset: str) -> None:
-    subprocess.run(
-        ["ip", "netns", "exec", pod.netns.name, "nft", "-f", "-"],
-        input=ruleset,
-        text=True,
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-
-
 @pytest.mark.kernel
 def test_request_as_uid_owns_its_socket(pods: tuple[LabPod, LabPod]) -> None:
     a, b = pods
     # `meta skuid` matches the socket's owner: only a client owned by NOBODY is refused.
-    nft(
-        a,
+    a.netns.nft(
         "table inet zr-test {\n"
         "  chain output {\n"
         "    type filter hook output priority 0; policy accept;\n"
@@ -367,7 +354,7 @@ table inet zr-standin-mangle {
 
 
 def redirect_like_ztunnel(pod: LabPod, *, policy_routing: bool = True) -> None:
-    nft(pod, MINIMAL_POD_RULES)
+    pod.netns.nft(MINIMAL_POD_RULES)
     if not policy_routing:
         return
     for family, local in (("-4", "0.0.0.0/0"), ("-6", "::/0")):

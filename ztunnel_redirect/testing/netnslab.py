@@ -16,8 +16,10 @@ from typing import Final
 PREFIX: Final = "zr-"
 
 
-def run(*argv: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+def run(*argv: str, stdin: str | None = None) -> str:
+    result = subprocess.run(
+        argv, input=stdin, capture_output=True, text=True, check=False, timeout=30
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
     return result.stdout
@@ -42,6 +44,10 @@ class Netns:
 
     def exec(self, *argv: str) -> str:
         return run("ip", "netns", "exec", self.name, *argv)
+
+    def nft(self, script: str) -> None:
+        """Load an nft script in this namespace, as `nft -f` does."""
+        run("ip", "netns", "exec", self.name, "nft", "-f", "-", stdin=script)
 
 
 @dataclass(frozen=True)
