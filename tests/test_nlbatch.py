@@ -88,6 +88,7 @@ async def test_replayed_install_is_the_libnftables_one(
     reference.nft(state.ruleset.script())
 
     assert outcome.drifts == all_missing(state.ruleset)
+    assert outcome.replay_refused is None
     assert spy.asked == [frozenset(t.name for t in state.ruleset.tables)]
     assert listing(replayed) == listing(reference)
     replayed.ip("link", "set", "lo", "up")  # the local route of table 100 needs it
@@ -140,6 +141,8 @@ async def test_refused_replay_falls_back_to_libnftables(runner: NetnsRunner, lab
 
     assert racing.asked == [frozenset({c.NAT_TABLE, c.RAW_TABLE})]
     assert outcome.drifts == all_missing(state.ruleset, [c.NAT_TABLE, c.RAW_TABLE])
+    assert outcome.replay_refused is not None
+    assert "File exists" in outcome.replay_refused, outcome.replay_refused
     check = await runner.run(ns.path, sync_tables_here, state, forms, None, write=False)
     assert check.drifts == []
 

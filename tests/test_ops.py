@@ -173,6 +173,7 @@ async def test_metrics_report_recorded_values(ops: Ops) -> None:
     m.count_watch_restart("namespaces", RestartReason.STREAM_ENDED)
     m.set_ztunnel_connections(1)
     m.observe_cni_add(0.03)
+    m.count_replay_refused()
 
     s = await ops.scrape()
     p = "ztunnel_redirect_"
@@ -204,6 +205,7 @@ async def test_metrics_report_recorded_values(ops: Ops) -> None:
     assert value(s, f"{p}cni_add_duration_seconds_count") == 1
     assert value(s, f"{p}cni_add_duration_seconds_bucket", le="0.025") == 0
     assert value(s, f"{p}cni_add_duration_seconds_bucket", le="0.05") == 1
+    assert value(s, f"{p}batch_replays_refused_total") == 1
 
 
 async def test_every_metric_is_exposed_from_the_start(ops: Ops) -> None:
@@ -216,6 +218,7 @@ async def test_every_metric_is_exposed_from_the_start(ops: Ops) -> None:
         "ztunnel_redirect_last_successful_pass_timestamp_seconds",
         "ztunnel_redirect_ztunnel_connections",
         "ztunnel_redirect_cni_add_duration_seconds_bucket",
+        "ztunnel_redirect_batch_replays_refused_total",
     ):
         assert name in names, name
 

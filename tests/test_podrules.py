@@ -8,6 +8,7 @@ import resource
 from collections.abc import Iterator
 
 import pytest
+from structlog.testing import capture_logs
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import podrules
@@ -129,6 +130,28 @@ async def test_failed_transaction_leaves_previous_state(runner: NetnsRunner, pod
     with pytest.raises(KernelError):
         await runner.run(pod.path, run_repair)
     assert kernel_state(pod) == before
+
+
+async def test_a_refused_replay_is_installed_by_libnftables_and_reported(
+    runner: NetnsRunner, pod: LabPod, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(batch: bytes) -> None:
+        raise KernelError("netlink batch refused: Operation not supported")
+
+    monkeypatch.setattr(podrules, "send_batch", refuse)
+    refused: list[None] = []
+    rules = PodRules(runner, on_replay_refused=lambda: refused.append(None))
+
+    with capture_logs() as logs:
+        drifts = await rules.apply(pod.path, V4, fresh=True)
+
+    assert DriftKind.MISSING_TABLE in {d.kind for d in drifts}
+    assert await rules.check(pod.path, V4) == []
+    assert refused == [None]
+    [warning] = [e for e in logs if e["event"] == "batch_replay_refused"]
+    assert warning["log_level"] == "warning"
+    assert warning["netns"] == pod.path
+    assert "Operation not supported" in warning["error"]
 
 
 async def test_remove_takes_only_ours(runner: NetnsRunner, pod: LabPod) -> None:

@@ -235,7 +235,7 @@ class Agent:
         reconciler = Reconciler(
             state=state,
             policy=policy,
-            pod_rules=PodRules(runner),
+            pod_rules=PodRules(runner, on_replay_refused=self.metrics.count_replay_refused),
             host_rules=HostRules(runner, netns=s.host_netns),
             host_options=host_options,
             ztunnel=zds,

@@ -170,6 +170,12 @@ class Metrics:
             "ztunnel processes connected to the agent (ZDS).",
             registry=r,
         )
+        self._replays_refused = Counter(
+            f"{_PREFIX}_batch_replays_refused",
+            "New pod tables installed through libnftables because the kernel refused the "
+            "recorded netlink batch (slower, same result).",
+            registry=r,
+        )
         self._cni_add_duration = Histogram(
             f"{_PREFIX}_cni_add_duration_seconds",
             "Time from a CNI ADD event's arrival to its answer to the plugin.",
@@ -220,6 +226,9 @@ class Metrics:
 
     def set_ztunnel_connections(self, count: int) -> None:
         self._ztunnel_connections.set(count)
+
+    def count_replay_refused(self) -> None:
+        self._replays_refused.inc()
 
     def observe_cni_add(self, seconds: float) -> None:
         self._cni_add_duration.observe(seconds)

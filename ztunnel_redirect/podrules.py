@@ -8,8 +8,11 @@ pod writes nothing either, so an agent restart leaves handles and counters untou
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
+
+import structlog
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import routing
@@ -20,6 +23,8 @@ from ztunnel_redirect.netns import NetnsRunner, entered_scratch
 from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings, send_batch
 from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
+
+log = structlog.get_logger(__name__)
 
 
 class KernelForms:
@@ -121,24 +126,23 @@ class Outcome:
     drifts: list[Drift]
     """What differed (for apply: what was repaired). Empty: nothing was written."""
     verified: Verified | None
+    replay_refused: str | None = None
+    """Why the kernel refused the recorded batch (libnftables then did the work instead)."""
 
 
-def _created_by_replay(ruleset: Ruleset, drifts: list[Drift], recordings: Recordings) -> bool:
-    """Tables that are only missing (a new sandbox, or deleted tables) are created by replaying
-    the netlink batch recorded for this ruleset: three tables into a fresh netns cost 0.33 ms
-    p50 instead of 0.73 ms through libnftables here (tests/test_nlbatch.py measures both).
+def _replay(ruleset: Ruleset, drifts: list[Drift], recordings: Recordings) -> str | None:
+    """Create the missing tables (a new sandbox, or deleted tables) by replaying the netlink
+    batch recorded for this ruleset: three tables into a fresh netns cost 0.33 ms p50 instead
+    of 0.73 ms through libnftables here (tests/test_nlbatch.py measures both).
 
-    False when something else drifted (libnftables repairs it, delete and recreate) or when the
-    replay failed: the kernel then applied none of the batch, and libnftables retries once.
-    Nothing is logged here (a netns worker); the drifts returned say what was repaired.
+    None when the tables were created; otherwise why the kernel refused the batch (it then
+    applied none of it). Nothing is logged here (a netns worker): `PodRules` logs the outcome.
     """
-    if not all(d.kind is DriftKind.MISSING_TABLE for d in drifts):
-        return False
     try:
         send_batch(recordings.batch(ruleset, {d.table for d in drifts}))
-    except (KernelError, OSError):
-        return False
-    return True
+    except (KernelError, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
 
 
 _RECORDINGS: Final = Recordings()
@@ -187,11 +191,18 @@ def sync_tables_here(
         with Nft() as nft:
             actual = read_tables(nft, names)
     drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
-    if drifts and write and not _created_by_replay(state.ruleset, drifts, recordings):
-        with Nft() as nft:
-            nft.run(repair_script(state.ruleset, drifts))
+    refused = None
+    if drifts and write:
+        # Only missing tables: replay the recorded batch. Anything else drifted, or the kernel
+        # refused the batch: libnftables repairs (delete and recreate the drifted tables).
+        replayed = all(d.kind is DriftKind.MISSING_TABLE for d in drifts)
+        if replayed:
+            refused = _replay(state.ruleset, drifts, recordings)
+        if not replayed or refused is not None:
+            with Nft() as nft:
+                nft.run(repair_script(state.ruleset, drifts))
     # After a write, the next check lists again before it trusts a generation.
-    return Outcome(drifts, None if drifts else Verified(seen, state.ruleset))
+    return Outcome(drifts, None if drifts else Verified(seen, state.ruleset), refused)
 
 
 def sync_routing_here(state: PodState, *, write: bool, fresh: bool = False) -> list[Drift]:
@@ -221,7 +232,7 @@ def apply_here(
     """
     tables = sync_tables_here(state, forms, verified, write=True)
     routes = sync_routing_here(state, write=True, fresh=fresh)
-    return Outcome(tables.drifts + routes, tables.verified)
+    return Outcome(tables.drifts + routes, tables.verified, tables.replay_refused)
 
 
 def remove_here() -> list[str]:
@@ -244,12 +255,20 @@ class PodRules:
     that a periodic check of a healthy pod costs a generation read and a routing dump.
     """
 
-    def __init__(self, runner: NetnsRunner) -> None:
+    def __init__(
+        self, runner: NetnsRunner, *, on_replay_refused: Callable[[], None] = lambda: None
+    ) -> None:
+        """`on_replay_refused`: called each time the kernel refused a recorded batch and
+        libnftables installed the tables instead (the pod is fine, the install was slower)."""
         self._runner = runner
         self._forms = KernelForms()
         self._verified: dict[str, Verified] = {}
+        self._on_replay_refused = on_replay_refused
 
     def _remember(self, netns: str, outcome: Outcome) -> list[Drift]:
+        if outcome.replay_refused is not None:
+            log.warning("batch_replay_refused", netns=netns, error=outcome.replay_refused)
+            self._on_replay_refused()
         if outcome.verified is None:
             self._verified.pop(netns, None)
         else:
