@@ -17,8 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.conftest import FakeReconciler
 from ztunnel_redirect import cni_plugin, constants, enrollment
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
 from ztunnel_redirect.enrollment import EnrollmentPolicy
@@ -118,34 +118,6 @@ async def run_plugin(
     return Outcome(proc.returncode, out.decode(), err.decode())
 
 
-class FakeReconciler:
-    def __init__(self) -> None:
-        self.events: list[CniAddEvent] = []
-        self.fail_with: Exception | None = None
-        self.stall: asyncio.Event | None = None
-
-    async def on_add(self, event: CniAddEvent) -> None:
-        self.events.append(event)
-        if self.stall is not None:
-            await self.stall.wait()
-        if self.fail_with is not None:
-            raise self.fail_with
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="zr-plugin-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def fake() -> FakeReconciler:
-    return FakeReconciler()
-
-
 @pytest.fixture
 async def agent(run_dir: Path, fake: FakeReconciler) -> AsyncIterator[CniEventServer]:
     server = CniEventServer(fake.on_add, socket_path=str(run_dir / "pluginevent.sock"), budget=1.0)
@@ -153,8 +125,8 @@ async def agent(run_dir: Path, fake: FakeReconciler) -> AsyncIterator[CniEventSe
     try:
         yield server
     finally:
-        if fake.stall is not None:
-            fake.stall.set()
+        if fake.release is not None:
+            fake.release.set()
         await server.close()
 
 
@@ -273,7 +245,7 @@ async def test_add_fails_with_the_agents_message(
 async def test_agent_too_slow_is_try_again_later(
     agent: CniEventServer, fake: FakeReconciler
 ) -> None:
-    fake.stall = asyncio.Event()
+    fake.release = asyncio.Event()
     out = await run_plugin("ADD", net_conf(plugin_event_socket=agent.socket_path))
     assert out.rc != 0
     assert out.json["code"] == 11

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import stat
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
+from tests.conftest import FakeReconciler
 from ztunnel_redirect.cnievents import (
     CniAddEvent,
     CniEventServer,
@@ -31,39 +30,6 @@ GOOD: dict[str, Any] = {
     "PodNamespace": "shop",
     "IPs": [{"Address": {"IP": "10.244.1.7"}}, {"Address": {"IP": "fd00:0:0::0:7"}}],
 }
-
-
-class FakeReconciler:
-    """Stands in for the reconciler: records events, and fails or stalls on request."""
-
-    def __init__(self) -> None:
-        self.events: list[CniAddEvent] = []
-        self.fail_with: BaseException | None = None
-        self.release: asyncio.Event | None = None
-        self.finished = asyncio.Event()
-
-    async def on_add(self, event: CniAddEvent) -> None:
-        self.events.append(event)
-        if self.release is not None:
-            await self.release.wait()
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.finished.set()
-
-
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    # Short path: a Unix socket path must fit in 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="zr-cni-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def fake() -> FakeReconciler:
-    return FakeReconciler()
 
 
 @pytest.fixture
