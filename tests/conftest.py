@@ -3,7 +3,6 @@ directory and a stand-in for the reconciler behind the CNI event server."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel_redirect.cnievents import CniAddEvent
+from tests.fakes import FakeReconciler
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.testing.netnslab import Lab
 
@@ -42,25 +41,6 @@ def run_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-class FakeReconciler:
-    """Takes CNI ADD events in place of the reconciler: records them, and can be told to fail
-    or to wait for `release`."""
-
-    def __init__(self) -> None:
-        self.events: list[CniAddEvent] = []
-        self.fail_with: BaseException | None = None
-        self.release: asyncio.Event | None = None
-        self.finished = asyncio.Event()
-
-    async def on_add(self, event: CniAddEvent) -> None:
-        self.events.append(event)
-        if self.release is not None:
-            await self.release.wait()
-        if self.fail_with is not None:
-            raise self.fail_with
-        self.finished.set()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.conftest import FakeReconciler
+from tests.fakes import FakeReconciler
 from ztunnel_redirect import cni_plugin, constants, enrollment
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
 from ztunnel_redirect.enrollment import EnrollmentPolicy

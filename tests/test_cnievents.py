@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from tests.conftest import FakeReconciler
+from tests.fakes import FakeReconciler
 from ztunnel_redirect.cnievents import (
     CniAddEvent,
     CniEventServer,
