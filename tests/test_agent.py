@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_migration import all_saves, install_istio_host, install_istio_pod, need, sh
 
+from tests.test_migration import all_saves, install_istio_host, install_istio_pod, need, sh
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.migration import Flavour
 from ztunnel_redirect.model import PodOptions, PodUid

@@ -44,7 +44,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def read_events(response: aiohttp.ClientResponse, count: int) -> list[dict[str, Any]]:
-    events = []
+    events: list[dict[str, Any]] = []
     async with asyncio.timeout(TIMEOUT):
         while len(events) < count:
             line = await response.content.readline()
@@ -260,7 +260,9 @@ async def test_status_merge_patch_sets_and_removes_an_annotation(
     created = server.create_pod(pod("a"))
     server.patch_pod("default", "a", {"metadata": {"annotations": {"keep": "me"}}})
     url = f"{server.url}/api/v1/namespaces/default/pods/a/status"
-    patch = {"metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}}
+    patch: dict[str, Any] = {
+        "metadata": {"annotations": {"ambient.istio.io/redirection": "enabled"}}
+    }
     async with http.patch(url, json=patch, headers=MERGE) as response:
         assert response.status == 200
         body = await response.json()

@@ -20,7 +20,7 @@ import json
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from ztunnel_redirect.testing.agentprocess import (
     wait_pod_settled,
 )
 from ztunnel_redirect.testing.apiserver import ApiServer
-from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
+from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel, ReceivedRequest
 from ztunnel_redirect.testing.node import NodePod, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind
 from ztunnel_redirect.testing.traffic import App, request
@@ -365,11 +365,11 @@ async def test_two_ztunnels_during_an_upgrade_adds_go_to_the_newest_dels_to_both
     await asyncio.to_thread(cluster.api.delete_pod, MESH_NS, "web-1")
     async with asyncio.timeout(EVENT_TIMEOUT):
         for zt, count in dels.items():
-            await zt.wait_for(
-                lambda seen, count=count: (
-                    [r.kind for r in seen if r.uid == second.uid].count(RequestKind.DEL) > count
-                )
-            )
+
+            def one_more_del(seen: Sequence[ReceivedRequest], count: int = count) -> bool:
+                return [r.kind for r in seen if r.uid == second.uid].count(RequestKind.DEL) > count
+
+            await zt.wait_for(one_more_del)
     # The old ztunnel keeps what it has until it goes: nothing of the first pod was deleted.
     assert requests_for(old, first)[-1] is RequestKind.ADD
     assert first.uid in old.workloads

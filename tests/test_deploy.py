@@ -272,7 +272,7 @@ def _plugin_grants_needed() -> set[tuple[str, str]]:
         if not isinstance(node, ast.JoinedStr):
             continue
         template = "".join(
-            part.value if isinstance(part, ast.Constant) else "{x}" for part in node.values
+            str(part.value) if isinstance(part, ast.Constant) else "{x}" for part in node.values
         )
         if template.startswith("/api/"):
             needed.add(_request_info(template, "GET"))
@@ -590,7 +590,7 @@ def test_every_copied_path_is_in_the_build_context() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    sources = []
+    sources: list[str] = []
     for number, instruction, arguments in _instructions():
         if instruction not in ("COPY", "ADD"):
             continue

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import hostrules
-from ztunnel_redirect.drift import DriftKind
+from ztunnel_redirect import hostrules, podrules
+from ztunnel_redirect.drift import DriftKind, TableListing
 from ztunnel_redirect.errors import ConfigError
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.model import HostOptions, PodUid
@@ -109,10 +111,13 @@ async def test_a_verified_host_table_is_not_listed_again_until_something_commits
     await host.apply(OPTIONS, wanted)
     assert await host.check(OPTIONS, wanted) == []
     listings: list[object] = []
-    real_read = hostrules.read_tables
-    monkeypatch.setattr(
-        hostrules, "read_tables", lambda *args: listings.append(args) or real_read(*args)
-    )
+    real_read = podrules.read_tables
+
+    def spy(*args: Any) -> dict[str, TableListing | None]:
+        listings.append(args)
+        return real_read(*args)
+
+    monkeypatch.setattr(hostrules, "read_tables", spy)
 
     assert await host.check(OPTIONS, wanted) == []
     assert listings == []

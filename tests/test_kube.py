@@ -204,7 +204,7 @@ async def test_synced_waits_for_both_lists(server: ApiServer, api: Any) -> None:
 async def test_the_generated_client_works_unchanged_against_the_fake(
     server: ApiServer, api: Any
 ) -> None:
-    core = k8s_client.CoreV1Api(api)
+    core: Any = k8s_client.CoreV1Api(api)  # typed for V1Pod bodies; plain dicts work too
     created = await core.create_namespaced_pod(
         "default",
         {
