@@ -10,8 +10,10 @@ APT_PACKAGES := nftables iproute2 util-linux iptables ipset
 
 setup: $(VENV)/.installed
 
+# Debian's python3 creates venvs only with python3-venv (ensurepip); a pyenv or image Python has it.
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3 python3-venv"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
