@@ -34,7 +34,10 @@ from ztunnel_redirect.model import Namespace, Pod, PodUid
 from ztunnel_redirect.testing.apiserver import ApiServer, kubeconfig
 
 PLUGIN = Path(cni_plugin.__file__)
-VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
+VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+CHECK_VERSIONS = tuple(v for v in VERSIONS if v >= "0.4.0")
+"""CHECK exists from CNI 0.4.0 on (string order is version order for these)."""
+POD_UID = "0b7a3f52-9c1e-4d8a-a6f1-2e4c5d6b7a80"
 NETNS = "/var/run/netns/cni-6f1e2d3c-aaaa-bbbb-cccc-0123456789ab"
 POD_ARGS = (
     "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;K8S_POD_INFRA_CONTAINER_ID=abc"
@@ -155,13 +158,53 @@ async def test_version_without_config_answers_latest() -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("command", ["DEL", "CHECK"])
-async def test_del_and_check_succeed_silently_even_without_agent(
-    command: str, version: str, run_dir: Path
-) -> None:
+async def test_del_succeeds_silently_even_without_agent(version: str, run_dir: Path) -> None:
     conf = net_conf(version, plugin_event_socket=str(run_dir / "absent.sock"))
-    out = await run_plugin(command, conf)
+    out = await run_plugin("DEL", conf)
     assert (out.rc, out.stdout) == (0, "")
+
+
+@pytest.mark.parametrize(
+    "stdin",
+    [
+        b"",
+        b"{not json",
+        json.dumps(net_conf("0.2.0")).encode(),
+        json.dumps(net_conf("9.9.9")).encode(),
+        json.dumps({"name": "kindnet", "type": "ztunnel-redirect-cni"}).encode(),
+        json.dumps(net_conf(exclude_namespaces="kube-system")).encode(),
+    ],
+    ids=["empty", "not-json", "old-version", "future-version", "no-version", "bad-key"],
+)
+async def test_del_succeeds_whatever_the_config(stdin: bytes) -> None:
+    # A failed DEL blocks the pod's teardown; there is nothing for DEL to do anyway.
+    out = await run_plugin("DEL", stdin)
+    assert (out.rc, out.stdout) == (0, ""), out.stderr
+
+
+@pytest.mark.parametrize("version", CHECK_VERSIONS)
+async def test_check_succeeds_silently_even_without_agent(version: str, run_dir: Path) -> None:
+    conf = net_conf(version, plugin_event_socket=str(run_dir / "absent.sock"))
+    out = await run_plugin("CHECK", conf)
+    assert (out.rc, out.stdout) == (0, "")
+
+
+@pytest.mark.parametrize("version", sorted(set(VERSIONS) - set(CHECK_VERSIONS)))
+async def test_check_before_0_4_0_is_incompatible_version(version: str) -> None:
+    # As containernetworking/cni's skel: "config version does not allow CHECK" (code 1).
+    out = await run_plugin("CHECK", net_conf(version))
+    assert out.rc != 0
+    assert out.json["code"] == 1
+    assert out.json["cniVersion"] == version
+    assert "CHECK" in out.json["msg"]
+
+
+@pytest.mark.parametrize(("version", "rc"), [("1.0.0", 1), ("1.1.0", 0)])
+async def test_gc_exists_from_1_1_0_on(version: str, rc: int) -> None:
+    out = await run_plugin("GC", net_conf(version))
+    assert out.rc == rc
+    if rc:
+        assert out.json["code"] == 1
 
 
 @pytest.mark.parametrize("stdin", [b"", b"{not json", b"[]", b'"a string"'])
@@ -181,10 +224,14 @@ async def test_wrong_types_of_our_keys_are_error_7() -> None:
     assert "exclude_namespaces" in out.json["msg"]
 
 
-async def test_unsupported_version_is_error_1() -> None:
-    out = await run_plugin("ADD", net_conf("0.2.0"))
+@pytest.mark.parametrize("version", ["0.2.0", "1.2.0"])
+async def test_unsupported_version_is_error_1_in_the_requested_version(version: str) -> None:
+    out = await run_plugin("ADD", net_conf(version))
     assert out.rc != 0
     assert out.json["code"] == 1
+    # The CNI error object carries the version of the request.
+    assert out.json["cniVersion"] == version
+    assert version in out.json["msg"]
 
 
 async def test_add_without_prev_result_is_refused(agent: CniEventServer) -> None:
@@ -221,6 +268,15 @@ async def test_add_hands_pod_to_agent_and_prints_prev_result_unchanged(
             ips=("10.244.1.7", "fd00:10:244:1::7"),
         )
     ]
+
+
+async def test_add_hands_the_runtimes_pod_uid_to_the_agent(
+    agent: CniEventServer, fake: FakeReconciler
+) -> None:
+    conf = net_conf(plugin_event_socket=agent.socket_path)
+    out = await run_plugin("ADD", conf, cni_args=f"{POD_ARGS};K8S_POD_UID={POD_UID}")
+    assert out.rc == 0, out.stderr
+    assert [e.pod_uid for e in fake.events] == [POD_UID]
 
 
 async def test_prev_result_without_version_gets_the_config_version(agent: CniEventServer) -> None:

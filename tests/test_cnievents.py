@@ -72,6 +72,29 @@ async def test_good_event_reaches_on_add_and_answers_200(
     ]
 
 
+UID = "0b7a3f52-9c1e-4d8a-a6f1-2e4c5d6b7a80"
+
+
+@pytest.mark.parametrize(
+    ("uid", "expected"),
+    [
+        (None, None),
+        (UID, UID),
+        (UID.upper(), UID.upper()),
+        # A static pod's UID as the kubelet knows it: the hash of its manifest.
+        ("6d1f1e2e3c4b5a69788796a5b4c3d2e1", "6d1f1e2e3c4b5a69788796a5b4c3d2e1"),
+    ],
+    ids=["absent", "uuid", "upper-case", "static-pod-hash"],
+)
+async def test_pod_uid_is_passed_on_when_present(
+    client: aiohttp.ClientSession, fake: FakeReconciler, uid: str | None, expected: str | None
+) -> None:
+    body = GOOD if uid is None else dict(GOOD, PodUID=uid)
+    status, _ = await post(client, body)
+    assert status == 200
+    assert [e.pod_uid for e in fake.events] == [expected]
+
+
 async def test_extra_fields_from_istio_plugins_are_ignored(
     client: aiohttp.ClientSession, fake: FakeReconciler
 ) -> None:
@@ -112,6 +135,13 @@ BAD_PAYLOADS: list[tuple[str, bytes | dict[str, Any], str]] = [
     ("netns relative", _with(Netns="proc/1/ns/net"), "absolute"),
     ("netns is the directory", _with(Netns="/run/netns/"), "outside"),
     ("netns with NUL", _with(Netns="/run/netns/a\x00b"), "absolute"),
+    ("uid not a string", _with(PodUID=7), "PodUID"),
+    ("uid empty", _with(PodUID=""), "PodUID"),
+    ("uid not hex", _with(PodUID="web-0"), "PodUID"),
+    ("uid with a slash", _with(PodUID="0b7a3f52/../x"), "PodUID"),
+    ("uid with a newline", _with(PodUID=UID + "\n"), "PodUID"),
+    ("uid double dash", _with(PodUID="0b7a--3f52"), "PodUID"),
+    ("uid too long", _with(PodUID="a" * 65), "PodUID"),
 ]
 
 

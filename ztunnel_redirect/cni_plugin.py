@@ -6,13 +6,16 @@ sandbox creation. It is installed as `<cni bin dir>/ztunnel-redirect-cni` by
 `ztunnel_redirect.cniinstall` and runs with the host's Python (3.9 or newer), outside the agent's
 container: it imports only the Python standard library, and stays one self-contained file.
 
-Commands (containernetworking/cni SPEC.md, versions 0.3.1, 0.4.0, 1.0.0, 1.1.0):
+Commands (containernetworking/cni SPEC.md, versions 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0):
 
-- ADD: posts `{"Netns", "PodName", "PodNamespace", "IPs"}` to the agent at `POST /cmdadd` over its
-  Unix socket and, once the agent answers 200, prints `prevResult` back unchanged. Fails closed:
-  an agent error fails the ADD, and so does an unreachable agent unless the API server (read with
-  the `kubeconfig` the agent wrote at install) shows that the pod is not for the mesh.
-- DEL, CHECK, GC, STATUS: succeed without output (the agent cleans up from pod events).
+- ADD: posts `{"Netns", "PodName", "PodNamespace", "IPs"}` (and `"PodUID"` when the runtime passes
+  `K8S_POD_UID`) to the agent at `POST /cmdadd` over its Unix socket and, once the agent answers
+  200, prints `prevResult` back unchanged. Fails closed: an agent error fails the ADD, and so does
+  an unreachable agent unless the API server (read with the `kubeconfig` the agent wrote at
+  install) shows that the pod is not for the mesh.
+- DEL: always succeeds without output, whatever the config (a failed DEL blocks the pod's
+  teardown; the agent cleans up from pod events).
+- CHECK, GC, STATUS: succeed without output, from the CNI version that defines them on.
 - VERSION: prints the supported versions.
 
 Errors are the CNI error object on stdout with a non-zero exit; logs go to stderr only.
@@ -35,8 +38,13 @@ import urllib.request
 from collections.abc import Mapping
 from typing import IO, Any
 
-SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+"""0.3.0 and 0.3.1 results have the same shape; we print prevResult back unchanged anyway."""
 LATEST_VERSION = "1.1.0"
+FIRST_VERSION_OF = {"CHECK": "0.4.0", "GC": "1.1.0"}
+"""Commands that older CNI versions do not define. containernetworking/cni's skel (which every
+reference plugin runs on) answers them with error 1, "config version does not allow CHECK", and
+libcni never sends them below these versions; we do the same."""
 
 DEFAULT_EVENT_SOCKET = "/var/run/istio-cni/pluginevent.sock"
 DEFAULT_EXCLUDE_NAMESPACES = ("kube-system",)
@@ -183,7 +191,8 @@ def _str_field(raw: Mapping[str, Any], key: str, default: str) -> str:
     return value
 
 
-def parse_conf(data: bytes) -> NetConf:
+def load_conf(data: bytes) -> dict[str, Any]:
+    """The network config as a JSON object, not checked further."""
     try:
         raw = json.loads(data)
     except ValueError as exc:
@@ -192,7 +201,11 @@ def parse_conf(data: bytes) -> NetConf:
         ) from exc
     if not isinstance(raw, dict):
         raise PluginError(CODE_INVALID_CONFIG, "invalid network config: not a JSON object")
-    return NetConf(raw)
+    return raw
+
+
+def parse_conf(data: bytes) -> NetConf:
+    return NetConf(load_conf(data))
 
 
 def parse_cni_args(value: str) -> dict[str, str]:
@@ -425,12 +438,16 @@ def cmd_add(conf: NetConf, environ: Mapping[str, str]) -> str:
         log.debug("pod %s/%s is in an excluded namespace: passing through", pod_namespace, pod_name)
         return _result(conf)
     netns = _require_env(environ, "CNI_NETNS")
-    event = {
+    event: dict[str, Any] = {
         "Netns": netns,
         "PodName": pod_name,
         "PodNamespace": pod_namespace,
         "IPs": [{"Address": {"IP": ip}} for ip in pod_ips(conf.prev_result)],
     }
+    pod_uid = args.get("K8S_POD_UID", "")
+    if pod_uid:
+        # containerd and CRI-O pass it: it tells a recreated pod from its namesake (StatefulSet).
+        event["PodUID"] = pod_uid
     try:
         post_add_event(conf.event_socket, event)
     except AgentUnreachableError as exc:
@@ -466,8 +483,30 @@ def _without_agent(conf: NetConf, pod_namespace: str, pod_name: str, why: str) -
     return _result(conf)
 
 
+def cmd_del(stdin: bytes) -> str:
+    """Nothing to do (the agent cleans up from pod events), and never a failure: a failed DEL
+    blocks the pod's teardown, so a config we cannot read is only logged."""
+    try:
+        conf = parse_conf(stdin)
+        _configure_logging(conf.log_level)
+        if conf.cni_version not in SUPPORTED_VERSIONS:
+            log.warning("DEL with unsupported CNI version %r: nothing to do", conf.cni_version)
+    except PluginError as exc:
+        log.warning("DEL with an unusable network config (%s): nothing to do", exc.msg)
+    except Exception:
+        log.exception("unexpected failure in DEL; succeeding anyway")
+    return ""
+
+
 def _version_output(version: str) -> str:
     return json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})
+
+
+def _requested_version(raw: Mapping[str, Any]) -> str:
+    """The cniVersion of the request, for the error object (CNI SPEC: the error's cniVersion is
+    the request's); the latest when the request has none."""
+    version = raw.get("cniVersion")
+    return version if isinstance(version, str) and version else LATEST_VERSION
 
 
 def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
@@ -479,12 +518,13 @@ def run(environ: Mapping[str, str], stdin: bytes) -> tuple[int, str]:
         except PluginError:
             version = ""
         return 0, _version_output(version if version in SUPPORTED_VERSIONS else LATEST_VERSION)
+    if command == "DEL":
+        return 0, cmd_del(stdin)
     version = LATEST_VERSION
     try:
-        conf = parse_conf(stdin)
-        if conf.cni_version in SUPPORTED_VERSIONS:
-            version = conf.cni_version
-        return 0, _dispatch(command, conf, environ)
+        raw = load_conf(stdin)
+        version = _requested_version(raw)
+        return 0, _dispatch(command, NetConf(raw), environ)
     except PluginError as exc:
         log.error("%s failed: %s", command or "command", exc.msg)  # noqa: TRY400 - expected, no traceback
         error = {"cniVersion": version, "code": exc.code, "msg": exc.msg, "details": exc.details}
@@ -503,11 +543,22 @@ def _dispatch(command: str, conf: NetConf, environ: Mapping[str, str]) -> str:
             f"incompatible CNI version {conf.cni_version!r}",
             f"supported: {', '.join(SUPPORTED_VERSIONS)}",
         )
+    first = FIRST_VERSION_OF.get(command)
+    if first is not None and _version_tuple(conf.cni_version) < _version_tuple(first):
+        raise PluginError(
+            CODE_INCOMPATIBLE_VERSION,
+            f"config version {conf.cni_version} does not allow {command} (from {first} on)",
+        )
     if command == "ADD":
         return cmd_add(conf, environ)
-    if command in ("DEL", "CHECK", "GC", "STATUS"):
+    if command in ("CHECK", "GC", "STATUS"):
         return ""
     raise PluginError(CODE_INVALID_ENVIRONMENT, f"unknown CNI_COMMAND {command!r}")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """`"0.4.0"` → `(0, 4, 0)`; for the versions of SUPPORTED_VERSIONS."""
+    return tuple(int(part) for part in version.split("."))
 
 
 def _configure_logging(level: str) -> None:

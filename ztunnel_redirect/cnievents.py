@@ -27,6 +27,7 @@ import functools
 import ipaddress
 import json
 import posixpath
+import re
 import socket
 import stat
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -40,6 +41,7 @@ from aiohttp import web
 
 from ztunnel_redirect import constants
 from ztunnel_redirect.errors import ConfigError, RedirectError
+from ztunnel_redirect.model import PodUid
 
 __all__ = [
     "DEFAULT_ALLOWED_NETNS_DIRS",
@@ -60,6 +62,10 @@ DEFAULT_ALLOWED_NETNS_DIRS: Final = ("/var/run/netns/", "/run/netns/", "/proc/")
 DEFAULT_BUDGET_S: Final = 4.5
 DEFAULT_MAX_BODY: Final = 64 * 1024
 _CLOSE_GRACE_S: Final = 2.0
+_POD_UID: Final = re.compile(r"[0-9A-Fa-f]+(?:-[0-9A-Fa-f]+)*")
+"""Hex groups joined by single dashes: a UUID (API pods), or the kubelet's 32-hex-digit hash
+(static pods, whose mirror pod in the API has a UUID of its own)."""
+_MAX_POD_UID_LEN: Final = 64
 
 
 class InvalidCniEventError(RedirectError):
@@ -76,6 +82,9 @@ class CniAddEvent:
     pod_namespace: str
     ips: tuple[str, ...]
     """The pod's addresses from the primary CNI's result, in canonical text form."""
+    pod_uid: PodUid | None = None
+    """The UID the runtime passed (`K8S_POD_UID`); None when it passed none. It tells this pod from
+    an earlier pod of the same name (a StatefulSet pod deleted and recreated)."""
 
 
 OnAdd = Callable[[CniAddEvent], Coroutine[Any, Any, None]]
@@ -112,6 +121,17 @@ def _check_netns(path: str, allowed_dirs: tuple[str, ...]) -> str:
     return normalised
 
 
+def _parse_pod_uid(payload: Mapping[str, Any]) -> PodUid | None:
+    value = payload.get("PodUID")
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > _MAX_POD_UID_LEN or not _POD_UID.fullmatch(value):
+        raise InvalidCniEventError(
+            f"PodUID must be a UID (hex digits and dashes, at most {_MAX_POD_UID_LEN} characters)"
+        )
+    return PodUid(value)
+
+
 def _parse_ips(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise InvalidCniEventError("IPs must be a list")
@@ -144,6 +164,7 @@ def parse_add_event(
         pod_name=_non_empty_str(payload, "PodName"),
         pod_namespace=_non_empty_str(payload, "PodNamespace"),
         ips=_parse_ips(payload.get("IPs")),
+        pod_uid=_parse_pod_uid(payload),
     )
 
 
@@ -237,7 +258,13 @@ class CniEventServer:
             log.warning("cni_event_rejected", reason=str(exc))
             return web.Response(status=400, text=str(exc))
         pod = f"{event.pod_namespace}/{event.pod_name}"
-        log.info("cni_add_received", pod=pod, netns=event.netns, ips=list(event.ips))
+        log.info(
+            "cni_add_received",
+            pod=pod,
+            pod_uid=event.pod_uid,
+            netns=event.netns,
+            ips=list(event.ips),
+        )
         task = asyncio.create_task(self._on_add(event), name=f"cni-add {pod}")
         self._work.add(task)
         task.add_done_callback(functools.partial(self._work_done, pod))
