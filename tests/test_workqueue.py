@@ -515,6 +515,77 @@ async def test_forget_drops_the_retry_and_the_attempt_count() -> None:
     assert clock.sleeping == []
 
 
+# --- KeyedQueue: handle_once (a pass) -------------------------------------------------------------
+
+
+async def test_a_pass_ends_after_one_run_of_each_key_and_reports_the_failed_ones() -> None:
+    clock = FakeClock()
+    handler = Handler(failing={"b": None})
+    queue = make_queue(handler, clock=clock, concurrency=2)
+    async with running(queue):
+        failed = await asyncio.wait_for(queue.handle_once(["a", "b", "a"]), TIMEOUT)
+        assert failed == {"b"}
+        assert sorted(handler.calls) == ["a", "b"]
+        assert queue.retrying == {"b"}  # its backoff goes on after the pass
+
+        # b is in its backoff: the next pass does not wait for it, nor run it early.
+        failed = await asyncio.wait_for(queue.handle_once(["a", "b"]), TIMEOUT)
+        assert failed == {"b"}
+        assert handler.count("b") == 1
+        assert handler.count("a") == 2
+    assert clock.now() == 0.0  # no backoff was waited out
+
+
+async def test_a_pass_over_a_running_key_waits_for_a_run_that_starts_after_it() -> None:
+    handler = Handler()
+    gate = gated(handler, ["a"])["a"]
+    queue = make_queue(handler)
+    queue.enqueue("a")
+    async with running(queue):
+        await handler.until(lambda: handler.count("a") == 1)
+        done = asyncio.create_task(queue.handle_once(["a"]), name="test-pass")
+        try:
+            gate.set()  # the run that started before the pass ends...
+            await handler.until(lambda: handler.count("a") == 2)
+            assert await asyncio.wait_for(done, TIMEOUT) == frozenset()
+        finally:
+            done.cancel()
+            await asyncio.gather(done, return_exceptions=True)
+    assert handler.finished == ["a", "a"]  # ...and the pass ended only after the second one
+
+
+async def test_a_pass_over_a_running_key_that_fails_ends_when_its_retry_is_scheduled() -> None:
+    clock = FakeClock()
+    handler = Handler(failing={"a": None})
+    gate = gated(handler, ["a"])["a"]
+    queue = make_queue(handler, clock=clock)
+    queue.enqueue("a")
+    async with running(queue):
+        await handler.until(lambda: handler.count("a") == 1)
+        done = asyncio.create_task(queue.handle_once(["a"]), name="test-pass")
+        try:
+            gate.set()  # fails; the pass's plain enqueue waits for the backoff like any other
+            assert await asyncio.wait_for(done, TIMEOUT) == {"a"}
+        finally:
+            done.cancel()
+            await asyncio.gather(done, return_exceptions=True)
+        assert queue.retrying == {"a"}
+        assert handler.count("a") == 1
+
+
+async def test_a_cancelled_pass_leaves_the_queue_working() -> None:
+    handler = Handler()
+    queue = make_queue(handler)
+    waiting = asyncio.create_task(queue.handle_once(["a"]), name="test-pass")
+    await yield_to_loop()  # the workers are not running: nothing is handled
+    assert not waiting.done()
+    waiting.cancel()  # as a timeout does
+    await asyncio.gather(waiting, return_exceptions=True)
+    async with running(queue):  # the key is still queued, and a new pass works
+        assert await asyncio.wait_for(queue.handle_once(["a"]), TIMEOUT) == frozenset()
+    assert handler.calls == ["a"]
+
+
 # --- KeyedQueue: cancellation and context ---------------------------------------------------------
 
 

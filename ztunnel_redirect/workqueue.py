@@ -11,6 +11,9 @@ kernel to it. So a key only needs to be handled once more after it changed, neve
 - A failed key is retried after a per-key exponential backoff (capped, jittered); its attempt
   count resets on success. Retry vs drop is decided by one injected predicate, next to the queue
   settings (istio-cni). A failure for one key never stops the others or kills a worker.
+- `handle_once(keys)` is a pass over some keys: it returns once each was handled once more, or
+  waits out a backoff (counted as failed, not waited for), so one failing key never holds up a
+  periodic pass or start-up.
 - `Periodic` calls `tick()` every jittered period (the drift check / full resync), and at once on
   `trigger()`.
 
@@ -27,7 +30,7 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -239,6 +242,9 @@ class KeyedQueue(Generic[K]):
         """Running keys enqueued again meanwhile; True if one of those enqueues had `now=True`."""
         self._retries: dict[K, asyncio.Task[None]] = {}
         self._attempts: dict[K, int] = {}
+        self._waiting: dict[K, list[asyncio.Future[bool]]] = {}
+        """`handle_once` callers waiting for the next run of a key that starts; the result is
+        whether the key failed."""
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -292,6 +298,41 @@ class KeyedQueue(Generic[K]):
         """Return once nothing is queued, running or waiting for a retry."""
         await self._idle.wait()
 
+    async def handle_once(self, keys: Iterable[K]) -> frozenset[K]:
+        """Have each of `keys` handled once more; return once that is done, with the keys that
+        failed.
+
+        Each key is enqueued as by `enqueue(key)`. It is done once a run of it that started after
+        this call has ended, or as soon as it waits for a retry: a key already in its backoff is
+        not run early and counts as failed at once (its last run failed), and so does a key whose
+        run fails now. So a pass takes one run of each key, however long a failing key's backoff
+        is (up to `backoff.maximum`). Bound the wait with a timeout: nothing is handled while
+        `run()` is not running.
+        """
+        loop = asyncio.get_running_loop()
+        futures: dict[K, asyncio.Future[bool]] = {}
+        failed: set[K] = set()
+        for key in keys:
+            if key in futures or key in failed:
+                continue
+            self.enqueue(key)
+            if key in self._retries:
+                failed.add(key)
+                continue
+            future: asyncio.Future[bool] = loop.create_future()
+            self._waiting.setdefault(key, []).append(future)
+            futures[key] = future
+        try:
+            for key, future in futures.items():
+                if await future:
+                    failed.add(key)
+        finally:
+            for key, future in futures.items():
+                if not future.done():  # cancelled or timed out: stop waiting for the key
+                    future.cancel()
+                    self._stop_waiting(key, future)
+        return frozenset(failed)
+
     # --- the workers ---
 
     async def run(self) -> None:
@@ -332,6 +373,7 @@ class KeyedQueue(Generic[K]):
 
     async def _handle(self, key: K) -> None:
         started = self._clock.now()
+        covered = self._waiting.pop(key, [])  # waiting for a run that starts now: this one
         retry: bool | None = None  # None: success; else whether the failure is retried
         try:
             with structlog.contextvars.bound_contextvars(**{self._log_key: key}):
@@ -346,6 +388,8 @@ class KeyedQueue(Generic[K]):
             if key not in self._queued:
                 self._queued.add(key)
                 self._queue.appendleft(key)
+            if covered:  # their run did not happen: the next one counts
+                self._waiting[key] = covered + self._waiting.get(key, [])
             raise
         self._running.discard(key)
         dirty = key in self._dirty
@@ -372,7 +416,24 @@ class KeyedQueue(Generic[K]):
             self._attempts.pop(key, None)
             if dirty:
                 self._push(key)
+        self._settle(key, covered, failed=retry is not None)
         self._update_idle()
+
+    def _settle(self, key: K, covered: list[asyncio.Future[bool]], *, failed: bool) -> None:
+        """A run of `key` ended: tell the `handle_once` callers that it covered."""
+        if key not in self._queued:
+            # Waiting for a retry (or dropped): no run comes for those who waited for the next.
+            covered += self._waiting.pop(key, [])
+        for future in covered:
+            if not future.done():
+                future.set_result(failed)
+
+    def _stop_waiting(self, key: K, future: asyncio.Future[bool]) -> None:
+        waiting = self._waiting.get(key, [])
+        if future in waiting:
+            waiting.remove(future)
+        if not waiting:
+            self._waiting.pop(key, None)
 
     def _fail(self, key: K, exc: Exception, *, duration: float) -> bool:
         """Count, log and report a failure; return whether it is retried."""
