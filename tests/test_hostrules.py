@@ -9,10 +9,11 @@ import pytest
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import hostrules, podrules
 from ztunnel_redirect.drift import DriftKind, TableListing
-from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.errors import ConfigError, NotFoundError
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.model import HostOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.nft import generation
 from ztunnel_redirect.testing.netnslab import Lab
 
 pytestmark = pytest.mark.kernel
@@ -124,3 +125,38 @@ async def test_a_verified_host_table_is_not_listed_again_until_something_commits
     assert await host.check(OPTIONS, {**wanted, "10.244.0.3": B}) != []  # other desired state
     lab.node.exec("nft", "flush", "chain", "inet", c.HOST_TABLE, "postrouting")
     assert DriftKind.MISSING_RULE in {d.kind for d in await host.check(OPTIONS, wanted)}
+
+
+async def test_a_reused_pod_ip_belongs_to_the_new_pod(runner: NetnsRunner, lab: Lab) -> None:
+    host = HostRules(runner, netns=lab.node.path)
+    await host.apply(OPTIONS, {"10.244.0.2": A, "fd00::2": A})
+    # Pod A's removal has not reached the set yet when pod B gets the same IPs.
+    await host.add_pod(["10.244.0.2", "fd00::2"], B, ipv6=True)
+    assert f'10.244.0.2 comment "{B}"' in elements(lab)
+    assert f'fd00::2 comment "{B}"' in elements(lab, "v6")
+    assert await host.check(OPTIONS, {"10.244.0.2": B, "fd00::2": B}) == []
+
+    assert await host.remove_pod(["10.244.0.2", "fd00::2"], A) == []
+    assert "10.244.0.2" in elements(lab)
+    assert "fd00::2" in elements(lab, "v6")
+
+
+async def test_add_pod_writes_only_what_differs(runner: NetnsRunner, lab: Lab) -> None:
+    host = HostRules(runner, netns=lab.node.path)
+    await host.apply(OPTIONS, {})
+    lab.node.nft(f"add element inet {c.HOST_TABLE} istio-inpod-probes-v4 {{ 10.244.0.4 }}\n")
+    await host.add_pod(["10.244.0.4", "10.244.0.5"], A, ipv6=True)  # no comment, absent
+    assert await host.check(OPTIONS, {"10.244.0.4": A, "10.244.0.5": A}) == []
+    seen = await runner.run(lab.node.path, generation)
+    await host.add_pod(["10.244.0.4", "10.244.0.5"], A, ipv6=True)  # already right
+    assert await runner.run(lab.node.path, generation) == seen  # nothing was committed
+
+
+async def test_add_pod_names_the_missing_set(runner: NetnsRunner, lab: Lab) -> None:
+    host = HostRules(runner, netns=lab.node.path)
+    with pytest.raises(NotFoundError, match=f"host table inet {c.HOST_TABLE} does not exist"):
+        await host.add_pod(["10.244.0.2"], A, ipv6=True)
+    await host.apply(HostOptions(kubelet_uid=4242, ipv6=False), {})
+    with pytest.raises(NotFoundError, match="no set istio-inpod-probes-v6"):
+        await host.add_pod(["10.244.0.2", "fd00::2"], A, ipv6=True)
+    assert "10.244.0.2" not in elements(lab)  # one transaction: nothing was added

@@ -21,6 +21,7 @@ from ztunnel_redirect.errors import ConfigError, NotFoundError
 from ztunnel_redirect.model import HostOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import Nft, generation
+from ztunnel_redirect.nlbatch import element_comment_here
 from ztunnel_redirect.podrules import KernelForms, read_tables, table_drift
 from ztunnel_redirect.render import element_family_set, host_ruleset
 
@@ -124,18 +125,64 @@ def apply_here(options: HostOptions, elements: Elements | None, forms: KernelFor
     return drifts
 
 
+def _overwrite(ip: str, uid: str) -> str:
+    """Commands that leave exactly `ip` with comment `uid` in its set, whatever was there.
+
+    A plain `add element` keeps an existing element with its old comment: when an IP is reused
+    before the old pod's removal, the element would keep the old pod's UID, and removing the old
+    pod (IP and UID match) would then take the new pod's probe exemption away.
+    """
+    return (
+        f"add element {_element(ip)}\n"
+        f"delete element {_element(ip)}\n"
+        f"add element {_element(ip, uid)}\n"
+    )
+
+
+def _comment(ip: str) -> str | None:
+    """The UID comment of `ip`'s element, or None when the set has no such element."""
+    key = ipaddress.ip_address(ip).packed
+    return element_comment_here(c.HOST_TABLE, element_family_set(ip), key)
+
+
+def _missing_host_objects(nft: Nft, ips: Iterable[str]) -> NotFoundError:
+    text = nft.list_table(c.HOST_TABLE)
+    if text is None:
+        return NotFoundError(
+            f"host table inet {c.HOST_TABLE} does not exist: apply the host rules first"
+        )
+    sets = TableListing.parse(text).sets
+    missing = sorted({element_family_set(ip) for ip in ips} - sets.keys())
+    return NotFoundError(
+        f"host table inet {c.HOST_TABLE} has no set {', '.join(missing) or '(unknown)'}: "
+        "apply the host rules with the same --ipv6 setting first"
+    )
+
+
 def add_pod_here(ips: Iterable[str], uid: str, *, ipv6: bool) -> None:
-    """Add a pod's IPs to the sets (an element already there is left as it is)."""
-    pairs = [_checked(ip, uid) for ip in ips]
-    script = "".join(f"add element {_element(ip, u)}\n" for ip, u in pairs if ipv6 or ":" not in ip)
-    if script:
-        with Nft() as nft:
-            try:
-                nft.run(script)
-            except NotFoundError as exc:
-                raise NotFoundError(
-                    f"host table inet {c.HOST_TABLE} does not exist: apply the host rules first"
-                ) from exc
+    """Put a pod's IPs in the sets with its UID as comment, in one transaction.
+
+    Each IP's element is read first: a new IP is created, an IP with another pod's UID (reused)
+    is overwritten, an IP already right is left alone (an agent restart writes nothing). Only a
+    reused IP pays for a delete: closing the context after a deleting commit waits ~15 ms for
+    RCU (SPEC §12 trap 4). Writing blindly and reacting to "File exists" would cost as much on
+    every call: the kernel waits for RCU when it aborts a refused transaction too.
+    """
+    pairs = [(ip, u) for ip, u in (_checked(ip, uid) for ip in ips) if ipv6 or ":" not in ip]
+    have = {ip: _comment(ip) for ip, _ in pairs}
+    script = "".join(
+        f"create element {_element(ip, u)}\n" if have[ip] is None else _overwrite(ip, u)
+        for ip, u in pairs
+        if have[ip] != u
+    )
+    if not script:
+        return
+    with Nft() as nft:
+        try:
+            # "File exists" when someone added one meanwhile: the pod's retry reads again.
+            nft.run(script)
+        except NotFoundError as exc:
+            raise _missing_host_objects(nft, [ip for ip, _ in pairs]) from exc
 
 
 def remove_pod_here(ips: Iterable[str], uid: str) -> list[str]:

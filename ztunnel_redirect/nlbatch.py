@@ -46,6 +46,7 @@ __all__ = [
     "Recordings",
     "Request",
     "dump_here",
+    "element_comment_here",
     "encode_batch",
     "provable",
     "record_here",
@@ -571,3 +572,82 @@ class ExpectedDumps:
         except (KernelError, OSError):
             return False
         return actual == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# One set element's comment, by a targeted get (libnftables' `get element` loads the whole set
+# first: ~8 ms with 3000 elements, where this costs a round trip).
+# ---------------------------------------------------------------------------------------------
+
+_NFT_MSG_NEWSETELEM: Final = 12
+_NFT_MSG_GETSETELEM: Final = 13
+_NFTA_SET_ELEM_LIST_TABLE: Final = 1
+_NFTA_SET_ELEM_LIST_SET: Final = 2
+_NFTA_SET_ELEM_LIST_ELEMENTS: Final = 3
+_NFTA_LIST_ELEM: Final = 1
+_NFTA_SET_ELEM_KEY: Final = 1
+_NFTA_SET_ELEM_USERDATA: Final = 6
+_NFTA_DATA_VALUE: Final = 1
+_NFTNL_UDATA_SET_ELEM_COMMENT: Final = 0  # libnftnl's userdata TLV (u8 type, u8 length)
+_ENOENT: Final = 2
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    return _NLA.pack(_NLA.size + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+
+def _nla_str(kind: int, text: str) -> bytes:
+    return _nla(kind, text.encode() + b"\0")
+
+
+def _comment_of(userdata: bytes) -> str:
+    offset = 0
+    while offset + 2 <= len(userdata):
+        kind, size = userdata[offset], userdata[offset + 1]
+        if kind == _NFTNL_UDATA_SET_ELEM_COMMENT:
+            return userdata[offset + 2 : offset + 2 + size].rstrip(b"\0").decode()
+        offset += 2 + size
+    return ""
+
+
+def element_comment_here(
+    table: str, set_name: str, key: bytes, *, timeout: float = 5.0
+) -> str | None:
+    """The comment of the element `key` (an address, network order) of an inet table's set in the
+    current netns: "" when it has none, None when there is no such element, set or table."""
+    element = _nla(
+        _NFTA_LIST_ELEM | _NFTA_NESTED,
+        _nla(_NFTA_SET_ELEM_KEY | _NFTA_NESTED, _nla(_NFTA_DATA_VALUE, key)),
+    )
+    body = _NFGENMSG.pack(_NFPROTO_INET, _NFNETLINK_V0, 0)
+    body += _nla_str(_NFTA_SET_ELEM_LIST_TABLE, table) + _nla_str(_NFTA_SET_ELEM_LIST_SET, set_name)
+    body += _nla(_NFTA_SET_ELEM_LIST_ELEMENTS | _NFTA_NESTED, element)
+    request = _NLMSG.pack(
+        _NLMSG.size + len(body), _nft_type(_NFT_MSG_GETSETELEM), _NLM_F_REQUEST, 1, 0
+    )
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
+        sock.settimeout(timeout)
+        sock.bind((0, 0))
+        sock.sendall(request + body)
+        try:
+            messages = list(_recv_all(sock))
+        except TimeoutError as exc:
+            raise KernelError("no answer to an nftables element get") from exc
+    for kind, _seq, data, start, end in messages:
+        if kind == _NLMSG_ERROR:
+            code = -_ERRNO.unpack_from(data, start)[0]
+            if code == _ENOENT:
+                return None
+            raise KernelError(f"nftables element get refused: {os.strerror(code)}")
+        if kind != _nft_type(_NFT_MSG_NEWSETELEM):
+            continue
+        # NFTA_SET_ELEM_LIST_ELEMENTS > NFTA_LIST_ELEM > NFTA_SET_ELEM_USERDATA
+        for outer, attr in _attributes(data, start + _NFGENMSG.size, end):
+            if outer & _NFTA_TYPE_MASK != _NFTA_SET_ELEM_LIST_ELEMENTS:
+                continue
+            for _item, item in _attributes(attr, _NLA.size, len(attr)):
+                for inner, field in _attributes(item, _NLA.size, _NLA.unpack_from(item)[0]):
+                    if inner & _NFTA_TYPE_MASK == _NFTA_SET_ELEM_USERDATA:
+                        return _comment_of(field[_NLA.size : _NLA.unpack_from(field)[0]])
+            return ""
+    raise KernelError("nftables element get answered without the element")
