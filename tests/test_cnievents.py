@@ -257,6 +257,26 @@ async def test_stale_socket_is_replaced(run_dir: Path, fake: FakeReconciler) -> 
             assert (await post(session, GOOD))[0] == 200
 
 
+async def test_closing_an_old_server_leaves_the_new_servers_socket(
+    run_dir: Path, fake: FakeReconciler
+) -> None:
+    # A DaemonSet surge: the new agent replaces the socket file while the old one still listens.
+    path = run_dir / "pluginevent.sock"
+    old = CniEventServer(FakeReconciler().on_add, socket_path=str(path))
+    await old.start()
+    try:
+        async with CniEventServer(fake.on_add, socket_path=str(path)) as new:
+            await old.close()
+            assert path.is_socket()
+            connector = aiohttp.UnixConnector(path=new.socket_path)
+            async with aiohttp.ClientSession(connector=connector) as session:
+                assert (await post(session, GOOD))[0] == 200
+            assert len(fake.events) == 1
+        assert not path.exists()
+    finally:
+        await old.close()
+
+
 async def test_refuses_to_remove_a_regular_file(run_dir: Path, fake: FakeReconciler) -> None:
     path = run_dir / "not-a-socket"
     path.write_text("precious")

@@ -562,3 +562,25 @@ async def test_socket_file_lifecycle(sock_path: str) -> None:
     with pytest.raises(ConfigError):
         await ZtunnelServer(path=str(not_a_socket), snapshot=list).start()
     assert socket_file(not_a_socket) == (False, not_a_socket.stat().st_mode & 0o777)
+
+
+async def test_closing_an_old_server_leaves_the_new_servers_socket(
+    sock_path: str, make_fake: Callable[..., Any]
+) -> None:
+    # A DaemonSet surge: the new agent replaces the socket file while the old one still listens.
+    old = ZtunnelServer(path=sock_path, snapshot=list)
+    await old.start()
+    try:
+        new = ZtunnelServer(path=sock_path, snapshot=list)
+        await new.start()
+        try:
+            await old.close()
+            assert socket_file(Path(sock_path)) == (True, 0o600)
+            await make_fake()
+            async with asyncio.timeout(WAIT):
+                await new.wait_connected()
+        finally:
+            await new.close()
+        assert socket_file(Path(sock_path)) is None
+    finally:
+        await old.close()

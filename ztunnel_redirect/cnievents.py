@@ -16,30 +16,28 @@ answer; the runtime fails the sandbox on anything but 200 and retries it later. 
   plugin gets a 503 rather than a timeout.
 
 `close()` stops accepting, cancels work still running in the background (the reconciler redoes it
-from the pod informer after a restart) and removes the socket file.
+from the pod informer after a restart) and removes the socket file, unless a newer agent has
+replaced it (`unixsocket`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import json
 import posixpath
 import re
 import socket
-import stat
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
 import structlog
 from aiohttp import web
 
-from ztunnel_redirect import constants
+from ztunnel_redirect import constants, unixsocket
 from ztunnel_redirect.errors import ConfigError, RedirectError
 from ztunnel_redirect.model import PodUid
 
@@ -186,6 +184,7 @@ class CniEventServer:
         self._budget = budget
         self._max_body = max_body
         self._runner: web.AppRunner | None = None
+        self._socket_file: unixsocket.SocketFile | None = None
         self._work: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Task[None]] = set()
 
@@ -202,7 +201,7 @@ class CniEventServer:
         await self.close()
 
     async def start(self) -> None:
-        sock = self._bind()
+        sock, socket_file = unixsocket.listen(self.socket_path, socket.SOCK_STREAM, backlog=128)
         app = web.Application(client_max_size=self._max_body)
         app.router.add_post("/cmdadd", self._handle_add)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -212,29 +211,11 @@ class CniEventServer:
         except BaseException:
             await runner.cleanup()
             sock.close()
+            socket_file.remove()
             raise
         self._runner = runner
+        self._socket_file = socket_file
         log.info("cni_event_server_started", socket=self.socket_path)
-
-    def _bind(self) -> socket.socket:
-        path = Path(self.socket_path)
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ConfigError(f"{path} exists and is not a socket; not removing it")
-            path.unlink()
-            log.info("stale_socket_removed", socket=self.socket_path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(self.socket_path)
-            # Before listen(): nobody can connect while the mode is still the umask's.
-            path.chmod(0o600)
-            sock.listen(128)
-            sock.setblocking(False)
-        except OSError as exc:
-            sock.close()
-            raise ConfigError(f"cannot listen on {self.socket_path}: {exc}") from exc
-        return sock
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -244,11 +225,10 @@ class CniEventServer:
             task.cancel()
         if self._work:
             await asyncio.wait(list(self._work), timeout=_CLOSE_GRACE_S)
-        self._remove_socket()
-
-    def _remove_socket(self) -> None:
-        # A local unlink: no need to push it to a thread.
-        Path(self.socket_path).unlink(missing_ok=True)
+        if self._socket_file is not None:
+            # A local unlink: no need to push it to a thread.
+            self._socket_file.remove()
+            self._socket_file = None
 
     async def _handle_add(self, request: web.Request) -> web.Response:
         body = await request.read()  # raises 413 above client_max_size

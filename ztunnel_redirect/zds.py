@@ -26,21 +26,18 @@ import enum
 import itertools
 import os
 import socket
-import stat
 import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import structlog
 from google.protobuf.message import DecodeError
 
-from ztunnel_redirect import constants, zds_pb2
+from ztunnel_redirect import constants, unixsocket, zds_pb2
 from ztunnel_redirect.errors import (
-    ConfigError,
     NetnsNotFoundError,
     RedirectError,
     RetryableError,
@@ -302,7 +299,7 @@ class ZtunnelServer:
         self._max_connections = max_connections
         self._on_snapshot_nack = on_snapshot_nack
         self._listener: socket.socket | None = None
-        self._socket_inode: int | None = None
+        self._socket_file: unixsocket.SocketFile | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._all: list[_Connection] = []
@@ -317,41 +314,11 @@ class ZtunnelServer:
         """Listen (replacing a stale socket file); connections are served from then on."""
         if self._listener is not None:
             return
-        self._listener = self._listen()
+        self._listener, self._socket_file = unixsocket.listen(
+            self._path, socket.SOCK_SEQPACKET, backlog=self._max_connections
+        )
         self._accept_task = asyncio.create_task(self._accept_loop(), name="zds-accept")
         log.info("zds_server_listening", path=self._path)
-
-    def _listen(self) -> socket.socket:
-        path = Path(self._path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mode = path.lstat().st_mode
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(mode):
-                raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
-            path.unlink()
-            log.info("zds_stale_socket_removed", path=self._path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(self._path)
-            # Between bind and chmod the socket has the umask's mode; only root writes here.
-            path.chmod(0o600)
-            self._socket_inode = path.stat().st_ino
-            listener.listen(self._max_connections)
-            listener.setblocking(False)
-        except OSError as exc:
-            listener.close()
-            raise ConfigError(f"cannot listen on ZDS socket {path}: {exc}") from exc
-        return listener
-
-    def _remove_socket_file(self) -> None:
-        """Only the file we bound: a newer agent may already have replaced it."""
-        path = Path(self._path)
-        with contextlib.suppress(FileNotFoundError):
-            if path.lstat().st_ino == self._socket_inode:
-                path.unlink()
 
     async def close(self) -> None:
         """Stop listening, drop every connection (failing their queued requests), remove the
@@ -369,7 +336,9 @@ class ZtunnelServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            self._remove_socket_file()
+            if self._socket_file is not None:  # only the file we bound: a newer agent may own it
+                self._socket_file.remove()
+                self._socket_file = None
             log.info("zds_server_closed", path=self._path)
 
     async def __aenter__(self) -> ZtunnelServer:
