@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from ztunnel_redirect import cni_plugin
 from ztunnel_redirect.cniinstall import (
+    CONF_DIR_POLL,
     KUBECONFIG_NAME,
     CniConfigError,
     CniInstaller,
+    CniKeeper,
     NoPrimaryConfigError,
 )
 from ztunnel_redirect.errors import ConfigError, RetryableError
+from ztunnel_redirect.workqueue import FakeClock
 
 DATA = Path(__file__).parent / "data" / "cni"
 PLUGIN_CONFIG: dict[str, Any] = {
@@ -174,6 +181,33 @@ def test_single_plugin_conf_becomes_a_conflist(node: Node) -> None:
     assert config["name"] == "bridge"
     assert config["plugins"] == [original, our_entry(installer)]
     assert node.installer().ensure() is False
+
+
+def test_primary_writing_its_conf_again_wins_over_the_conflist_we_made(node: Node) -> None:
+    node.add("10-bridge.conf")
+    installer = node.installer()
+    installer.install()
+    # The primary CNI restarts and writes its .conf again, changed: it sorts before our
+    # .conflist, so the runtime would use it, without our plugin.
+    fresh = {**load(DATA / "10-bridge.conf"), "bridge": "cni1"}
+    (node.conf_dir / "10-bridge.conf").write_text(json.dumps(fresh))
+
+    assert installer.ensure() is True
+
+    assert [p.name for p in node.conf_dir.iterdir()] == ["10-bridge.conflist"]
+    assert load(node.conf_dir / "10-bridge.conflist")["plugins"] == [fresh, our_entry(installer)]
+    assert installer.ensure() is False
+
+
+def test_conf_next_to_a_conflist_that_is_not_ours_is_left_alone(node: Node) -> None:
+    conf = node.add("10-bridge.conf")
+    conflist = node.add("10-flannel.conflist", as_name="10-bridge.conflist")
+    before = {p: p.read_bytes() for p in (conf, conflist)}
+
+    with pytest.raises(CniConfigError, match="cannot convert to a conflist"):
+        node.installer().install()
+
+    assert {p: p.read_bytes() for p in (conf, conflist)} == before
 
 
 def test_single_plugin_json_is_recognised(node: Node) -> None:
@@ -379,3 +413,109 @@ def test_no_kubeconfig_outside_a_cluster(node: Node, monkeypatch: pytest.MonkeyP
 def test_unknown_plugin_config_key_is_refused(node: Node) -> None:
     with pytest.raises(ConfigError, match="plugin_event_sock"):
         node.installer(plugin_config={"plugin_event_sock": "/x"})
+
+
+# --- CniKeeper: the agent's face, on a fake clock -------------------------------------------------
+
+
+TIMEOUT = 10.0
+LONG_PERIOD = 3600.0
+"""The keeper's full re-check period in these tests: never reached, only changes are acted on."""
+
+
+@dataclass
+class Kept:
+    """A running keeper with what it reported."""
+
+    keeper: CniKeeper
+    clock: FakeClock
+    installed: int = 0
+    failures: list[Exception] = field(default_factory=list)
+
+    async def look(self) -> None:
+        """Let the keeper take one more look at the directory: past its poll, until it sleeps
+        again (so whatever that look did is done)."""
+        self.clock.advance(CONF_DIR_POLL)
+        await asyncio.wait_for(self.clock.wait_sleeping(), TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def keeping(installer: CniInstaller) -> AsyncIterator[Kept]:
+    """A keeper running for the body (cancelled afterwards, also on failure); its first look
+    at the directory is done when the body starts."""
+    clock = FakeClock()
+    failures: list[Exception] = []
+
+    def installed() -> None:
+        kept.installed += 1
+
+    keeper = CniKeeper(
+        installer,
+        period=LONG_PERIOD,
+        clock=clock,
+        on_installed=installed,
+        on_failure=failures.append,
+    )
+    kept = Kept(keeper, clock, failures=failures)
+    task = asyncio.create_task(keeper.run(), name="test-cni-keeper")
+    try:
+        await asyncio.wait_for(clock.wait_sleeping(), TIMEOUT)
+        yield kept
+        assert not task.done()  # the keeper never stops on its own
+    finally:
+        task.cancel()
+        (outcome,) = await asyncio.gather(task, return_exceptions=True)
+        if isinstance(outcome, Exception):
+            raise outcome
+
+
+async def test_keeper_waits_for_the_primary_config_then_installs(node: Node) -> None:
+    installer = node.installer()
+    with structlog.testing.capture_logs() as logs:
+        async with keeping(installer) as kept:
+            for _ in range(3):  # node boot: the primary CNI has not written its config yet
+                await kept.look()
+            assert kept.installed == 0
+            assert not kept.keeper.installed
+
+            path = node.add("10-calico.conflist")
+            await kept.look()
+
+            assert kept.installed == 1
+            assert load(path)["plugins"][-1] == our_entry(installer)
+            await kept.look()
+            assert kept.installed == 1
+    waiting = [e for e in logs if e["event"] == "cni_primary_config_waiting"]
+    assert len(waiting) == 1, "logged once"
+    assert kept.failures == []
+
+
+async def test_keeper_puts_our_entry_back_when_the_primary_rewrites_its_config(node: Node) -> None:
+    path = node.add("10-calico.conflist")
+    installer = node.installer()
+    async with keeping(installer) as kept:
+        assert kept.installed == 1
+        shutil.copyfile(DATA / "10-calico.conflist", path)  # calico-node restarts
+
+        await kept.look()  # one poll later, not a period later
+
+        assert load(path)["plugins"][-1] == our_entry(installer)
+        assert kept.clock.now() < LONG_PERIOD
+
+
+async def test_keeper_survives_a_config_it_cannot_update(node: Node) -> None:
+    # Any error updating the config (here a malformed file; before, at agent start, one made
+    # the agent crash-loop) is counted, and the keeper goes on.
+    path = node.conf_dir / "10-calico.conflist"
+    path.write_text('{"name": "k8s-pod-network", "plugins": [')
+    installer = node.installer()
+    async with keeping(installer) as kept:
+        await kept.look()
+        assert [type(exc) for exc in kept.failures] == [CniConfigError], "counted once"
+        assert kept.installed == 0
+
+        shutil.copyfile(DATA / "10-calico.conflist", path)  # the primary fixes its file
+        await kept.look()
+
+        assert kept.installed == 1
+        assert load(path)["plugins"][-1] == our_entry(installer)

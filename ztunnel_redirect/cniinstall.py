@@ -14,10 +14,17 @@ blocking file I/O; call them with `asyncio.to_thread`.
 Every write is atomic (temporary file in the same directory, then rename), and the primary's
 config is re-read just before the rename: if the primary CNI rewrote it meanwhile, we start over
 rather than overwrite its change. Nothing is written when our entry is already there and the same.
+A primary that writes its `.conf` again next to the `.conflist` we made of it wins: the
+`.conflist` is made again from the fresh `.conf` (which sorts first, so the runtime would use it).
+
+`CniKeeper` is the agent's async face: it waits for the primary's config at node boot (the
+primary CNI may start after us), and puts our entry back as soon as the primary rewrites its
+config (Cilium and Calico do on restart), which it notices by polling the directory every second.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import ipaddress
@@ -32,9 +39,11 @@ import structlog
 
 from ztunnel_redirect import cni_plugin
 from ztunnel_redirect.errors import ConfigError, RetryableError
+from ztunnel_redirect.workqueue import MONOTONIC, Clock
 
 __all__ = [
     "CONFIG_EXTENSIONS",
+    "CONF_DIR_POLL",
     "DEFAULT_BIN_DIR",
     "DEFAULT_CONF_DIR",
     "KUBECONFIG_NAME",
@@ -43,6 +52,7 @@ __all__ = [
     "SERVICE_ACCOUNT_DIR",
     "CniConfigError",
     "CniInstaller",
+    "CniKeeper",
     "NoPrimaryConfigError",
 ]
 
@@ -68,6 +78,8 @@ PLUGIN_CONFIG_KEYS: Final = frozenset(
 )
 """The keys `cni_plugin.NetConf` reads; anything else is a typo."""
 _ATTEMPTS: Final = 3
+CONF_DIR_POLL: Final = 1.0
+"""Seconds between two looks at the CNI conf dir by `CniKeeper` (one stat per file)."""
 
 
 class CniConfigError(ConfigError):
@@ -205,6 +217,21 @@ class CniInstaller:
                 log.info("cni_file_removed", file=str(path))
         log.info("cni_plugin_uninstalled", conf_dir=str(self.conf_dir))
 
+    def conf_dir_stamp(self) -> frozenset[tuple[str, int, int, int]]:
+        """What `conf_dir` holds, cheaply: (name, inode, size, mtime in ns) of every entry. A
+        write by the primary changes it (a rename brings a new inode, a write in place a new
+        mtime or size)."""
+        stamp = set()
+        try:
+            with os.scandir(self.conf_dir) as entries:
+                for entry in entries:
+                    with contextlib.suppress(FileNotFoundError):
+                        st = entry.stat()
+                        stamp.add((entry.name, st.st_ino, st.st_size, st.st_mtime_ns))
+        except FileNotFoundError:
+            pass
+        return frozenset(stamp)
+
     def primary_config_path(self) -> Path:
         """The file libcni would use: the first config file by name."""
         files = self._config_files()
@@ -288,6 +315,14 @@ class CniInstaller:
     def _is_ours(self, plugin: Mapping[str, Any]) -> bool:
         return plugin.get("type") == self.plugin_name
 
+    def _holds_us(self, path: Path) -> bool:
+        """Whether the config in `path` has our entry (we wrote it), False when it is gone."""
+        data = _read_bytes(path)
+        if data is None:
+            return False
+        config, _ = _parse(path, data)
+        return any(map(self._is_ours, config["plugins"]))
+
     def _with_us(self, config: dict[str, Any]) -> dict[str, Any] | None:
         plugins: list[dict[str, Any]] = config["plugins"]
         if plugins[-1] == self.entry and sum(map(self._is_ours, plugins)) == 1:
@@ -332,7 +367,11 @@ class CniInstaller:
             # A single-plugin config: write it as a conflist under the same name.
             target = path.with_suffix(".conflist")
             if target != path and target.exists():
-                raise CniConfigError(path, f"cannot convert to a conflist: {target} exists")
+                if not self._holds_us(target):
+                    raise CniConfigError(path, f"cannot convert to a conflist: {target} exists")
+                # The primary wrote its .conf again next to the conflist we made of the last one:
+                # the .conf sorts first (the runtime uses it), and it is the primary's latest.
+                log.info("cni_config_rewritten_by_primary", file=str(path), conflist=str(target))
         mode = path.stat().st_mode & 0o777
         if _read_bytes(path) != data:
             raise _ChangedUnderUsError
@@ -343,3 +382,88 @@ class CniInstaller:
         plugins = [p.get("type") for p in new["plugins"]]
         log.info("cni_config_updated", file=str(target), plugins=plugins)
         return target
+
+
+def _nothing() -> None:
+    pass
+
+
+def _ignore(_exc: Exception) -> None:
+    pass
+
+
+class CniKeeper:
+    """Keeps the plugin installed while the agent runs: `ensure()` at once when `conf_dir`
+    changes, and every `period` anyway (a rotated token, a replaced binary).
+
+    The directory is looked at every `poll` seconds (names, sizes, mtimes: `conf_dir_stamp`); a
+    change is what a primary CNI rewriting its config looks like, and new pods started without our
+    plugin until the entry is back. Until the primary has written a config (node boot), it waits
+    for one: logged once, `on_installed` not called yet. A config it cannot update is logged,
+    passed to `on_failure`, and tried again on the next change: the keeper never stops.
+    """
+
+    def __init__(
+        self,
+        installer: CniInstaller,
+        *,
+        period: float,
+        poll: float = CONF_DIR_POLL,
+        clock: Clock = MONOTONIC,
+        on_installed: Callable[[], None] = _nothing,
+        on_failure: Callable[[Exception], None] = _ignore,
+    ) -> None:
+        """`on_installed` is called once, when our entry is first in place."""
+        if period <= 0 or poll <= 0:
+            raise ConfigError(f"CNI keeper: period and poll must be positive, got {period}, {poll}")
+        self._installer = installer
+        self._period = period
+        self._poll = poll
+        self._clock = clock
+        self._on_installed = on_installed
+        self._on_failure = on_failure
+        self.installed = False
+        """Our entry was in place at least once."""
+        self._waiting = False
+
+    async def run(self) -> None:
+        """Keep the plugin installed until cancelled."""
+        seen: frozenset[tuple[str, int, int, int]] | None = None
+        due = self._clock.now()
+        while True:
+            # Taken before ensure(): our own write shows as a change, so the next look runs one
+            # more ensure(), which finds nothing to do; a change by the primary during our write
+            # is never taken for ours.
+            stamp = await asyncio.to_thread(self._installer.conf_dir_stamp)
+            now = self._clock.now()
+            if stamp != seen or now >= due:
+                seen, due = stamp, now + self._period
+                await self._ensure()
+            await self._clock.sleep(self._poll)
+
+    async def _ensure(self) -> None:
+        conf_dir = str(self._installer.conf_dir)
+        try:
+            changed = await asyncio.to_thread(self._installer.ensure)
+        except NoPrimaryConfigError:
+            if not self._waiting:
+                self._waiting = True
+                log.info("cni_primary_config_waiting", conf_dir=conf_dir)
+            return
+        except (ConfigError, RetryableError, OSError) as exc:
+            log.warning(
+                "cni_config_update_failed",
+                conf_dir=conf_dir,
+                reason=type(exc).__name__,
+                error=str(exc),
+            )
+            try:
+                self._on_failure(exc)
+            except Exception:  # a metrics hook never stops the keeper
+                log.exception("failure_hook_failed", conf_dir=conf_dir)
+            return
+        self._waiting = False
+        if not self.installed:
+            self.installed = True
+            log.info("cni_plugin_installed", conf_dir=conf_dir, changed=changed)
+            self._on_installed()
