@@ -50,6 +50,7 @@ __all__ = [
     "NetnsMatch",
     "kubelet_uid",
     "netns_addresses",
+    "netns_key",
     "parse_start_time",
     "pod_uid_from_cgroup",
     "runner_addresses",
@@ -132,6 +133,12 @@ def _read_text(path: str) -> str | None:
 
 
 def netns_key(path: str) -> tuple[int, int] | None:
+    """The identity `(st_dev, st_ino)` of the netns `path` names now; None when nothing is there.
+
+    A `/proc/<pid>/ns/net` path names whatever netns that pid is in at the time of the call: the
+    process may exit and its pid be reused. Whoever keeps such a path compares this identity with
+    the one it recorded before each use.
+    """
     try:
         st = Path(path).stat()
     except OSError:

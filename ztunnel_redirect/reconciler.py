@@ -9,6 +9,12 @@ add:    netns → pod rules + routing → ztunnel Add (ack) → host set → ann
         (no ztunnel or a nack: annotation `pending`, retried with backoff)
 remove: host set → pod rules + routing (if the pod still runs) → ztunnel Del → annotation removed
 
+A pod's netns is named by a path, and a path found by the /proc scan (`/proc/<pid>/ns/net`) names
+whatever netns that pid is in now: the pid may exit and be reused, even by a host process. So the
+netns identity (st_dev, st_ino) is recorded when the path is found and compared before each use;
+a path that no longer names the pod's netns is never written to. When the netns of an enrolled pod
+is gone, its host set elements and ztunnel workload go too, and the pod is looked for again.
+
 Every collaborator is an interface, wired in `agent.py`; tests use fakes or the real thing.
 """
 
@@ -24,6 +30,7 @@ from typing import Final, Protocol
 import structlog
 
 from ztunnel_redirect import constants as c
+from ztunnel_redirect import procscan
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
@@ -74,12 +81,23 @@ class NetnsPendingError(RetryableError):
     """The pod's network namespace was not found yet (retried with backoff)."""
 
 
+NetnsId = tuple[int, int]
+"""(st_dev, st_ino) of a network namespace: what a path named when we found it."""
+
+
+def netns_id(path: str) -> NetnsId | None:
+    """The identity of the netns `path` names now (None: nothing there)."""
+    return procscan.netns_key(path)
+
+
 @dataclass
 class PodRecord:
     """What this agent did for an enrolled pod (the kernel has the details)."""
 
     pod: Pod
     netns: str | None = None
+    netns_id: NetnsId | None = None
+    """The identity of the netns `netns` named when it was found: checked before each use."""
     from_cni: bool = False
     options: PodOptions | None = None
     acked: bool = False
@@ -89,6 +107,23 @@ class PodRecord:
     """Enrolled by a previous run of the agent (its rules are verified, never assumed fresh)."""
     in_host_set: bool = False
     """Its IPs were added to the host probe sets by this run."""
+    migrated: bool = False
+    """Istio's iptables rules are known to be absent from its netns (removed, or never there)."""
+
+    def netns_current(self) -> bool:
+        """Whether `netns` still names the netns it named when it was found."""
+        return (
+            self.netns is not None
+            and self.netns_id is not None
+            and (netns_id(self.netns) == self.netns_id)
+        )
+
+
+@dataclass
+class _KeyLock:
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    users: int = 0
+    """Callers running or waiting: the lock is dropped only when none is left."""
 
 
 class ClusterState:
@@ -195,21 +230,28 @@ class Reconciler:
         self._migration = migration
         self._repair_on_startup = repair_on_startup
         self.records: dict[PodUid, PodRecord] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _KeyLock] = {}
 
     # --- entry points ---
 
     async def reconcile(self, key: str) -> None:
         """Bring one pod (or the host, for HOST_KEY) to its desired state. One run per key at a
         time, whoever calls (work queue or CNI)."""
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            if key == HOST_KEY:
-                await self._timed("host", self._reconcile_host())
-            else:
-                await self._reconcile_pod(PodUid(key))
-        if not lock.locked() and key not in self.records:
-            self._locks.pop(key, None)
+        # A lock is dropped only when no caller runs or waits on it: one released with a waiter
+        # reports itself unlocked until the waiter runs, and a caller arriving meanwhile would
+        # get a new lock and run the same key at the same time.
+        entry = self._locks.setdefault(key, _KeyLock())
+        entry.users += 1
+        try:
+            async with entry.lock:
+                if key == HOST_KEY:
+                    await self._timed("host", self._reconcile_host())
+                else:
+                    await self._reconcile_pod(PodUid(key))
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                self._locks.pop(key, None)
 
     async def add_from_cni(self, pod: Pod, netns: str) -> bool:
         """A new pod's sandbox (CNI ADD): returns False when the pod is not for the mesh, True
@@ -220,7 +262,11 @@ class Reconciler:
             return False
         record = self.records.get(pod.uid)
         if record is None or record.netns != netns:
-            self.records[pod.uid] = PodRecord(pod=pod, netns=netns, from_cni=True)
+            if record is not None and record.netns is not None:
+                self._pod_rules.forget(record.netns)  # the pod's previous sandbox
+            self.records[pod.uid] = PodRecord(
+                pod=pod, netns=netns, netns_id=netns_id(netns), from_cni=True
+            )
         known = self.state.pods.get(pod.uid)
         if known is None or not known.ips:
             # The watch has not seen the sandbox's IPs yet: the runtime's are the truth.
@@ -235,22 +281,41 @@ class Reconciler:
         """After a restart: a pod the API says we enrolled (annotation), its netns from the scan.
         Its rules are then verified (and only repaired where they drifted) by `reconcile`."""
         status = pod.annotations.get(c.STATUS_ANNOTATION)
+        identity = None if netns is None else netns_id(netns)
         self.records[pod.uid] = PodRecord(
-            pod=pod, netns=netns, acked=status == ENABLED, status=status, adopted=True
+            pod=pod,
+            netns=netns if identity is not None else None,
+            netns_id=identity,
+            acked=status == ENABLED,
+            status=status,
+            adopted=True,
         )
 
     def workloads(self) -> list[tuple[Pod, str | None]]:
-        """Every enrolled pod, for the ztunnel snapshot (netns None: sent as Keep)."""
-        return [(r.pod, r.netns) for r in self.records.values()]
+        """Every enrolled pod, for the ztunnel snapshot (netns None: sent as Keep).
+
+        A path that no longer names the pod's netns is never sent: the pod goes as Keep and is
+        reconciled at once (which finds out where its netns went)."""
+        out: list[tuple[Pod, str | None]] = []
+        for record in self.records.values():
+            netns = record.netns
+            if netns is not None and not record.netns_current():
+                netns = None
+                self.state.enqueue(record.pod.uid)
+            out.append((record.pod, netns))
+        return out
 
     def snapshot_nacked(self, uid: PodUid) -> None:
+        """ztunnel refused the pod in a snapshot: not accepted any more, retried at once."""
         record = self.records.get(uid)
         if record is not None:
             record.acked = False
+            self.state.enqueue(uid)
 
     def host_elements(self) -> dict[str, PodUid]:
-        """The desired host set: every IP of every enrolled pod."""
-        return {ip: r.pod.uid for r in self.records.values() for ip in r.pod.ips}
+        """The desired host set: every IP of every pod that ztunnel accepted (SPEC §6: a pending
+        pod's probes must not pass while its traffic goes nowhere)."""
+        return {ip: r.pod.uid for r in self.records.values() if r.acked for ip in r.pod.ips}
 
     # --- pods ---
 
@@ -264,35 +329,79 @@ class Reconciler:
                 record is not None or last.annotations.get(c.STATUS_ANNOTATION)
             ):
                 with structlog.contextvars.bound_contextvars(pod=last.key, pod_uid=uid):
-                    await self._timed("remove", self._remove(uid, last, running=False))
+                    await self._timed(
+                        "remove", self._remove(uid, last, running=False, reason="deleted")
+                    )
             return
         decision = self._policy.decide(pod, self.state.namespaces.get(pod.namespace))
         if decision.enrolled:
+            record = self.records.get(uid)
+            # "check": the periodic verification of a pod that is set up; "add": an install.
+            set_up = (
+                record is not None
+                and record.acked
+                and (record.options is not None or record.adopted)
+            )
             with structlog.contextvars.bound_contextvars(pod=pod.key, pod_uid=uid):
-                await self._timed("add", self._enroll(pod))
+                await self._timed("check" if set_up else "add", self._enroll(pod))
         elif uid in self.records or pod.annotations.get(c.STATUS_ANNOTATION):
+            reason = decision.reason.value
             with structlog.contextvars.bound_contextvars(pod=pod.key, pod_uid=uid):
-                log.info("pod_leaving_mesh", reason=decision.reason.value)
-                await self._timed("remove", self._remove(uid, pod, running=True))
+                log.info("pod_leaving_mesh", reason=reason)
+                await self._timed("remove", self._remove(uid, pod, running=True, reason=reason))
 
-    async def _netns_of(self, record: PodRecord) -> str:
-        if record.netns is None:
-            record.netns = await self._locator.locate(record.pod)
-            if record.netns is None:
-                raise NetnsPendingError(f"network namespace of pod {record.pod.key} not found yet")
-            log.info("netns_found", netns=record.netns)
-        return record.netns
+    async def _netns_of(self, record: PodRecord, pod: Pod) -> str:
+        """The path of the pod's netns, checked to still name the netns it named when found.
+
+        A path that names another netns now (a reused pid), or nothing, is never used again: the
+        pod's netns is looked for again (the scan verifies it by the pod's IPs). When that finds
+        the same netns under another path, nothing else changes; otherwise the pod's netns is
+        gone, and so go its host set elements and ztunnel workload (`_netns_gone`).
+        """
+        if record.netns is not None and record.netns_current():
+            return record.netns
+        stale = record.netns
+        if stale is not None:
+            self._pod_rules.forget(stale)
+        found = await self._locator.locate(pod)
+        identity = None if found is None else netns_id(found)
+        if record.netns_id is not None and identity != record.netns_id:
+            now = None if stale is None else netns_id(stale)
+            await self._netns_gone(
+                record, stale, reason="netns_gone" if now is None else "replaced"
+            )
+        if found is None or identity is None:
+            record.netns = None
+            raise NetnsPendingError(f"network namespace of pod {pod.key} not found yet")
+        record.netns, record.netns_id = found, identity
+        log.info("netns_found", netns=found)
+        return found
+
+    async def _netns_gone(self, record: PodRecord, netns: str | None, *, reason: str) -> None:
+        """The pod's netns is gone (its pod object is not): what pointed at it goes, and the pod
+        looks for its netns again (a new sandbox is found by CNI ADD or the scan)."""
+        removed: list[str] = []
+        if record.acked or record.in_host_set:
+            removed = await self._host_rules.remove_pod(record.pod.ips, record.pod.uid)
+        if record.acked:
+            await self._ztunnel.del_workload(record.pod.uid)
+        if netns is not None:
+            self._pod_rules.forget(netns)
+        record.netns = record.netns_id = record.options = None
+        record.acked = record.in_host_set = record.adopted = record.migrated = False
+        record.from_cni = False
+        log.info("netns_vanished", netns=netns, reason=reason, host_elements=len(removed))
 
     async def _enroll(self, pod: Pod) -> None:
         record = self.records.get(pod.uid)
         if record is None:
             record = self.records[pod.uid] = PodRecord(pod=pod)
-        ips_changed = record.pod.ips != pod.ips
-        record.pod = pod
         options, warnings = self._policy.pod_options(pod)
         for warning in warnings:
             log.warning("pod_annotation_ignored", reason=warning)
-        netns = await self._netns_of(record)
+        netns = await self._netns_of(record, pod)
+        ips_changed = record.pod.ips != pod.ips
+        record.pod = pod
         started = time.perf_counter()
         fresh = record.options is None and not record.adopted
         try:
@@ -308,18 +417,20 @@ class Reconciler:
                     drifts = []
             else:
                 drifts = await self._pod_rules.apply(netns, options, fresh=fresh)
-            if record.options is None and not record.from_cni:
-                await self._migrate(netns, options)
+            if not record.migrated and not record.from_cni:
+                record.migrated = await self._migrate(netns, options)
         except NetnsNotFoundError:
             # The sandbox was replaced (or the pod is going): find its netns again.
-            log.info("netns_vanished", netns=netns)
-            self._pod_rules.forget(netns)
-            record.netns, record.acked, record.options = None, False, None
+            await self._netns_gone(record, netns, reason="netns_gone")
             raise
         self._report(drifts, fresh=fresh, netns=netns, started=started)
         record.options = options
         if not record.acked:
-            await self._add_to_ztunnel(record, netns)
+            try:
+                await self._add_to_ztunnel(record, netns)
+            except NetnsNotFoundError:
+                await self._netns_gone(record, netns, reason="netns_gone")
+                raise
         if not record.in_host_set or ips_changed:
             # Once per pod: the host pass keeps the set right afterwards (a check writes nothing).
             await self._host_rules.add_pod(pod.ips, pod.uid, ipv6=self._host_options.ipv6)
@@ -329,12 +440,18 @@ class Reconciler:
         await self._set_status(record, ENABLED)
         self._observer.set_pods_enrolled(len(self.records))
 
-    async def _migrate(self, netns: str, options: PodOptions) -> None:
+    async def _migrate(self, netns: str, options: PodOptions) -> bool:
         """A pod running before we saw it may carry Istio's iptables-backend rules: ours are in
-        place now, theirs go (once per pod and agent run). A failure leaves both in place (the
-        pod stays redirected) and is reported, not retried."""
+        place now, theirs go. Returns whether Istio's rules are gone (or were never there).
+
+        A failure leaves both in place (the pod stays redirected), is reported, and is tried
+        again by the pod's next reconcile (detection only reads: a pod without Istio's rules
+        costs a read). Also used when a pod leaves the mesh, before our rules go: the migration
+        puts ours in place (they are) and removes Istio's, which would otherwise keep
+        redirecting the pod to ztunnel's ports.
+        """
         if self._migration is None:
-            return
+            return True
         try:
             await self._migration.migrate_pod(netns, options)
         except NetnsNotFoundError:
@@ -342,6 +459,8 @@ class Reconciler:
         except RedirectError as exc:
             self._observer.count_failure("migration")
             log.warning("istio_migration_failed", netns=netns, reason=str(exc))
+            return False
+        return True
 
     def _report(self, drifts: list[Drift], *, fresh: bool, netns: str, started: float) -> None:
         duration_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -366,6 +485,11 @@ class Reconciler:
             await self._ztunnel.add_workload(record.pod, netns)
         except RetryableError as exc:
             log.warning("ztunnel_add_failed", reason=str(exc))
+            if record.in_host_set:
+                # Accepted before (e.g. refused in a snapshot since): pending pods are not in
+                # the host set (SPEC §6).
+                await self._host_rules.remove_pod(record.pod.ips, record.pod.uid)
+                record.in_host_set = False
             await self._set_status(record, PENDING)
             raise
         record.acked = True
@@ -376,21 +500,22 @@ class Reconciler:
             return
         await self._status.set_redirection_status(record.pod, value)
         record.status = value
-        log.info("pod_status_set", status=value)
+        log.info("pod_status_set", status=value, netns=record.netns)
 
-    async def _remove(self, uid: PodUid, pod: Pod, *, running: bool) -> None:
+    async def _remove(self, uid: PodUid, pod: Pod, *, running: bool, reason: str) -> None:
+        started = time.perf_counter()
         record = self.records.get(uid)
         ips = record.pod.ips if record else pod.ips
         removed = await self._host_rules.remove_pod(ips, uid)
+        netns = record.netns if record is not None else None
         if running:
-            netns = record.netns if record else None
-            if netns is None:
-                netns = await self._locator.locate(pod)
+            if record is None or not record.netns_current():
+                netns = await self._locator.locate(pod)  # never a path naming another netns
             if netns is not None:
                 try:
-                    await self._pod_rules.remove(netns)
+                    await self._remove_rules(netns, pod, record)
                 except NetnsNotFoundError:
-                    log.info("netns_vanished", netns=netns)
+                    log.info("netns_vanished", netns=netns, reason="netns_gone")
         await self._ztunnel.del_workload(uid)
         if running:
             await self._status.set_redirection_status(pod, None)
@@ -398,7 +523,23 @@ class Reconciler:
             self._pod_rules.forget(record.netns)  # what we remembered of a netns that is going
         self.records.pop(uid, None)
         self._observer.set_pods_enrolled(len(self.records))
-        log.info("pod_removed", host_elements=len(removed))
+        log.info(
+            "pod_removed",
+            netns=netns,
+            reason=reason,
+            host_elements=len(removed),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+
+    async def _remove_rules(self, netns: str, pod: Pod, record: PodRecord | None) -> None:
+        """Ours go, and Istio's iptables rules if it had enrolled the pod (or our migration of
+        them failed): left alone, they would keep redirecting the pod to ztunnel's ports."""
+        if record is None or not (record.migrated or record.from_cni):
+            options = record.options if record is not None else None
+            if options is None:
+                options, _ = self._policy.pod_options(pod)
+            await self._migrate(netns, options)
+        await self._pod_rules.remove(netns)
 
     # --- host ---
 
