@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import stat
 import time
@@ -23,6 +24,7 @@ from ztunnel_redirect.cnievents import (
     parse_add_event,
 )
 from ztunnel_redirect.errors import ConfigError, RedirectError
+from ztunnel_redirect.testing.netnslab import Lab
 
 GOOD: dict[str, Any] = {
     "Netns": "/var/run/netns/cni-1234",
@@ -73,6 +75,8 @@ async def test_good_event_reaches_on_add_and_answers_200(
 
 
 UID = "0b7a3f52-9c1e-4d8a-a6f1-2e4c5d6b7a80"
+NO_SUCH_PROCESS_NETNS = "/proc/4194304/ns/net"
+"""Above the kernel's largest pid: never a process (a live one could be in the host netns)."""
 
 
 @pytest.mark.parametrize(
@@ -100,11 +104,11 @@ async def test_extra_fields_from_istio_plugins_are_ignored(
 ) -> None:
     # Istio's plugin sends Go's net.IPNet (IP + Mask) plus Interface and Gateway.
     body = dict(GOOD, IPs=[{"Address": {"IP": "10.1.1.1", "Mask": "////AA=="}, "Interface": 2}])
-    body["Netns"] = "/proc/4242/ns/net"
+    body["Netns"] = NO_SUCH_PROCESS_NETNS
     status, _ = await post(client, body)
     assert status == 200
     assert fake.events[0].ips == ("10.1.1.1",)
-    assert fake.events[0].netns == "/proc/4242/ns/net"
+    assert fake.events[0].netns == NO_SUCH_PROCESS_NETNS
 
 
 def _with(**changes: Any) -> dict[str, Any]:
@@ -157,6 +161,36 @@ async def test_bad_payload_is_400_with_reason_and_never_reaches_on_add(
     assert fake.events == []
     # Still serving.
     assert (await post(client, GOOD))[0] == 200
+
+
+@pytest.mark.parametrize(
+    "netns",
+    ["/proc/self/ns/net", "/proc//self/ns/net", f"/proc/{os.getpid()}/ns/net"],
+    ids=["self", "double-slash", "pid"],
+)
+async def test_the_agents_own_netns_is_refused(
+    client: aiohttp.ClientSession, fake: FakeReconciler, netns: str
+) -> None:
+    # The agent runs in the host's netns (hostNetwork), like /proc/1.
+    status, text = await post(client, dict(GOOD, Netns=netns))
+    assert status == 400
+    assert "host's network namespace" in text
+    assert fake.events == []
+
+
+async def test_the_configured_host_netns_is_refused(
+    run_dir: Path, fake: FakeReconciler, lab: Lab
+) -> None:
+    host, pod = lab.add_pod("host"), lab.add_pod("pod")
+    srv = CniEventServer(fake.on_add, socket_path=str(run_dir / "h.sock"), host_netns=host.path)
+    async with srv:
+        connector = aiohttp.UnixConnector(path=srv.socket_path)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            status, text = await post(session, dict(GOOD, Netns=host.path))
+            assert status == 400
+            assert "host's network namespace" in text
+            assert (await post(session, dict(GOOD, Netns=pod.path)))[0] == 200
+    assert [e.netns for e in fake.events] == [pod.path]
 
 
 async def test_oversized_body_is_413(client: aiohttp.ClientSession, fake: FakeReconciler) -> None:

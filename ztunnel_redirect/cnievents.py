@@ -4,7 +4,9 @@ The plugin (`cni_plugin.py`) posts one event per new pod sandbox and waits at mo
 answer; the runtime fails the sandbox on anything but 200 and retries it later. So:
 
 - 200: `on_add` returned: the pod is redirected (or the reconciler decided it is not for the mesh).
-- 400: the payload is wrong (the reason is the body); `on_add` is not called.
+- 400: the payload is wrong (the reason is the body); `on_add` is not called. This includes a
+  netns that is the host's own (the configured host netns, or the agent's: `/proc/1/ns/net` and
+  `/proc/self/ns/net` are inside the allowed `/proc/`): pod rules there would redirect the node.
 - 413: the body is larger than `max_body`.
 - 500: `on_add` raised; the body is its message.
 - 503: `on_add` did not finish within `budget`. The work is **not** cancelled: it goes on in the
@@ -40,6 +42,7 @@ from aiohttp import web
 from ztunnel_redirect import constants, unixsocket
 from ztunnel_redirect.errors import ConfigError, RedirectError
 from ztunnel_redirect.model import PodUid
+from ztunnel_redirect.procscan import netns_key
 
 __all__ = [
     "DEFAULT_ALLOWED_NETNS_DIRS",
@@ -64,6 +67,7 @@ _POD_UID: Final = re.compile(r"[0-9A-Fa-f]+(?:-[0-9A-Fa-f]+)*")
 """Hex groups joined by single dashes: a UUID (API pods), or the kubelet's 32-hex-digit hash
 (static pods, whose mirror pod in the API has a UUID of its own)."""
 _MAX_POD_UID_LEN: Final = 64
+_OWN_NETNS: Final = "/proc/self/ns/net"
 
 
 class InvalidCniEventError(RedirectError):
@@ -130,6 +134,15 @@ def _parse_pod_uid(payload: Mapping[str, Any]) -> PodUid | None:
     return PodUid(value)
 
 
+def _refuse_host_netns(path: str, host_netns: frozenset[tuple[int, int]]) -> None:
+    """The host's netns is refused by identity, whatever path names it (`/proc/<pid>/ns/net` of
+    any host process, a bind mount). A path that cannot be read passes: the work on it fails."""
+    if netns_key(path) in host_netns:
+        raise InvalidCniEventError(
+            f"Netns {path!r} is the host's network namespace, not a pod's; refusing it"
+        )
+
+
 def _parse_ips(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise InvalidCniEventError("IPs must be a list")
@@ -175,12 +188,17 @@ class CniEventServer:
         *,
         socket_path: str = DEFAULT_SOCKET_PATH,
         allowed_netns_dirs: Iterable[str] = DEFAULT_ALLOWED_NETNS_DIRS,
+        host_netns: str | None = None,
         budget: float = DEFAULT_BUDGET_S,
         max_body: int = DEFAULT_MAX_BODY,
     ) -> None:
+        """`host_netns`: the host's network namespace (the agent's `host_netns` setting); it is
+        refused as a pod's netns, and so is the agent's own netns."""
         self._on_add = on_add
         self.socket_path = socket_path
         self._allowed = _normalise_dirs(allowed_netns_dirs)
+        self._host_netns_paths = (_OWN_NETNS,) if host_netns is None else (_OWN_NETNS, host_netns)
+        self._host_netns: frozenset[tuple[int, int]] = frozenset()
         self._budget = budget
         self._max_body = max_body
         self._runner: web.AppRunner | None = None
@@ -201,6 +219,7 @@ class CniEventServer:
         await self.close()
 
     async def start(self) -> None:
+        self._host_netns = self._identify_host_netns()
         sock, socket_file = unixsocket.listen(self.socket_path, socket.SOCK_STREAM, backlog=128)
         app = web.Application(client_max_size=self._max_body)
         app.router.add_post("/cmdadd", self._handle_add)
@@ -216,6 +235,16 @@ class CniEventServer:
         self._runner = runner
         self._socket_file = socket_file
         log.info("cni_event_server_started", socket=self.socket_path)
+
+    def _identify_host_netns(self) -> frozenset[tuple[int, int]]:
+        keys: set[tuple[int, int]] = set()
+        for path in self._host_netns_paths:
+            key = netns_key(path)
+            if key is None:
+                log.warning("host_netns_unreadable", netns=path)
+            else:
+                keys.add(key)
+        return frozenset(keys)
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -234,6 +263,7 @@ class CniEventServer:
         body = await request.read()  # raises 413 above client_max_size
         try:
             event = parse_add_event(body, allowed_netns_dirs=self._allowed)
+            _refuse_host_netns(event.netns, self._host_netns)
         except InvalidCniEventError as exc:
             log.warning("cni_event_rejected", reason=str(exc))
             return web.Response(status=400, text=str(exc))
