@@ -10,7 +10,16 @@ For each N of the sweep, one agent (started once, pods added as N grows):
    plugin exits, a connection from the pod until the ztunnel stand-in's OUTBOUND hop);
 3. the agent's RSS and open fds after enrollment and after a drift pass, and its CPU time (from
    /proc/<pid>/stat) per drift pass over N healthy pods (a pass ends with `drift_pass_done`);
-4. restart catch-up: SIGTERM, start again, time to ready (and /readyz 200), and what it rewrote:
+4. repair latency after a manual flush: `repair_samples` enrolled pods, one at a time, get their
+   nat table flushed by hand (`nft flush table inet istio-ambient-nat` in the pod's netns), and
+   the host its postrouting chain once; the latency is from the flush (this process's clock when
+   the flush returned) to the agent's `drift_repaired` / `host_drift_repaired` event for it (the
+   event's own timestamp: the rules are back when it is logged). Where a flush falls in the drift
+   period decides its latency, so the flushes are placed on purpose: each at a fixed offset after
+   a `drift_pass_done` (a delay that places the flush, not a wait for a condition), the offsets
+   spread over one period; the pod latest in the pass gets offset 0 (the worst case: a whole
+   period, then the pass up to that pod), as does the host (whose check comes after the pods');
+5. restart catch-up: SIGTERM, start again, time to ready (and /readyz 200), and what it rewrote:
    the nftables generation of every pod netns and of the host before and after (through the first
    drift pass after the restart), and the write events it logged.
 
@@ -35,8 +44,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -47,8 +57,8 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from bench.methods import nft_genid_here
-from bench.pods import PodFactory
+from bench.methods import flush_host_here, flush_nat_here, nft_genid_here
+from bench.pods import PodFactory, evenly
 from bench.summary import Latency
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.errors import RedirectError
@@ -58,12 +68,14 @@ from ztunnel_redirect.routing import Rtnl
 from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     CniRuntime,
+    Event,
     connect_ztunnel,
     metric,
     standin_of,
 )
 from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.fakeztunnel import DataPlane, FakeZtunnel
+from ztunnel_redirect.testing.netnslab import PREFIX as LAB_PREFIX
 from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
 from ztunnel_redirect.testing.node import NodePod, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
@@ -98,6 +110,8 @@ class AgentConfig:
     """CNI ADDs measured per N."""
     drift_passes: int
     """Passes whose CPU is measured per N."""
+    repair_samples: int
+    """Pods whose nat table is flushed by hand per N (repair latency)."""
     options: PodOptions
     reconcile_period: float
     """Seconds; at least the longest pass (a longer pass is cut off as `drift_pass_slow`)."""
@@ -281,6 +295,18 @@ def connect_here(target: tuple[str, int], timeout: float) -> None:
         socket.create_connection(target, timeout=timeout),
     ):
         pass
+
+
+def stamped_here(flush: Callable[[], None]) -> float:
+    """On a worker in a lab netns: `flush()`, then the wall clock (what the agent's log
+    timestamps use) at the moment the rules are surely gone."""
+    flush()
+    return time.time()
+
+
+def event_time(event: Event) -> float:
+    """The wall-clock time of an agent log event (ISO-8601 UTC, microseconds)."""
+    return datetime.fromisoformat(str(event["timestamp"])).timestamp()
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -503,7 +529,77 @@ class AgentBench:
             },
         }
 
-    # --- 4. restart catch-up
+    # --- 4. repair latency after a manual flush
+
+    async def _flush_and_wait(
+        self,
+        path: str,
+        flush: Callable[[], None],
+        *,
+        phase: float,
+        event: str,
+        **fields: Any,
+    ) -> tuple[float, Event]:
+        """Flush by hand in the lab netns at `path`, `phase` periods after a pass ended; (ms from
+        the flush to the agent's `event` with `fields`, that event)."""
+        if not Path(path).name.startswith(LAB_PREFIX):
+            raise AgentBenchError(f"refusing to flush outside a lab netns: {path}")
+        agent = self._agent()
+        await agent.wait_event("drift_pass_done", since=agent.mark, timeout=3 * self.period + 30)
+        # Places the flush in the period (see the module docstring); not a wait for a condition.
+        await asyncio.sleep(phase * self.period)
+        mark = agent.mark
+        flushed = await self.runner.run(path, stamped_here, flush)
+        repaired = await agent.wait_event(event, since=mark, timeout=3 * self.period + 30, **fields)
+        return (event_time(repaired) - flushed) * 1e3, repaired
+
+    async def repair(self, n: int) -> dict[str, Any]:
+        """Flush to repaired, as the agent runs: pods' nat tables, then the host's postrouting."""
+        k = self.config.repair_samples
+        pods = evenly(self.bulk, k)
+        say(f"N={n}: repair latency: {len(pods)} pod nat tables and the host chain flushed")
+        latencies: list[float] = []
+        applies: list[float] = []
+        phases: list[float] = []
+        # The pod latest in the pass gets the earliest offset: together the worst case.
+        for i, pod in enumerate(pods):
+            phase = round((len(pods) - 1 - i) / len(pods), 3)
+            ms, event = await self._flush_and_wait(
+                pod.path, flush_nat_here, phase=phase, event="drift_repaired", pod_uid=pod.uid
+            )
+            latencies.append(ms)
+            applies.append(float(event["duration_ms"]))
+            phases.append(phase)
+        host_ms, host = await self._flush_and_wait(
+            self.node.lab.node.path, flush_host_here, phase=0.0, event="host_drift_repaired"
+        )
+        period_ms = self.period * 1e3
+        lat = Latency.of(latencies)
+        say(
+            f"N={n}: pod repair after a flush p50 {lat.p50_ms:.0f} ms, max {lat.max_ms:.0f} ms; "
+            f"host {host_ms:.0f} ms (period {period_ms:.0f} ms)"
+        )
+        return {
+            "pods": len(self.bulk),
+            "period_s": self.period,
+            "pod_nat_flush": {
+                "samples": len(latencies),
+                "latency": lat.as_dict(),
+                "p50_periods": round(lat.p50_ms / period_ms, 3),
+                "max_periods": round(lat.max_ms / period_ms, 3),
+                "samples_ms": [round(x, 3) for x in latencies],
+                "phases_periods": phases,
+                "repair_apply_ms_p50": round(Latency.of(applies).p50_ms, 3),
+            },
+            "host_postrouting_flush": {
+                "latency_ms": round(host_ms, 3),
+                "periods": round(host_ms / period_ms, 3),
+                "phase_periods": 0.0,
+                "repair_apply_ms": float(host["duration_ms"]),
+            },
+        }
+
+    # --- 5. restart catch-up
 
     async def _generations(self) -> tuple[list[int], int]:
         pods = [await self.runner.run(p.path, nft_genid_here) for p in self.bulk]
@@ -655,6 +751,7 @@ async def measure_agent(
             at["enrollment_by_label"] = await bench.grow(n)
             at["cni_add"], raw[str(n)] = await bench.sample(n)
             at["resources"] = await bench.resources(n)
+            at["repair"] = await bench.repair(n)
             at["restart"] = await bench.restart(n)
             results[str(n)] = at
             say(f"N={n}: done in {time.perf_counter() - t0:.1f} s")

@@ -100,6 +100,13 @@ def flush_nat_here() -> None:
         nft.run(f"flush table inet {c.NAT_TABLE}\n")
 
 
+def flush_host_here() -> None:
+    """Drift by hand on the host: `nft flush chain inet istio-ambient-nat postrouting` (the
+    probe SNAT rules go, the sets of pod IPs stay)."""
+    with Nft() as nft:
+        nft.run(f"flush chain inet {c.HOST_TABLE} postrouting\n")
+
+
 def handles_here(names: tuple[str, ...]) -> str:
     """`nft -a list table` of each of our tables: rule handles show any rewrite."""
     out = []

@@ -17,7 +17,7 @@ import ctypes
 import errno
 import os
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.rtnl import RTM_NEWLINK
@@ -26,6 +26,8 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.routing import Rtnl
 from ztunnel_redirect.testing.netnslab import PREFIX, Netns
+
+T = TypeVar("T")
 
 NETNS_DIR: Final = Path("/run/netns")
 BENCH_PREFIX: Final = f"{PREFIX}bench-"
@@ -124,6 +126,14 @@ class PodFactory:
                 del self._live[ns.name]
         if first is not None:
             raise first
+
+
+def evenly(items: list[T], k: int) -> list[T]:
+    """k items spread over the list (all of them when k >= len)."""
+    if k >= len(items):
+        return list(items)
+    step = len(items) / k
+    return [items[int(i * step)] for i in range(k)]
 
 
 def remove_leftovers() -> list[str]:

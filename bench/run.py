@@ -8,15 +8,16 @@ goes into an empty netns) and measures, on this machine and in this run:
 1. install latency per pod for each `Method` (ours and the baseline, rules only and with routing),
    and ours again with N pods already enrolled;
 2. a full drift-check pass over the N enrolled pods: wall and CPU time when healthy (and proof
-   that it wrote nothing: rule handles before and after), with 5% drifted, and repair latency;
-3. memory that does not depend on the agent: this process's RSS and fds holding N netns fds.
+   that it wrote nothing: rule handles before and after), with 5% drifted, and the core's apply
+   that repairs the drifted pods (the time from a flush to repaired is the agent's, below);
+3. memory that does not depend on the agent: this process's RSS and fds holding N netns fds;
+4. the real agent as a process (`bench.agent`; `--no-agent` skips it), for each N of
+   `--agent-sizes`: enrollment by a namespace label, CNI ADD end to end, its RSS, fds and CPU per
+   drift pass, repair latency from a manual flush to repaired, and restart catch-up.
 
 Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
 Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
 on exit, also on Ctrl-C, SIGTERM and errors; `--remove-leftovers` cleans up after a killed run.
-
-Agent-level measures (CNI ADD end to end, restart catch-up, agent RSS/fds) are future functions
-like `measure_drift`: each takes the `Bench` and returns a dict that goes under its own key.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from bench.methods import (
     table_drift_here,
     table_names,
 )
-from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, remove_leftovers
+from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, evenly, remove_leftovers
 from bench.steps import TimedForms, apply_steps_here, check_steps_here
 from bench.summary import Latency, Phase, merge
 from ztunnel_redirect import constants as c
@@ -131,14 +132,6 @@ def open_fds() -> int:
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def evenly(items: list[T], k: int) -> list[T]:
-    """k items spread over the list (all of them when k >= len)."""
-    if k >= len(items):
-        return list(items)
-    step = len(items) / k
-    return [items[int(i * step)] for i in range(k)]
 
 
 class Bench:
@@ -599,6 +592,7 @@ async def bench_all(
                 "sizes": list(agent.sizes),
                 "samples": agent.samples,
                 "drift_passes": agent.drift_passes,
+                "repair_samples": agent.repair_samples,
                 "reconcile_period_s": agent.period_for(max(agent.sizes)),
                 "log_level": "info",
             },
@@ -622,6 +616,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agent-sizes", help="pods N for the agent part (default: --sizes)")
     p.add_argument("--agent-samples", type=int, default=30, help="CNI ADDs measured per N")
     p.add_argument("--agent-drift-passes", type=int, default=3)
+    p.add_argument("--agent-repair-samples", type=int, default=5, help="pods flushed by hand per N")
     p.add_argument("--no-agent", action="store_true", help="skip the agent-level measurements")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
@@ -639,6 +634,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_sizes = "3"
         args.agent_samples = 3
         args.agent_drift_passes = 1
+        args.agent_repair_samples = 3
     return args
 
 
@@ -654,6 +650,7 @@ def config_of(args: argparse.Namespace) -> Config:
         sizes=agent_sizes,
         samples=args.agent_samples,
         drift_passes=max(1, args.agent_drift_passes),
+        repair_samples=max(1, args.agent_repair_samples),
         options=options,
         reconcile_period=1.0,
     )
