@@ -19,7 +19,7 @@ import pytest
 
 from tests.test_render import POD_MATRIX, _pod_name
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import podrules
+from ztunnel_redirect import nlbatch, podrules
 from ztunnel_redirect.drift import DriftKind, TableListing
 from ztunnel_redirect.model import HostOptions, PodOptions
 from ztunnel_redirect.netns import NetnsRunner, entered_scratch
@@ -86,7 +86,7 @@ async def test_installed_pod_is_identical_without_listing(
     ruleset = pod_ruleset(options)
     dumps = ExpectedDumps()
 
-    assert await runner.run(ns.path, dump_here, dumps.names(ruleset)) == await runner.run(
+    assert await runner.run(ns.path, dump_here, ruleset) == await runner.run(
         None, dumps.of, ruleset
     )
     # A restarted agent: nothing remembered, the first check proves it by the dump alone.
@@ -250,12 +250,11 @@ async def test_drift_is_never_identical(
 
 async def test_dump_of_another_generation_proves_nothing(runner: NetnsRunner, lab: Lab) -> None:
     ns = await installed(runner, lab, FULL)
-    names = ExpectedDumps.names(pod_ruleset(FULL))
     seen = await runner.run(ns.path, generation)
 
-    await runner.run(ns.path, dump_here, names, generation=seen)
+    await runner.run(ns.path, dump_here, pod_ruleset(FULL), generation=seen)
     with pytest.raises(DumpInconsistentError):
-        await runner.run(ns.path, dump_here, names, generation=seen + 1)
+        await runner.run(ns.path, dump_here, pod_ruleset(FULL), generation=seen + 1)
     assert not await runner.run(
         ns.path, ExpectedDumps().identical, pod_ruleset(FULL), generation=seen - 1
     )
@@ -268,9 +267,7 @@ async def test_tables_with_sets_are_never_proven(runner: NetnsRunner, lab: Lab) 
     dumps = ExpectedDumps()
     seen = await runner.run(ns.path, generation)
 
-    assert await runner.run(ns.path, dump_here, dumps.names(host)) == await runner.run(
-        None, dumps.of, host
-    )
+    assert await runner.run(ns.path, dump_here, host) == await runner.run(None, dumps.of, host)
     assert not provable(await runner.run(None, dumps.of, host))
     assert not await runner.run(ns.path, dumps.identical, host, generation=seen)
     assert provable(await runner.run(None, dumps.of, pod_ruleset(FULL)))
@@ -320,3 +317,38 @@ async def test_measure_dump_against_listing(runner: NetnsRunner) -> None:
         print(f"MEASURE: pod_tables_first_check_{name} checks={CHECKS} p50_ms={p50:.3f}")
     assert results["dump"] < results["listing"]
     assert results["sync_tables_dump"] < results["sync_tables_listing"]
+
+
+class ReceivedBytes:
+    """Every datagram that `nlbatch`'s netlink sockets receive (patched in for one test)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.data: list[bytes] = []
+        received = self.data
+
+        class Spy(socket.socket):
+            def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+                data = super().recv(bufsize, flags)
+                received.append(data)
+                return data
+
+        monkeypatch.setattr(nlbatch.socket, "socket", Spy)
+
+
+async def test_the_dump_never_reads_another_table(
+    runner: NetnsRunner, lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = await installed(runner, lab, FULL)
+    chains = "".join(
+        f"chain foreign-chain-{i} {{ tcp dport {i + 1} counter accept; }}\n" for i in range(300)
+    )
+    ns.nft(f"table inet zz-foreign {{\n{chains}}}\ntable ip zz-foreign-ip {{ chain c {{ }}; }}\n")
+    ruleset = pod_ruleset(FULL)
+    dumps = ExpectedDumps()
+    await runner.run(None, dumps.of, ruleset)
+    seen = await runner.run(ns.path, generation)
+    spy = ReceivedBytes(monkeypatch)
+
+    assert await runner.run(ns.path, dumps.identical, ruleset, generation=seen)
+    assert spy.data
+    assert not [data for data in spy.data if b"foreign" in data]

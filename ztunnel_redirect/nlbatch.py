@@ -60,6 +60,7 @@ _NETLINK_EXT_ACK: Final = 11
 _NFNLGRP_NFTABLES: Final = 7
 
 _NLMSG_ERROR: Final = 2
+_ENOENT: Final = 2
 _NLM_F_REQUEST: Final = 0x1
 _NLM_F_ACK: Final = 0x4
 _NLM_F_EXCL: Final = 0x200
@@ -135,6 +136,14 @@ def _attributes(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes
         step = (size + 3) & ~3
         yield kind, data[offset : offset + step]
         offset += step
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    return _NLA.pack(_NLA.size + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+
+def _nla_str(kind: int, text: str) -> bytes:
+    return _nla(kind, text.encode() + b"\0")
 
 
 def _attr_str(attr: bytes) -> str:
@@ -349,6 +358,7 @@ _NFPROTO_INET: Final = 1
 _NLMSG_DONE: Final = 3
 _NLM_F_DUMP: Final = 0x300
 _NLM_F_DUMP_INTR: Final = 0x10
+_NLM_F_MULTI: Final = 0x2
 
 _NFT_MSG_GETTABLE: Final = 1
 _NFT_MSG_GETCHAIN: Final = 4
@@ -439,69 +449,108 @@ def _object(kind: int, data: bytes, offset: int, end: int) -> tuple[str, str, by
     return table, name, b"".join(kept), expressions
 
 
-def _dump(sock: socket.socket, msg: int, seq: int) -> Iterator[tuple[int, bytes, int, int]]:
-    """(res_id, data, attributes offset, message end) of every object of one dump."""
-    body = _NFGENMSG.pack(_NFPROTO_INET, _NFNETLINK_V0, 0)
-    request = _NLMSG.pack(
-        _NLMSG.size + len(body), _nft_type(msg), _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0
-    )
-    sock.sendall(request + body)
-    for _ in range(1 << 16):  # bounded: a dump of our few tables takes one or two datagrams
+def _answers(
+    sock: socket.socket, seqs: Iterable[int]
+) -> Iterator[tuple[int, int, bytes, int, int]]:
+    """(seq, type, data, payload offset, message end) of the answers to requests `seqs`,
+    until each has answered or an NLMSG_DONE ends it. Messages of other sequence numbers (the
+    end of an earlier, abandoned request) are skipped."""
+    waiting = set(seqs)
+    for _ in range(1 << 16):  # bounded: our few objects take one or two datagrams
+        if not waiting:
+            return
         data = sock.recv(1 << 20)
         offset = 0
         while offset + _NLMSG.size <= len(data):
-            length, kind, flags, msg_seq, _pid = _NLMSG.unpack_from(data, offset)
+            length, kind, flags, seq, _pid = _NLMSG.unpack_from(data, offset)
             if length < _NLMSG.size:
                 raise KernelError("malformed netlink message")
-            end = offset + length
+            start, end = offset + _NLMSG.size, offset + length
             offset += (length + 3) & ~3
-            if msg_seq != seq:
-                continue  # the end of an earlier, abandoned dump
+            if seq not in waiting:
+                continue
             if flags & _NLM_F_DUMP_INTR:
                 raise DumpInconsistentError("nftables dump interrupted by a commit")
-            if kind == _NLMSG_DONE:
-                return
-            if kind == _NLMSG_ERROR:
-                code = -_ERRNO.unpack_from(data, end - length + _NLMSG.size)[0]
-                raise DumpInconsistentError(f"nftables dump refused: {os.strerror(code)}")
-            start = end - length + _NLMSG.size
-            family, _version, res_id = _NFGENMSG.unpack_from(data, start)
-            if family == _NFPROTO_INET:
-                yield socket.ntohs(res_id), data, start + _NFGENMSG.size, end
+            if kind in (_NLMSG_DONE, _NLMSG_ERROR) or not flags & _NLM_F_MULTI:
+                waiting.discard(seq)  # a get has one answer; a dump ends with NLMSG_DONE
+            yield seq, kind, data, start, end
     raise KernelError("nftables dump did not end")
 
 
-def dump_here(
-    table_names: Iterable[str], *, generation: int | None = None, timeout: float = 5.0
-) -> Normalised:
-    """Dump tables, chains and rules of family inet in the current netns and keep those of
-    `table_names`, normalised (module comment above). On a `NetnsRunner` worker.
+def _request(msg: int, seq: int, attributes: bytes, *, dump: bool = False) -> bytes:
+    body = _NFGENMSG.pack(_NFPROTO_INET, _NFNETLINK_V0, 0) + attributes
+    flags = _NLM_F_REQUEST | (_NLM_F_DUMP if dump else 0)
+    return _NLMSG.pack(_NLMSG.size + len(body), _nft_type(msg), flags, seq, 0) + body
 
-    Three dumps are three reads: each object carries the generation it was dumped at (low 16
-    bits), and all must carry the same one, `generation` when given (the id the caller read
-    before), else `DumpInconsistentError`: the dumps crossed a commit.
+
+def _objects(
+    sock: socket.socket, requests: dict[int, bytes]
+) -> Iterator[tuple[int, int, bytes, int, int]]:
+    """(type, res_id, data, attributes offset, message end) of every object answered to these
+    requests (seq -> request), sent in one datagram. A get of an object that does not exist
+    answers ENOENT and yields nothing; any other error proves nothing."""
+    sock.sendall(b"".join(requests.values()))
+    for _seq, kind, data, start, end in _answers(sock, requests):
+        if kind == _NLMSG_DONE:
+            continue
+        if kind == _NLMSG_ERROR:
+            code = -_ERRNO.unpack_from(data, start)[0]
+            if code in (0, _ENOENT):
+                continue
+            raise DumpInconsistentError(f"nftables dump refused: {os.strerror(code)}")
+        family, _version, res_id = _NFGENMSG.unpack_from(data, start)
+        if family == _NFPROTO_INET:
+            yield kind, socket.ntohs(res_id), data, start + _NFGENMSG.size, end
+
+
+def dump_here(
+    ruleset: Ruleset, *, generation: int | None = None, timeout: float = 5.0
+) -> Normalised:
+    """Our tables of `ruleset` in the current netns (and those of its absent ones that exist),
+    their chains and rules, normalised (module comment above). On a `NetnsRunner` worker.
+
+    Only our objects are ever asked for (SPEC §11.3): each table and each chain of the ruleset
+    by name (all in one datagram; a chain that is not in the ruleset shows in its table's use
+    count), then each table's rules in a dump that the kernel filters by table. The answers
+    are several reads: each object carries the generation it was read at (low 16 bits), and
+    all must carry the same one, `generation` when given (the id the caller read before), else
+    `DumpInconsistentError`: the reads crossed a commit.
     """
-    wanted = frozenset(table_names)
     tables: list[tuple[str, bytes]] = []
     chains: list[tuple[str, str, bytes]] = []
     rules: dict[tuple[str, str], list[tuple[bytes, bytes]]] = {}
     seen: set[int] = set() if generation is None else {generation & 0xFFFF}
+    names = ExpectedDumps.names(ruleset)
+    gets = [(_NFT_MSG_GETTABLE, _nla_str(_NFTA_TABLE_NAME, name)) for name in names]
+    gets += [
+        (
+            _NFT_MSG_GETCHAIN,
+            _nla_str(_NFTA_TABLE_NAME, table.name) + _nla_str(_NFTA_CHAIN_NAME, chain.name),
+        )
+        for table in ruleset.tables
+        for chain in table.chains
+    ]
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
         sock.settimeout(timeout)
         sock.bind((0, 0))
-        for seq, msg in enumerate((_NFT_MSG_GETTABLE, _NFT_MSG_GETCHAIN, _NFT_MSG_GETRULE), 1):
-            kind = _nft_type(msg - 1)  # the answers are NEW* messages
-            for res_id, data, start, end in _dump(sock, msg, seq):
+        requests = {seq: _request(msg, seq, attrs) for seq, (msg, attrs) in enumerate(gets, 1)}
+        for kind, res_id, data, start, end in _objects(sock, requests):
+            seen.add(res_id)
+            table, name, attrs, _ = _object(kind, data, start, end)
+            if kind == _nft_type(_NFT_MSG_NEWTABLE):
+                tables.append((table, attrs))
+            else:
+                chains.append((table, name, attrs))
+        for seq, (table, _attrs) in enumerate(tables, len(gets) + 1):
+            dump = _request(_NFT_MSG_GETRULE, seq, _nla_str(_NFTA_TABLE_NAME, table), dump=True)
+            for _kind, res_id, data, start, end in _objects(sock, {seq: dump}):
                 seen.add(res_id)
-                table, name, attrs, expressions = _object(kind, data, start, end)
-                if table not in wanted:
-                    continue
-                if msg == _NFT_MSG_GETTABLE:
-                    tables.append((table, attrs))
-                elif msg == _NFT_MSG_GETCHAIN:
-                    chains.append((table, name, attrs))
-                else:
-                    rules.setdefault((table, name), []).append((attrs, expressions))
+                rule_table, chain, attrs, expressions = _object(
+                    _nft_type(_NFT_MSG_NEWRULE), data, start, end
+                )
+                if rule_table != table:
+                    raise DumpInconsistentError(f"asked for rules of {table}, got {rule_table}")
+                rules.setdefault((table, chain), []).append((attrs, expressions))
     if len(seen) > 1:
         raise DumpInconsistentError(f"nftables dumps crossed commits: generations {sorted(seen)}")
     return Normalised(
@@ -551,7 +600,7 @@ class ExpectedDumps:
         with entered_scratch():
             with Nft() as nft:
                 nft.run(ruleset.script())
-            expected = dump_here(self.names(ruleset))
+            expected = dump_here(ruleset)
         with self._lock:
             self._cache[ruleset] = expected
         return expected
@@ -568,7 +617,7 @@ class ExpectedDumps:
         if not provable(expected):
             return False
         try:
-            actual = dump_here(self.names(ruleset), generation=generation)
+            actual = dump_here(ruleset, generation=generation)
         except (KernelError, OSError):
             return False
         return actual == expected
@@ -589,15 +638,6 @@ _NFTA_SET_ELEM_KEY: Final = 1
 _NFTA_SET_ELEM_USERDATA: Final = 6
 _NFTA_DATA_VALUE: Final = 1
 _NFTNL_UDATA_SET_ELEM_COMMENT: Final = 0  # libnftnl's userdata TLV (u8 type, u8 length)
-_ENOENT: Final = 2
-
-
-def _nla(kind: int, payload: bytes) -> bytes:
-    return _NLA.pack(_NLA.size + len(payload), kind) + payload + bytes(-len(payload) % 4)
-
-
-def _nla_str(kind: int, text: str) -> bytes:
-    return _nla(kind, text.encode() + b"\0")
 
 
 def _comment_of(userdata: bytes) -> str:
