@@ -19,7 +19,7 @@ import pytest
 
 from tests.test_render import POD_MATRIX, _pod_name
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import nlbatch, podrules
+from ztunnel_redirect import podrules
 from ztunnel_redirect.drift import DriftKind, TableListing
 from ztunnel_redirect.model import HostOptions, PodOptions
 from ztunnel_redirect.netns import NetnsRunner, entered_scratch
@@ -320,7 +320,7 @@ async def test_measure_dump_against_listing(runner: NetnsRunner) -> None:
 
 
 class ReceivedBytes:
-    """Every datagram that `nlbatch`'s netlink sockets receive (patched in for one test)."""
+    """Every datagram that netlink sockets of this process receive (patched in for one test)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.data: list[bytes] = []
@@ -332,7 +332,7 @@ class ReceivedBytes:
                 received.append(data)
                 return data
 
-        monkeypatch.setattr(nlbatch.socket, "socket", Spy)
+        monkeypatch.setattr(socket, "socket", Spy)  # the module nlbatch opens sockets with
 
 
 async def test_the_dump_never_reads_another_table(
