@@ -16,7 +16,7 @@ import structlog
 
 from ztunnel_redirect import zds_pb2
 from ztunnel_redirect.constants import HBONE_PORT
-from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.errors import ConfigError, RetryableError
 from ztunnel_redirect.model import Pod, PodUid
 from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
@@ -52,6 +52,16 @@ def sock_path() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="zr-zds-") as tmp:
         # A parent that does not exist yet: the server creates it.
         yield str(Path(tmp) / "ztunnel" / "ztunnel.sock")
+
+
+@pytest.fixture
+def unopenable_netns() -> Iterator[str]:
+    """A path that exists but that open() refuses with an error other than ENOENT (ELOOP), as it
+    refuses any path when the agent is out of fds (EMFILE)."""
+    with tempfile.TemporaryDirectory(prefix="zr-zds-") as tmp:
+        loop = Path(tmp) / "loop"
+        loop.symlink_to(loop)
+        yield str(loop)
 
 
 @pytest.fixture
@@ -148,6 +158,33 @@ async def test_snapshot_netns_gone_is_sent_as_keep(
     assert kinds(fake) == [(RequestKind.KEEP, "uid-gone"), (RequestKind.SNAPSHOT_SENT, "")]
 
 
+async def test_snapshot_netns_that_cannot_be_opened_is_sent_as_keep_and_retried(
+    make_server: ServerFactory, make_fake: Callable[..., Any], unopenable_netns: str
+) -> None:
+    stuck, good = make_pod("stuck"), make_pod("good")
+    retried: list[str] = []
+    server = await make_server(
+        [Workload(stuck, unopenable_netns), Workload(good, SELF_NETNS)],
+        on_snapshot_nack=lambda uid, _error: retried.append(uid),
+    )
+
+    with structlog.testing.capture_logs() as logs:
+        fake = await make_fake()
+        async with asyncio.timeout(WAIT):
+            await server.wait_connected()
+
+    assert kinds(fake) == [
+        (RequestKind.KEEP, "uid-stuck"),
+        (RequestKind.ADD, "uid-good"),
+        (RequestKind.SNAPSHOT_SENT, ""),
+    ]
+    (failed,) = [e for e in logs if e["event"] == "snapshot_netns_open_failed"]
+    assert failed["pod_uid"] == "uid-stuck"
+    assert "Too many levels of symbolic links" in failed["reason"]
+    assert retried == ["uid-stuck"]  # the reconciler Adds it again
+    assert server.connections == 1
+
+
 async def test_snapshot_nack_is_reported_and_the_snapshot_goes_on(
     make_server: ServerFactory, make_fake: Callable[..., Any]
 ) -> None:
@@ -237,6 +274,23 @@ async def test_nack_raises_with_ztunnel_message_and_keeps_the_connection(
     async with asyncio.timeout(WAIT):
         await server.add_workload(make_pod("good"), SELF_NETNS)
 
+    assert set(fake.workloads) == {"uid-good"}
+    assert server.connections == 1
+
+
+async def test_add_with_a_netns_that_cannot_be_opened_fails_retryably_and_keeps_the_connection(
+    make_server: ServerFactory, make_fake: Callable[..., Any], unopenable_netns: str
+) -> None:
+    server = await make_server()
+    fake = await make_fake()
+
+    with pytest.raises(RetryableError, match="Too many levels of symbolic links"):
+        async with asyncio.timeout(WAIT):
+            await server.add_workload(make_pod("stuck"), unopenable_netns)
+    async with asyncio.timeout(WAIT):
+        await server.add_workload(make_pod("good"), SELF_NETNS)
+
+    assert kinds(fake)[-1] == (RequestKind.ADD, "uid-good")
     assert set(fake.workloads) == {"uid-good"}
     assert server.connections == 1
 

@@ -48,6 +48,7 @@ from ztunnel_redirect.netns import open_netns
 __all__ = [
     "MAX_MESSAGE_SIZE",
     "DropReason",
+    "NetnsOpenError",
     "Packet",
     "RequestKind",
     "Workload",
@@ -76,6 +77,11 @@ class ZtunnelUnavailableError(RetryableError):
 
 class ZtunnelNackError(RetryableError):
     """ztunnel answered with a non-empty `Ack.error`; the message carries it."""
+
+
+class NetnsOpenError(RetryableError):
+    """The netns of an `Add` exists but could not be opened (e.g. out of fds); nothing was sent,
+    and the connection is fine."""
 
 
 class ZdsProtocolError(RedirectError):
@@ -270,6 +276,15 @@ def _peer_pid(sock: socket.socket) -> int:
     return pid
 
 
+def _open_for_add(path: str) -> int:
+    """The netns fd of an `Add`. Any error but a vanished netns (EMFILE, EACCES...) is the pod's
+    problem, not the connection's."""
+    try:
+        return open_netns(path)
+    except OSError as exc:
+        raise NetnsOpenError(f"cannot open network namespace {path}: {exc}") from exc
+
+
 class ZtunnelServer:
     """Listens for ztunnel connections and sends them workloads.
 
@@ -280,6 +295,9 @@ class ZtunnelServer:
 
     A connection counts (`connections`, target of `add_workload`) from its hello on; it is
     *live* (`wait_connected`) once its snapshot was acknowledged.
+
+    `on_snapshot_nack(uid, reason)` is called for a pod that a snapshot did not hand over:
+    ztunnel nacked it, or its netns could not be opened (it went as `Keep`). The caller retries it.
     """
 
     def __init__(
@@ -386,7 +404,8 @@ class ZtunnelServer:
         """Send `Add` (with the netns fd) to the newest connection and wait for its ack.
 
         Raises ZtunnelUnavailableError (no connection, timeout, connection lost),
-        ZtunnelNackError (ztunnel refused), NetnsNotFoundError (the netns is gone).
+        ZtunnelNackError (ztunnel refused), NetnsNotFoundError (the netns is gone),
+        NetnsOpenError (the netns could not be opened now).
         """
         if not self._greeted:
             raise ZtunnelUnavailableError("no ztunnel connected")
@@ -511,11 +530,12 @@ class ZtunnelServer:
     ) -> str:
         """Send one request, wait for its ack; returns the ack's error text ("" = success).
 
-        NetnsNotFoundError when the netns is gone (nothing was sent; the connection is fine);
-        any other failure drops the connection (`_Dropped`).
+        NetnsNotFoundError when the netns is gone, NetnsOpenError when it cannot be opened
+        (nothing was sent; the connection is fine); any other failure drops the connection
+        (`_Dropped`).
         """
         data = encode_request(kind, uid, pod)
-        fd = open_netns(netns_path) if netns_path is not None else None
+        fd = _open_for_add(netns_path) if netns_path is not None else None
         try:
             async with asyncio.timeout(self._timeout):
                 await send_packet(conn.sock, data, fds=() if fd is None else (fd,))
@@ -541,16 +561,7 @@ class ZtunnelServer:
         adds = keeps = 0
         for workload in workloads:
             pod = workload.pod
-            kind = RequestKind.ADD if workload.netns_path else RequestKind.KEEP
-            try:
-                error = await self._exchange(conn, kind, pod.uid, pod, workload.netns_path or None)
-            except NetnsNotFoundError as exc:  # the netns vanished since the provider listed it
-                log.warning(
-                    "snapshot_netns_missing", pod_uid=pod.uid, pod=pod.key,
-                    netns=workload.netns_path, reason=str(exc),
-                )  # fmt: skip
-                kind = RequestKind.KEEP
-                error = await self._exchange(conn, kind, pod.uid)
+            kind, error = await self._hand_over(conn, workload)
             if kind is RequestKind.ADD:
                 adds += 1
             else:
@@ -569,6 +580,29 @@ class ZtunnelServer:
             "ztunnel_snapshot_sent", conn=conn.number, adds=adds, keeps=keeps,
             duration_ms=round((time.monotonic() - started) * 1000, 3),
         )  # fmt: skip
+
+    async def _hand_over(self, conn: _Connection, workload: Workload) -> tuple[RequestKind, str]:
+        """One snapshot entry: `Add` with the netns, or `Keep` when the netns is unknown or
+        cannot be opened; returns what was sent and the ack's error text."""
+        pod = workload.pod
+        if workload.netns_path:
+            try:
+                return RequestKind.ADD, await self._exchange(
+                    conn, RequestKind.ADD, pod.uid, pod, workload.netns_path
+                )
+            except NetnsNotFoundError as exc:  # the netns vanished since the provider listed it
+                log.warning(
+                    "snapshot_netns_missing", pod_uid=pod.uid, pod=pod.key,
+                    netns=workload.netns_path, reason=str(exc),
+                )  # fmt: skip
+            except NetnsOpenError as exc:  # still there (EMFILE...): the reconciler Adds it later
+                log.warning(
+                    "snapshot_netns_open_failed", pod_uid=pod.uid, pod=pod.key,
+                    netns=workload.netns_path, reason=str(exc),
+                )  # fmt: skip
+                if self._on_snapshot_nack is not None:
+                    self._on_snapshot_nack(pod.uid, str(exc))
+        return RequestKind.KEEP, await self._exchange(conn, RequestKind.KEEP, pod.uid)
 
     def _probe(self, conn: _Connection) -> None:
         """Between requests the peer must be silent: EOF or any packet drops the connection."""
