@@ -243,6 +243,29 @@ async def test_add_hands_the_pod_to_ztunnel_before_returning_and_traffic_is_redi
     assert zt.violations == []
 
 
+async def test_a_network_config_at_cni_0_3_0_adds_and_deletes(
+    cluster: Cluster, server: NodePod
+) -> None:
+    # Some primary CNIs still declare 0.3.0; the whole conflist, our plugin too, then runs at it.
+    await cluster.start_agent()
+    zt = await cluster.ztunnel()
+    pod = await cluster.new_pod("web-0")
+    conf = cluster.runtime.conf(pod)
+    conf["cniVersion"] = conf["prevResult"]["cniVersion"] = "0.3.0"
+    stdin = json.dumps(conf).encode()
+
+    outcome = await cluster.runtime.run("ADD", pod, stdin=stdin)
+
+    assert outcome.rc == 0, outcome.stdout + outcome.stderr
+    assert outcome.json == conf["prevResult"]
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await zt.wait_request(RequestKind.ADD, pod.uid)
+    await settle(cluster, pod)
+    await caught(cluster, zt, pod, server)
+    deleted = await cluster.runtime.run("DEL", pod, stdin=stdin)
+    assert (deleted.rc, deleted.stdout) == (0, ""), deleted.stderr
+
+
 async def test_pod_stays_redirected_between_add_and_the_kubelet_reporting_its_ips(
     cluster: Cluster, server: NodePod
 ) -> None:
