@@ -6,6 +6,7 @@ runs against network namespaces of its own lab.
 
 from __future__ import annotations
 
+import ctypes.util
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from ztunnel_redirect import cli as cli_module
+from ztunnel_redirect import logs, nft
 from ztunnel_redirect.constants import HOST_TABLE, MANGLE_TABLE, NAT_TABLE, RAW_TABLE
 from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
 
@@ -80,6 +83,8 @@ def pod(lab: Lab) -> LabPod:
         ["host", "apply", "--netns", "/run/netns/x"],
         ["host", "apply", "--netns", "/run/netns/x", "--kubelet-uid", "kubelet"],
         ["host", "add-pod", "--netns", "/run/netns/x", "--pod-uid", "u"],
+        ["render", "host", "--kubelet-uid", "-5"],
+        ["render", "host", "--kubelet-uid", "4294967296"],
     ],
     ids=[
         "nothing",
@@ -92,6 +97,8 @@ def pod(lab: Lab) -> LabPod:
         "no-kubelet-uid",
         "uid-not-a-number",
         "no-pod-ip",
+        "negative-uid",
+        "uid-too-large",
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:
@@ -360,3 +367,44 @@ def test_host_add_pod_without_the_host_table_is_a_clear_one_line_error(lab: Lab)
     result = cli("host", "add-pod", "--netns", node, "--pod-uid", "uid-1", "--pod-ip", "10.244.0.9")
     assert tables(lab.node) == set()
     assert_one_line_error(result, HOST_TABLE)
+
+
+@pytest.mark.kernel
+def test_host_add_pod_v6_to_a_table_without_ipv6_names_the_missing_set(lab: Lab) -> None:
+    node = lab.node.path
+    apply = cli("host", "apply", "--netns", node, "--kubelet-uid", KUBELET_UID, "--no-ipv6")
+    assert apply.returncode == 0, apply
+    before = host_elements(lab.node)
+    result = cli(
+        "host", "add-pod", "--netns", node, "--pod-uid", "uid-1", "--pod-ip", "10.244.0.9",
+        "--pod-ip", "fd00::9",
+    )  # fmt: skip
+    assert_one_line_error(result, "istio-inpod-probes-v6")
+    assert "does not exist" not in result.stderr
+    assert host_elements(lab.node) == before
+
+
+@pytest.fixture
+def without_libnftables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """libnftables cannot be loaded (as on a node without the nftables package)."""
+    monkeypatch.setattr(nft, "_lib", None)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda _name: "/nonexistent/libnft.so")
+
+
+@pytest.mark.kernel
+@pytest.mark.usefixtures("without_libnftables")
+@pytest.mark.parametrize("command", [["pod", "check"], ["host", "check", "--kubelet-uid", "0"]])
+def test_without_libnftables_the_start_up_probe_fails_with_one_line(
+    lab: Lab, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = cli_module.main([*command, "--netns", lab.node.path])
+    finally:
+        logs.reset()
+    out = capsys.readouterr()
+    assert_one_line_error(
+        subprocess.CompletedProcess([], code, out.out, out.err),
+        "libnftables is not available",
+        "install the distribution's nftables package",
+    )
+    assert tables(lab.node) == set()

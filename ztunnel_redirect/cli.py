@@ -62,8 +62,22 @@ def _pod_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+_MAX_UID = 2**32 - 2
+"""The largest valid uid: (uid_t)-1 means "no uid" to the kernel."""
+
+
+def _uid(text: str) -> int:
+    try:
+        uid = int(text)
+    except ValueError:
+        uid = -1
+    if not 0 <= uid <= _MAX_UID:
+        raise argparse.ArgumentTypeError(f"not a user id (0 to {_MAX_UID}): {text!r}")
+    return uid
+
+
 def _host_options(parser: argparse.ArgumentParser, *, uid_required: bool = True) -> None:
-    parser.add_argument("--kubelet-uid", type=int, required=uid_required, metavar="N")
+    parser.add_argument("--kubelet-uid", type=_uid, required=uid_required, metavar="N")
     parser.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=True)
 
 
