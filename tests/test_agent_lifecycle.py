@@ -1,0 +1,172 @@
+"""The agent as a process, over a pod's life beyond add and remove: its netns vanishes while the
+pod object stays, the pid through which the /proc scan found it is reused, Istio's iptables
+rules are left in a pod that leaves the mesh.
+
+Fixtures and helpers are those of tests/test_agent.py (same node, agent and fake ztunnel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from tests import test_agent as agent_tests
+from tests.test_agent import (
+    NS,
+    OPTIONS,
+    POD_TABLES,
+    WAIT,
+    Agents,
+    annotated,
+    enroll,
+    host_set_elements,
+    rules_drift,
+    tables,
+    wait_request,
+)
+from tests.test_migration import all_saves, install_istio_pod, need
+from ztunnel_redirect import constants as c
+from ztunnel_redirect.migration import Flavour
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.testing.agentprocess import AgentProcess, status_annotation
+from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
+from ztunnel_redirect.testing.node import NodePod, TestNode
+from ztunnel_redirect.zds import RequestKind
+
+pytestmark = pytest.mark.kernel
+
+# The fixtures of tests/test_agent.py, by name.
+api = agent_tests.api
+node = agent_tests.node
+pods = agent_tests.pods
+agents = agent_tests.agents
+agent = agent_tests.agent
+ztunnels = agent_tests.ztunnels
+ztunnel = agent_tests.ztunnel
+netns_runner = agent_tests.netns_runner
+
+
+def pause_process(node: TestNode, pod: NodePod) -> Path:
+    """The pod's process in the node's fake /proc (the one the agent's scan finds)."""
+    wanted = pod.uid.replace("-", "_")
+    for base in sorted(node.proc.iterdir()):
+        cgroup = base / "cgroup"
+        if not base.is_symlink() and cgroup.is_file() and wanted in cgroup.read_text():
+            return base
+    raise AssertionError(f"no process of pod {pod.name} in {node.proc}")
+
+
+def repoint(process: Path, netns_path: str) -> None:
+    """The process's pid now names a process in another netns (it exited, the pid was reused)."""
+    link = process / "ns" / "net"
+    link.unlink()
+    link.symlink_to(netns_path)
+
+
+async def adds_of(fake: FakeZtunnel, uid: str, count: int) -> None:
+    def enough(seen: object) -> bool:
+        return sum(r.kind is RequestKind.ADD and r.uid == uid for r in fake.requests) >= count
+
+    async with asyncio.timeout(WAIT):
+        await fake.wait_for(enough)
+
+
+async def passes(agent: AgentProcess, count: int) -> None:
+    """Until `count` more periodic passes ended (slow ones too: a pod looking for its netns keeps
+    the queue busy)."""
+    since = agent.mark
+
+    def ended() -> int:
+        return sum(len(agent.find(e, since=since)) for e in ("drift_pass_done", "drift_pass_slow"))
+
+    await agent.wait_until(lambda: ended() >= count, what=f"{count} passes", timeout=WAIT)
+
+
+async def test_a_vanished_netns_is_cleaned_up_and_a_new_sandbox_enrolled(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    process = pause_process(node, a)
+    mark = agent.mark
+
+    node.lab.delete(a.lab.netns)  # the sandbox is gone; the pod object stays
+
+    vanished = await agent.wait_event("netns_vanished", pod_uid=a.uid, since=mark, timeout=WAIT)
+    assert vanished["netns"] == str(process / "ns" / "net")
+    assert vanished["pod"] == f"{NS}/{a.name}"
+    await wait_request(ztunnel, RequestKind.DEL, a.uid)
+    assert host_set_elements(node) == {b.ips[0]: b.uid}
+    # Every other pod is served as before.
+    assert status_annotation(node.api, b) == "enabled"
+    assert await rules_drift(netns_runner, b) == []
+
+    # A new sandbox of the same pod: a new netns and IP, reported by the kubelet.
+    sandbox = node.lab.add_pod("a-again")
+    repoint(process, sandbox.path)
+    node.api.patch_pod(
+        NS, a.name, {"status": {"podIP": sandbox.ipv4, "podIPs": [{"ip": sandbox.ipv4}]}}
+    )
+
+    await adds_of(ztunnel, a.uid, 2)
+    await agent.wait_event("ztunnel_accepted_pod", pod_uid=a.uid, since=mark, timeout=WAIT)
+    await agent.wait_event("drift_pass_done", since=agent.mark, timeout=WAIT)  # a is done too
+    assert [str(d) for d in await PodRules(netns_runner).check(sandbox.path, OPTIONS)] == []
+    assert host_set_elements(node) == {b.ips[0]: b.uid, sandbox.ipv4: a.uid}
+    assert status_annotation(node.api, a) == "enabled"
+    assert agent.find("work_failed", key=b.uid) == []
+
+
+async def test_a_reused_pid_never_sends_pod_rules_into_another_netns(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    mark = agent.mark
+
+    # Pod a's process exits and a host process gets its pid.
+    repoint(pause_process(node, a), node.lab.node.path)
+
+    vanished = await agent.wait_event("netns_vanished", pod_uid=a.uid, since=mark, timeout=WAIT)
+    assert vanished["reason"] == "replaced"
+    await wait_request(ztunnel, RequestKind.DEL, a.uid)
+    await passes(agent, 2)
+    # Not one pod table in the host netns; its own table is untouched (nothing to fight over).
+    assert tables(node.lab.node) & (POD_TABLES - {f"inet {c.HOST_TABLE}"}) == set()
+    host_after = node.lab.node.exec("nft", "list", "table", "inet", c.HOST_TABLE)
+    assert "redirect" not in host_after
+    assert host_set_elements(node) == {b.ips[0]: b.uid}
+    for event in ("drift_repaired", "pod_rules_applied"):
+        assert agent.find(event, since=mark, pod_uid=a.uid) == [], event
+    assert agent.find("host_drift_repaired", since=mark) == []
+
+
+async def test_a_pod_leaving_the_mesh_loses_istios_iptables_rules(
+    node: TestNode,
+    agents: Agents,
+    netns_runner: NetnsRunner,
+) -> None:
+    need(Flavour.NFT)
+    # Istio's iptables backend had enrolled the pod; its namespace is not ambient any more.
+    a = node.add_pod("a", NS, annotations={c.STATUS_ANNOTATION: "enabled"})
+    install_istio_pod(a.lab, Flavour.NFT)
+    assert "ISTIO_OUTPUT" in all_saves(a.path)
+
+    agent = await agents.start()
+
+    await annotated(node.api, a, None)
+    await agent.wait_event("pod_removed", pod_uid=a.uid, timeout=WAIT)
+    assert "ISTIO_" not in all_saves(a.path)
+    assert tables(a.lab.netns) & POD_TABLES == set()
+    assert await rules_drift(netns_runner, a) != []
+    assert agent.find("istio_migration_failed") == []
