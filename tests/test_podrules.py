@@ -113,6 +113,33 @@ async def test_stale_raw_table_is_removed_when_dns_capture_is_turned_off(
     assert c.RAW_TABLE not in pod.netns.exec("nft", "list", "tables")
 
 
+async def test_stale_v6_routing_is_removed_when_ipv6_is_turned_off(
+    runner: NetnsRunner, lab6: Lab
+) -> None:
+    pod = lab6.add_pod("p")
+    pod.netns.ip("link", "set", "lo", "up")
+    rules = PodRules(runner)
+    await rules.apply(pod.path, PodOptions(ipv6=True))
+    assert "fwmark 0x111/0xfff lookup 100" in pod.netns.ip("-6", "rule")
+    assert "local default dev lo" in pod.netns.ip("-6", "route", "show", "table", "100")
+
+    routing_kinds = {k for k in DriftKind if k.value.endswith(("ip_rule", "route"))}
+    drifts = await rules.check(pod.path, V4)
+    assert {(d.kind, d.detail) for d in drifts if d.kind in routing_kinds} == {
+        (DriftKind.STALE_IP_RULE, "ip -6 rule fwmark 0x111/0xfff lookup 100 priority 32764"),
+        (DriftKind.STALE_ROUTE, "ip -6 route local ::/0 dev lo table 100"),
+    }
+    repaired = await rules.apply(pod.path, V4)
+    assert {d.kind for d in repaired if d.kind in routing_kinds} == {
+        DriftKind.STALE_IP_RULE,
+        DriftKind.STALE_ROUTE,
+    }
+    assert await rules.check(pod.path, V4) == []
+    assert "lookup 100" not in pod.netns.ip("-6", "rule")
+    assert pod.netns.ip("-6", "route", "show", "table", "100").strip() == ""
+    assert "fwmark 0x111/0xfff lookup 100" in pod.netns.ip("rule")  # v4 stays
+
+
 async def test_failed_transaction_leaves_previous_state(runner: NetnsRunner, pod: LabPod) -> None:
     """A repair that recreates nat and fails later in the same transaction changes nothing."""
     rules = PodRules(runner)

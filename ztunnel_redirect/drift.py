@@ -87,6 +87,8 @@ class DriftKind(Enum):
     EXTRA_ELEMENT = "extra_element"
     MISSING_IP_RULE = "missing_ip_rule"
     MISSING_ROUTE = "missing_route"
+    STALE_IP_RULE = "stale_ip_rule"
+    STALE_ROUTE = "stale_route"
 
 
 @dataclass(frozen=True)

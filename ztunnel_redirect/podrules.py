@@ -70,12 +70,18 @@ def table_drift(
     return drifts
 
 
-def _routing_drift(missing: list[routing.RoutingItem]) -> list[Drift]:
-    kinds = {
+def _routing_drift(diff: routing.RoutingDiff) -> list[Drift]:
+    missing = {
         routing.RoutingKind.IP_RULE: DriftKind.MISSING_IP_RULE,
         routing.RoutingKind.ROUTE: DriftKind.MISSING_ROUTE,
     }
-    return [Drift(kinds[item.what], "", str(item)) for item in missing]
+    stale = {
+        routing.RoutingKind.IP_RULE: DriftKind.STALE_IP_RULE,
+        routing.RoutingKind.ROUTE: DriftKind.STALE_ROUTE,
+    }
+    return [Drift(missing[item.what], "", str(item)) for item in diff.missing] + [
+        Drift(stale[item.what], "", str(item)) for item in diff.stale
+    ]
 
 
 def repair_script(ruleset: Ruleset, drifts: list[Drift]) -> str:
@@ -206,15 +212,18 @@ def sync_tables_here(
 
 
 def sync_routing_here(state: PodState, *, write: bool, fresh: bool = False) -> list[Drift]:
-    """The routing half. A `fresh` pod (never set up by us) skips the read: the adds are
-    idempotent (an existing rule is refused with EEXIST, routes are replaced)."""
+    """The routing half: ours missing, and ours not wanted (the v6 twins after IPv6 was turned
+    off). A `fresh` pod (never set up by us) skips the read: the adds are idempotent (an
+    existing rule is refused with EEXIST, routes are replaced)."""
     with routing.Rtnl() as rtnl:
-        missing = (
-            routing.everything(ipv6=state.ipv6) if fresh else routing.check(rtnl, ipv6=state.ipv6)
-        )
+        if fresh:
+            diff = routing.RoutingDiff(missing=tuple(routing.everything(ipv6=state.ipv6)))
+        else:
+            diff = routing.check(rtnl, ipv6=state.ipv6)
         if write:
-            routing.add(rtnl, missing)
-    return _routing_drift(missing)
+            routing.add(rtnl, diff.missing)
+            routing.delete(rtnl, diff.stale)
+    return _routing_drift(diff)
 
 
 def check_here(state: PodState, forms: KernelForms, verified: Verified | None = None) -> Outcome:

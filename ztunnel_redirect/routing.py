@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import cache
@@ -242,13 +242,25 @@ def present(rtnl: Rtnl) -> set[RoutingItem]:
     return found
 
 
-def check(rtnl: Rtnl, *, ipv6: bool) -> list[RoutingItem]:
-    """What of our routing is missing in the current netns. Reads only."""
+@dataclass(frozen=True)
+class RoutingDiff:
+    missing: tuple[RoutingItem, ...] = ()
+    stale: tuple[RoutingItem, ...] = ()
+    """Ours, but not wanted with these options (IPv6 turned off for the pod)."""
+
+
+def check(rtnl: Rtnl, *, ipv6: bool) -> RoutingDiff:
+    """What of our routing is missing in the current netns, and what of ours is there but not
+    wanted. Reads only."""
     have = present(rtnl)
-    return [item for item in everything(ipv6=ipv6) if item not in have]
+    wanted = everything(ipv6=ipv6)
+    return RoutingDiff(
+        tuple(item for item in wanted if item not in have),
+        tuple(sorted((item for item in have if item not in wanted), key=str)),
+    )
 
 
-def add(rtnl: Rtnl, missing: list[RoutingItem]) -> None:
+def add(rtnl: Rtnl, missing: Sequence[RoutingItem]) -> None:
     """Add the given objects (idempotent: an existing rule is fine, routes are replaced)."""
     messages = []
     for m in missing:
@@ -270,10 +282,10 @@ def everything(*, ipv6: bool) -> list[RoutingItem]:
     ]
 
 
-def remove(rtnl: Rtnl) -> list[str]:
-    """Remove our ip rules and routes, both families; what is not there is fine."""
+def delete(rtnl: Rtnl, items: Sequence[RoutingItem]) -> list[str]:
+    """Delete these objects of ours; what is not there is fine."""
     removed = []
-    for item in sorted(present(rtnl), key=str):
+    for item in items:
         if item.what is RoutingKind.IP_RULE:
             msg = _rule_msg(item.family, RTM_DELRULE, NLM_F_REQUEST | NLM_F_ACK)
         else:
@@ -281,3 +293,8 @@ def remove(rtnl: Rtnl) -> list[str]:
         rtnl.request([msg], ok=frozenset({errno.ENOENT, errno.ESRCH}))
         removed.append(str(item))
     return removed
+
+
+def remove(rtnl: Rtnl) -> list[str]:
+    """Remove our ip rules and routes, both families."""
+    return delete(rtnl, sorted(present(rtnl), key=str))
