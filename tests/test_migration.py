@@ -379,6 +379,39 @@ def test_host_migration_reports_ips_that_our_sets_do_not_cover(
     assert runner.call(lab.node.path, remove_host_iptables_here, IstioIptables()) == []
 
 
+@pytest.mark.kernel
+def test_host_migration_waits_until_our_sets_hold_this_nodes_pods(
+    runner: NetnsRunner, lab: Lab
+) -> None:
+    need(Flavour.NFT)
+    pending = "10.244.0.50"  # a pod of this node not enrolled yet (no netns, no ztunnel)
+    members = {"10.244.0.9": UID_B, pending: "uid-of-pod-c", "10.244.0.77": "gone"}
+    install_istio_host(lab.node, Flavour.NFT, members)
+    on_node = ["10.244.0.9", pending]
+    before = all_saves(lab.node.path) + sh(lab.node.path, "ipset", "list")
+
+    report = runner.call(
+        lab.node.path,
+        migrate_host_here,
+        our_host_table({"10.244.0.9": UID_B}),
+        node_ips=on_node,
+    )
+
+    assert report.postponed == (pending,)
+    assert report.removed == ()
+    assert all_saves(lab.node.path) + sh(lab.node.path, "ipset", "list") == before
+    assert runner.call(lab.node.path, detect_here, host=True).postrouting
+
+    # A later pass, once the pod is enrolled: Istio's part goes, the long-gone IP does not block.
+    ours = {"10.244.0.9": UID_B, pending: "uid-of-pod-c"}
+    report = runner.call(lab.node.path, migrate_host_here, our_host_table(ours), node_ips=on_node)
+
+    assert report.postponed == ()
+    assert report.uncovered == ("10.244.0.77",)
+    assert report.removed[-2:] == (f"ipset {c.HOST_SET_V4}", f"ipset {c.HOST_SET_V6}")
+    assert runner.call(lab.node.path, detect_here, host=True) == IstioIptables()
+
+
 # -- migration under traffic ---------------------------------------------------------------------
 
 

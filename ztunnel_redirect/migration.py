@@ -28,7 +28,10 @@ Connections that Istio's rules redirected before the removal keep their conntrac
 
 The host part is the same: our host table (`render.host_ruleset`, with every enrolled pod's IP in
 its sets) is written first, then `ISTIO_POSTRT` and its jump go, then the ipsets (a set cannot be
-destroyed while a rule references it).
+destroyed while a rule references it). Only once our sets hold every IP of Istio's ipsets that
+belongs to a pod of this node to be enrolled: a pod still pending (no netns yet, ztunnel not
+connected) would lose the SNAT of its kubelet probes. Until then the host part is postponed and
+tried again (by the agent, on its next drift pass).
 
 Detection has no side effects (SPEC §11.2): it reads with `iptables-*-save`, and only for tables
 that exist. `nft list tables` (names only) tells whether iptables-nft tables exist; for legacy,
@@ -48,7 +51,7 @@ import itertools
 import shlex
 import shutil
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
@@ -182,6 +185,9 @@ class MigrationReport:
     """Istio's objects removed afterwards."""
     uncovered: tuple[str, ...] = ()
     """Host only: IPs in Istio's ipsets that are not in our sets (probes to them lose the SNAT)."""
+    postponed: tuple[str, ...] = ()
+    """Host only: those of `uncovered` that belong to this node's pods. Istio's host rules were
+    kept for them (nothing removed): migrate again once our sets hold them."""
 
     @property
     def changed(self) -> bool:
@@ -389,14 +395,18 @@ def _our_elements() -> dict[str, dict[str, str]] | None:
     return None if text is None else TableListing.parse(text).elements
 
 
-def migrate_host_here(install: Callable[[], Iterable[object]]) -> MigrationReport:
+def migrate_host_here(
+    install: Callable[[], Iterable[object]], *, node_ips: Collection[str] = ()
+) -> MigrationReport:
     """Install our host table with `install`, then remove Istio's host rules and ipsets.
 
     `install` runs first, on this worker in the host netns, and must leave our table in place with
     every enrolled pod's IP in its sets (e.g. the host rules' apply); it returns what it changed.
     Istio's rules stay when our table is missing afterwards (MigrationError). IPs that are in
-    Istio's ipsets but not in ours are reported (`uncovered`) and logged; they do not block the
-    removal, because Istio's sets can hold pods long gone.
+    Istio's ipsets but not in ours are reported (`uncovered`). Those that are in `node_ips` (the
+    IPs of this node's pods to be enrolled) keep Istio's rules in place (`postponed`): their pods
+    would lose the SNAT of their probes until they are enrolled. The others do not, because
+    Istio's sets can hold pods long gone.
     """
     installed = tuple(str(item) for item in install())
     elements = _our_elements()
@@ -407,6 +417,10 @@ def migrate_host_here(install: Callable[[], Iterable[object]]) -> MigrationRepor
     found = detect_here(host=True)
     ours = {_normal(ip) for members in elements.values() for ip in members}
     uncovered = tuple(ip for name in found.ipsets for ip in _ipset_members(name) if ip not in ours)
+    on_node = {_normal(ip) for ip in node_ips}
+    postponed = tuple(ip for ip in uncovered if ip in on_node)
+    if postponed:
+        return MigrationReport(installed, found, (), uncovered, postponed)
     removed = remove_host_iptables_here(found) if found.found else []
     return MigrationReport(installed, found, tuple(removed), uncovered)
 
@@ -432,10 +446,23 @@ class IptablesMigration:
         return report
 
     async def migrate_host(
-        self, netns: str, install: Callable[[], Iterable[object]]
+        self,
+        netns: str,
+        install: Callable[[], Iterable[object]],
+        *,
+        node_ips: Collection[str] = (),
     ) -> MigrationReport:
-        """`install` runs first, on the worker in `netns` (see `migrate_host_here`)."""
-        report = await self._runner.run(netns, migrate_host_here, install)
+        """`install` runs first, on the worker in `netns` (see `migrate_host_here`). When the
+        report says `postponed`, Istio's host rules are still there: call again later."""
+        report = await self._runner.run(netns, migrate_host_here, install, node_ips=node_ips)
+        if report.postponed:
+            log.info(
+                "istio_host_migration_postponed",
+                netns=netns,
+                reason="pods of this node in Istio's probe ipsets are not in our host sets yet",
+                ips=list(report.postponed),
+            )
+            return report
         if report.uncovered:
             log.warning("probe_ips_uncovered", netns=netns, ips=list(report.uncovered))
         _log_report("host_migrated", netns, report)
