@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import aiohttp
 import prometheus_client
 import pytest
+import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel_redirect.drift import DriftKind
@@ -322,6 +323,18 @@ def test_readiness_bookkeeping() -> None:
     with pytest.raises(ValueError, match="unknown"):
         readiness.done("c")
     assert Readiness([]).ready
+
+
+def test_becoming_ready_is_logged_once_with_the_details_whatever_the_order() -> None:
+    enrolled = [0]
+    readiness = Readiness(["a", "b"], details=lambda: {"pods_enrolled": enrolled[0]})
+    with structlog.testing.capture_logs() as logs:
+        readiness.done("b")
+        enrolled[0] = 3
+        readiness.done("a")
+        readiness.done("a")
+    ready = [e for e in logs if e["event"] == "agent_ready"]
+    assert ready == [{"event": "agent_ready", "log_level": "info", "pods_enrolled": 3}]
 
 
 async def test_busy_port_is_a_config_error_and_nothing_stays_bound() -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final, Self
 
 import structlog
@@ -156,7 +156,8 @@ class Metrics:
         )
         self._last_pass = Gauge(
             f"{_PREFIX}_last_successful_pass_timestamp_seconds",
-            "Unix time at which a periodic pass last verified every enrolled pod without failure.",
+            "Unix time at which a periodic pass last ended within its period, every enrolled pod "
+            "checked once (pods that failed are counted in ztunnel_redirect_failures_total).",
             registry=r,
         )
         self._watch_restarts = Counter(
@@ -216,7 +217,7 @@ class Metrics:
         self._failures.labels(reason=label).inc()
 
     def mark_pass(self, at: float | None = None) -> None:
-        """A periodic pass verified every pod without failure; `at` is Unix time, default now."""
+        """A periodic pass checked every pod once in time; `at` is Unix time, default now."""
         self._last_pass.set(time.time() if at is None else at)
 
     def count_watch_restart(self, resource: str, reason: enum.Enum | str) -> None:
@@ -247,11 +248,25 @@ class ReadinessCondition(enum.StrEnum):
     """The ZDS socket is listening for ztunnel."""
 
 
-class Readiness:
-    """Named conditions; ready when every one is done. Use from the event loop's thread."""
+def _no_details() -> Mapping[str, object]:
+    return {}
 
-    def __init__(self, conditions: Iterable[str] = tuple(ReadinessCondition)) -> None:
+
+class Readiness:
+    """Named conditions; ready when every one is done. Use from the event loop's thread.
+
+    Becoming ready is logged here, once each time (`agent_ready`), whatever order the conditions
+    are done in; `details` adds what the agent wants said on that line (e.g. the pod count).
+    """
+
+    def __init__(
+        self,
+        conditions: Iterable[str] = tuple(ReadinessCondition),
+        *,
+        details: Callable[[], Mapping[str, object]] = _no_details,
+    ) -> None:
         self._done: dict[str, bool] = dict.fromkeys((str(c) for c in conditions), False)
+        self._details = details
         self._ready = asyncio.Event()
         if not self._done:
             self._ready.set()
@@ -271,7 +286,7 @@ class Readiness:
         log.info("readiness_condition_done", condition=name)
         if all(self._done.values()):
             self._ready.set()
-            log.info("agent_ready")
+            log.info("agent_ready", **self._details())
 
     def lost(self, condition: str) -> None:
         """`condition` no longer holds (e.g. the ZDS server stopped): not ready until redone."""
