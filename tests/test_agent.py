@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import difflib
 import json
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +29,9 @@ from ztunnel_redirect.model import PodOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.podrules import PodRules
 from ztunnel_redirect.testing.agentprocess import (
+    PLUGIN_NAME,
     AgentProcess,
+    Event,
     connect_ztunnel,
     metric,
     standin_of,
@@ -35,7 +40,7 @@ from ztunnel_redirect.testing.agentprocess import (
 from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
 from ztunnel_redirect.testing.netnslab import Netns
-from ztunnel_redirect.testing.node import KUBELET_UID, NodePod, TestNode
+from ztunnel_redirect.testing.node import KUBELET_UID, NODE_NAME, NodePod, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
 from ztunnel_redirect.testing.traffic import App, request
 from ztunnel_redirect.zds import RequestKind
@@ -47,6 +52,14 @@ PERIOD = 1.0
 """--reconcile-period of the agent under test: drift is repaired within one period."""
 WAIT = 15.0
 """Bound on waiting for one change to take effect (normally well under a second)."""
+REPAIR_MARGIN = 0.5
+"""Slack on "drift is repaired within one period plus the pass that repairs it", measured from
+the test's clock after the change to the agent's timestamp of its repair. The period is a bound
+(jitter only shortens it, and it runs from the end of the previous pass); what else can add is
+the event loop waking late from that sleep and handing the pod to a worker, a few ms normally
+and tens of ms on a loaded CI machine. Half a second covers that ten times over and still fails
+the 1.6-2 periods a pass held up by a failing pod took."""
+CNI_DATA = Path(__file__).parent / "data" / "cni"
 APP_PORT = 8080
 OPTIONS = PodOptions(ipv6=False, dns_capture=True)
 """The pod options the agent uses with TestNode's flags (IPv4 only, DNS capture by default)."""
@@ -286,6 +299,41 @@ def host_set_elements(node: TestNode, name: str = c.HOST_SET_V4) -> dict[str, st
     return elements
 
 
+def timestamp(event: Event) -> float:
+    """The agent's time of an event (Unix seconds)."""
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+async def assert_repaired_within_a_period(
+    agent: AgentProcess, repaired: Event, *, changed_at: float
+) -> None:
+    """`repaired`, the agent's report of a repair, came at most one period plus the duration of
+    the pass that made it (its `drift_pass_done`) after `changed_at` (`time.time()`)."""
+    done = await agent.wait_event(
+        "drift_pass_done", since=agent.events.index(repaired), timeout=WAIT
+    )
+    latency = timestamp(repaired) - changed_at
+    bound = PERIOD + done["duration_ms"] / 1e3 + REPAIR_MARGIN
+    assert latency <= bound, f"repaired {latency:.2f}s after the change, bound {bound:.2f}s"
+
+
+def ghost_pod(node: TestNode, name: str) -> str:
+    """A running pod of this node in the API whose sandbox is nowhere (its netns is never
+    found: it fails for ever); returns its UID."""
+    created = node.api.create_pod(
+        {
+            "metadata": {"name": name, "namespace": NS},
+            "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]},
+            "status": {
+                "phase": "Running",
+                "podIP": "10.99.0.9",
+                "podIPs": [{"ip": "10.99.0.9"}],
+            },
+        }
+    )
+    return str(created["metadata"]["uid"])
+
+
 def view_diff(before: Mapping[str, KernelView], after: Mapping[str, KernelView]) -> str:
     """A unified diff of two sets of kernel views ("" when they are equal)."""
     out: list[str] = []
@@ -398,17 +446,19 @@ async def test_drift_is_repaired_within_a_period(
     # The agent may repair before the test could read the drift back, so the proof that it saw
     # the flush is its own report of what was missing.
     a.lab.netns.exec("nft", "flush", "table", "inet", c.NAT_TABLE)
-    repaired = await agent.wait_event(
-        "drift_repaired", pod_uid=a.uid, since=mark, timeout=3 * PERIOD + 1
-    )
+    flushed_at = time.time()
+    repaired = await agent.wait_event("drift_repaired", pod_uid=a.uid, since=mark, timeout=WAIT)
     assert repaired["reason"] == "missing_rule"
     assert any(c.NAT_TABLE in line for line in repaired["detail"])
+    await assert_repaired_within_a_period(agent, repaired, changed_at=flushed_at)
     assert await rules_drift(netns_runner, a) == []
 
     mark = len(agent.events)
     node.lab.node.exec("nft", "flush", "chain", "inet", c.HOST_TABLE, "postrouting")
-    repaired = await agent.wait_event("host_drift_repaired", since=mark, timeout=3 * PERIOD + 1)
+    flushed_at = time.time()
+    repaired = await agent.wait_event("host_drift_repaired", since=mark, timeout=WAIT)
     assert any("postrouting" in line for line in repaired["detail"])
+    await assert_repaired_within_a_period(agent, repaired, changed_at=flushed_at)
     host = node.lab.node.exec("nft", "list", "table", "inet", c.HOST_TABLE)
     assert f"snat ip to {c.PROBE_SNAT_V4}" in host
     assert host_set_elements(node) == {a.ips[0]: a.uid, b.ips[0]: b.uid}
@@ -416,6 +466,35 @@ async def test_drift_is_repaired_within_a_period(
     after = metric(await agent.metrics(), f"{PREFIX}_drift_repairs_total")
     assert after >= before + 2
     await assert_redirected(ztunnel, a, b)
+
+
+async def test_a_failing_pod_holds_up_neither_the_pass_nor_another_pods_repair(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    netns_runner: NetnsRunner,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    ghost = ghost_pod(node, "ghost")  # netns not found: retried with a growing backoff
+    await agent.wait_event("work_failed", key=ghost, reason="NetnsPendingError", timeout=WAIT)
+    mark = len(agent.events)
+
+    a.lab.netns.exec("nft", "flush", "table", "inet", c.NAT_TABLE)
+    flushed_at = time.time()
+
+    repaired = await agent.wait_event("drift_repaired", pod_uid=a.uid, since=mark, timeout=WAIT)
+    await assert_repaired_within_a_period(agent, repaired, changed_at=flushed_at)
+    assert await rules_drift(netns_runner, a) == []
+    # Every pass ends in time and says what failed; none waits out the ghost's backoff.
+    await agent.wait_count("drift_pass_done", 2, since=mark, timeout=WAIT)
+    assert agent.find("drift_pass_slow") == []
+    passes = agent.find("drift_pass_done", since=mark)
+    assert [p["failed"] for p in passes] == [1] * len(passes)
+    samples = await agent.metrics()
+    assert metric(samples, f"{PREFIX}_last_successful_pass_timestamp_seconds") > flushed_at
+    assert metric(samples, f"{PREFIX}_failures_total", reason="retryable") >= 1
 
 
 async def test_watch_drops_and_expiry_lose_no_event(
@@ -529,6 +608,7 @@ async def test_readiness_waits_for_initial_lists(
     fault.count = 0  # the API server recovers
     ready = await agent.wait_ready()
     assert ready["pods_enrolled"] == 0
+    assert len(agent.find("agent_ready")) == 1
     assert await agent.readyz() == (200, "ready\n")
 
     await ztunnels.connect()
@@ -770,6 +850,43 @@ async def test_pods_and_host_left_by_istios_iptables_backend_are_migrated(
     assert probe == f"app {b.name} saw {c.PROBE_SNAT_V4}\n".encode()
 
 
+async def test_istios_host_rules_stay_until_our_sets_hold_this_nodes_pods(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+) -> None:
+    need(Flavour.NFT)
+    a, b = pods
+    node.enroll_namespace(NS)
+    install_istio_host(node.lab.node, Flavour.NFT, {pod.ips[0]: pod.uid for pod in (a, b)})
+
+    # No ztunnel yet: the pods stay pending, out of our host set, after start-up.
+    agent = await agents.start()
+    postponed = await agent.wait_event("istio_host_migration_postponed", timeout=WAIT)
+
+    assert sorted(postponed["ips"]) == sorted([a.ips[0], b.ips[0]])
+    assert host_set_elements(node) == {}
+    assert "ISTIO_POSTRT" in all_saves(node.lab.node.path)  # their probes keep Istio's SNAT
+    assert sh(node.lab.node.path, "ipset", "list", "-n").split() == [
+        c.HOST_SET_V4,
+        c.HOST_SET_V6,
+    ]
+    assert agent.find("host_migrated") == []
+
+    await ztunnels.connect()
+    for pod in (a, b):
+        await annotated(node.api, pod, "enabled")
+
+    # The next drift pass finds them covered.
+    migrated = await agent.wait_event("host_migrated", has="removed", timeout=WAIT)
+    assert migrated["removed"]
+    assert "ISTIO_" not in all_saves(node.lab.node.path)
+    assert sh(node.lab.node.path, "ipset", "list", "-n") == ""
+    assert host_set_elements(node) == {a.ips[0]: a.uid, b.ips[0]: b.uid}
+    assert agent.find("istio_host_migration_failed") == []
+
+
 DUAL_STACK = pytest.mark.parametrize("node", [True], indirect=True, ids=["dual-stack"])
 OPTIONS_V6 = PodOptions(ipv6=True, dns_capture=True)
 
@@ -814,3 +931,53 @@ async def pod_check(pod: NodePod) -> tuple[int, str]:
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode()
+
+
+async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+    tmp_path: Path,
+) -> None:
+    a, b = pods
+    conf_dir, bin_dir = tmp_path / "net.d", tmp_path / "bin"
+    conf_dir.mkdir()
+    bin_dir.mkdir()
+    # A long period: the entry must come back without waiting for a drift pass.
+    agent = agents.create(
+        *("--install-cni", "--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)),
+        *("--reconcile-period", "30"),
+    )
+    # Node boot: the primary CNI has not written its config yet.
+    await agent.start(ready=False)
+    await agent.wait_event("cni_primary_config_waiting", timeout=WAIT)
+    await agent.wait_event("readiness_condition_done", condition="startup_verification")
+
+    # Everything but the CNI entry goes on: not ready for that alone, pods are enrolled.
+    assert await agent.readyz() == (503, "not ready, pending:\ncni\n")
+    await ztunnels.connect()
+    await enroll(node, a, b)
+    assert agent.returncode is None
+
+    conflist = conf_dir / "10-calico.conflist"
+    shutil.copyfile(CNI_DATA / conflist.name, conflist)  # the primary CNI starts
+
+    ready = await agent.wait_ready()
+    assert ready["pods_enrolled"] == 2
+    assert plugin_types(conflist)[-1] == PLUGIN_NAME
+    assert len(agent.find("cni_primary_config_waiting")) == 1
+    assert len(agent.find("agent_ready")) == 1
+
+    # The primary rewrites its config (calico-node restarts): our entry comes back at once.
+    mark = agent.mark
+    shutil.copyfile(CNI_DATA / conflist.name, conflist)
+    assert plugin_types(conflist)[-1] != PLUGIN_NAME
+    await agent.wait_event("cni_config_updated", file=str(conflist), since=mark, timeout=WAIT)
+    assert plugin_types(conflist)[-1] == PLUGIN_NAME
+    assert agent.find("drift_pass_done", since=mark) == []
+    assert agent.find("cni_config_update_failed") == []
+
+
+def plugin_types(conflist: Path) -> list[Any]:
+    return [plugin.get("type") for plugin in json.loads(conflist.read_text())["plugins"]]

@@ -3,8 +3,10 @@
 Start-up follows "readiness means state has been rebuilt" (STYLE.md):
 capabilities probed → ops server → initial lists complete (nothing is written before) →
 pods this agent enrolled before are adopted with their netns from the /proc scan → host rules
-with every enrolled pod's IP → ztunnel server (snapshot) → pod workers verify every pod (and
-repair only what drifted) → CNI event server and plugin install → ready → periodic drift pass.
+with every enrolled pod's IP → ztunnel server (snapshot) → pod workers verify every pod once (and
+repair only what drifted; a pod that fails is retried, it does not hold start-up) → CNI event
+server → plugin install (waits for the primary CNI's config, which may come later at node boot;
+nothing else waits for it) → ready → periodic drift pass.
 
 Root tasks run in one TaskGroup: when one dies, all stop and the process exits non-zero.
 SIGTERM stops cleanly and leaves every rule in place (an upgrade must not disturb traffic).
@@ -13,7 +15,6 @@ SIGTERM stops cleanly and leaves every rule in place (an upgrade must not distur
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import signal
@@ -25,7 +26,7 @@ import structlog
 
 from ztunnel_redirect import hostrules, nft, procscan
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
-from ztunnel_redirect.cniinstall import CniInstaller, NoPrimaryConfigError
+from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import ConfigError, RedirectError, RetryableError
 from ztunnel_redirect.hostrules import HostRules
@@ -53,7 +54,8 @@ for the GIL (a drift pass over 300 pods cost 335 ms CPU with 2, 589 ms with 8). 
 reconciled `workers` at a time; they queue here only for the kernel part."""
 
 STARTUP_VERIFICATION_BUDGET = 60.0
-"""Readiness waits at most this long for the start-up pass; pods still failing are retried."""
+"""Readiness waits at most this long for the start-up pass (one run of each pod); pods still
+failing are retried."""
 
 CONDITIONS = ("initial_lists", "host_rules", "ztunnel_server", "startup_verification", "cni")
 
@@ -110,8 +112,15 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.readiness = Readiness(CONDITIONS)
+        self.readiness = Readiness(CONDITIONS, details=self._ready_details)
         self._healthy = True
+        self._parts: _Parts | None = None
+        self._host_migration_due = True
+        """Istio's host rules may still be there (postponed until our sets cover its pods)."""
+
+    def _ready_details(self) -> dict[str, object]:
+        """What `agent_ready` says besides the fact."""
+        return {"pods_enrolled": 0 if self._parts is None else len(self._parts.reconciler.records)}
 
     def policy(self) -> EnrollmentPolicy:
         s = self.settings
@@ -165,7 +174,7 @@ class Agent:
                 await ops.close()
 
     async def _serve(self, api: ApiClient, runner: NetnsRunner, host_options: HostOptions) -> None:
-        parts = self._build(api, runner, host_options)
+        parts = self._parts = self._build(api, runner, host_options)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -268,6 +277,7 @@ class Agent:
             self._installer(),
             migration,
             host_options,
+            policy,
         )
 
     async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
@@ -283,20 +293,23 @@ class Agent:
         self.readiness.done("ztunnel_server")
 
         tasks.create_task(parts.queue.run(), name="pod-workers")
-        try:
-            async with asyncio.timeout(STARTUP_VERIFICATION_BUDGET):
-                await parts.queue.wait_idle()
-        except TimeoutError:
-            log.warning("startup_verification_incomplete", retrying=len(parts.queue.retrying))
+        await self._verify_at_startup(parts)
         self.readiness.done("startup_verification")
-        # Every enrolled pod's IP is in our host set now: Istio's probe SNAT can go.
+        # Enrolled pods' IPs are in our host set now: Istio's probe SNAT can go (once it holds
+        # no pod of this node that ours does not; else a later pass tries again).
         await self._migrate_host(parts)
 
         await parts.cni.start()
-        if parts.installer is not None:
-            await asyncio.to_thread(parts.installer.install)
-        self.readiness.done("cni")
-        log.info("agent_ready", pods_enrolled=len(parts.reconciler.records))
+        if parts.installer is None:
+            self.readiness.done("cni")
+        else:
+            keeper = CniKeeper(
+                parts.installer,
+                period=self.settings.reconcile_period,
+                on_installed=lambda: self.readiness.done("cni"),
+                on_failure=lambda _exc: self.metrics.count_failure("cni_config"),
+            )
+            tasks.create_task(keeper.run(), name="cni-install")
 
         periodic = Periodic(
             tick=lambda: self._drift_pass(parts),
@@ -306,7 +319,29 @@ class Agent:
         )
         tasks.create_task(periodic.run(), name="drift-pass")
 
+    async def _verify_at_startup(self, parts: _Parts) -> None:
+        """Every pod the initial lists brought and every adopted one, handled once."""
+        keys = [*parts.state.pods, *parts.state.deleted, *parts.reconciler.records]
+        try:
+            async with asyncio.timeout(STARTUP_VERIFICATION_BUDGET):
+                failed = await parts.queue.handle_once(keys)
+        except TimeoutError:
+            log.warning(
+                "startup_verification_incomplete",
+                reason="budget exceeded",
+                budget_s=STARTUP_VERIFICATION_BUDGET,
+            )
+            return
+        if failed:
+            log.warning(
+                "startup_verification_incomplete", reason="pods failed", retrying=len(failed)
+            )
+
     async def _migrate_host(self, parts: _Parts) -> None:
+        """Istio's host rules go once our sets cover its pods of this node; postponed until then
+        (the drift pass calls again), dropped for good after a failure."""
+        if not self._host_migration_due:
+            return
         install = functools.partial(
             hostrules.apply_here,
             parts.host_options,
@@ -314,33 +349,40 @@ class Agent:
             KernelForms(),
         )
         try:
-            await parts.migration.migrate_host(self.settings.host_netns, install)
+            report = await parts.migration.migrate_host(
+                self.settings.host_netns, install, node_ips=_ips_to_enroll(parts)
+            )
         except RedirectError as exc:
             self.metrics.count_failure("migration")
             log.warning("istio_host_migration_failed", reason=str(exc))
+            self._host_migration_due = False
+            return
+        self._host_migration_due = bool(report.postponed)
 
     async def _drift_pass(self, parts: _Parts) -> None:
-        """Check every enrolled pod and the host; only what drifted gets written."""
+        """Check every enrolled pod and the host once; only what drifted gets written.
+
+        The pass waits for one run of each, not for pods waiting out a retry backoff (they count
+        as failed): one failing pod must not hold every other pod's repair beyond a period.
+        """
         started = time.monotonic()
-        for uid in list(parts.reconciler.records):
-            parts.queue.enqueue(uid)
-        parts.queue.enqueue(HOST_KEY)
-        if parts.installer is not None:
-            with contextlib.suppress(NoPrimaryConfigError):
-                await asyncio.to_thread(parts.installer.ensure)
+        keys = [*parts.reconciler.records, HOST_KEY]
         try:
             async with asyncio.timeout(self.settings.reconcile_period):
-                await parts.queue.wait_idle()
+                failed = await parts.queue.handle_once(keys)
         except TimeoutError:
-            log.warning("drift_pass_slow", retrying=len(parts.queue.retrying))
+            log.warning(
+                "drift_pass_slow", pods=len(keys) - 1, period_s=self.settings.reconcile_period
+            )
             return
         self.metrics.set_ztunnel_connections(parts.zds.live_connections)
-        if not parts.queue.retrying:
-            self.metrics.mark_pass(time.time())
+        self.metrics.mark_pass(time.time())
+        await self._migrate_host(parts)
         # One line per period: the heartbeat that shows every enrolled pod is being verified.
         log.info(
             "drift_pass_done",
             pods=len(parts.reconciler.records),
+            failed=len(failed),
             duration_ms=round((time.monotonic() - started) * 1e3, 3),
         )
 
@@ -391,6 +433,17 @@ class Agent:
         )
 
 
+def _ips_to_enroll(parts: _Parts) -> set[str]:
+    """The IPs of this node's pods that are to be enrolled (whether they are yet or not)."""
+    state = parts.state
+    return {
+        ip
+        for pod in state.pods.values()
+        if parts.policy.decide(pod, state.namespaces.get(pod.namespace)).enrolled
+        for ip in pod.ips
+    }
+
+
 class _Stop(Exception):
     """Ends the root task group on a signal."""
 
@@ -414,6 +467,7 @@ class _Parts:
     installer: CniInstaller | None
     migration: IptablesMigration
     host_options: HostOptions
+    policy: EnrollmentPolicy
 
 
 async def run(settings: Settings) -> None:
