@@ -501,11 +501,11 @@ class AgentBench:
         threads0 = thread_cpu(agent.pid)
         for _ in range(passes):
             mark, cpu0 = agent.mark, agent.cpu_seconds()
-            count0 = metric(samples, f"{PREFIX}_reconcile_duration_seconds_count", kind="add")
+            count0 = metric(samples, f"{PREFIX}_reconcile_duration_seconds_count", kind="check")
             await agent.wait_count("drift_pass_done", 1, since=mark, timeout=3 * self.period + 30)
             cpu.append(agent.cpu_seconds() - cpu0)
             samples = await agent.metrics()
-            count1 = metric(samples, f"{PREFIX}_reconcile_duration_seconds_count", kind="add")
+            count1 = metric(samples, f"{PREFIX}_reconcile_duration_seconds_count", kind="check")
             reconciles.append(count1 - count0)
             walls += [e["duration_ms"] for e in agent.find("drift_pass_done", since=mark)]
         threads1 = thread_cpu(agent.pid)
