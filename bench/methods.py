@@ -17,11 +17,13 @@ comparison isolates how the rules are installed.
 from __future__ import annotations
 
 import subprocess
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Final
 
 from ztunnel_redirect import constants as c
+from ztunnel_redirect import routing
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.podrules import KernelForms, PodState, sync_routing_here, sync_tables_here
@@ -137,6 +139,18 @@ def child_shares_netns_here() -> tuple[str, str]:
 
 nft_genid_here = generation
 """The netns's nftables generation id (every committed change bumps it, reads do not)."""
+
+
+def ipv6_check_here() -> float:
+    """Milliseconds of `routing.ipv6_usable()` (an open and read of
+    /proc/sys/net/ipv6/conf/lo/disable_ipv6), which every routing install calls. Its cost grows
+    with the number of netns that have opened that file: the kernel keeps a /proc/sys dentry per
+    netns, all of the same name under the same parent, and a lookup compares them one by one
+    (`proc_sys_compare` under `d_lookup`, seen with perf). Only a netns that has not opened it
+    yet shows that cost (its own dentry, once made, is found first)."""
+    t0 = time.perf_counter()
+    routing.ipv6_usable()
+    return (time.perf_counter() - t0) * 1000
 
 
 def noop_here() -> None:

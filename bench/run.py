@@ -54,6 +54,7 @@ from bench.methods import (
     child_shares_netns_here,
     flush_nat_here,
     handles_here,
+    ipv6_check_here,
     nft_genid_here,
     noop_here,
     ours_rules_here,
@@ -411,7 +412,7 @@ async def measure_drift(bench: Bench, enrolled: list[Netns]) -> dict[str, Any]:
 
 
 async def measure_loaded(bench: Bench, n: int) -> tuple[Phase, list[float]]:
-    """Ours on fresh pods while N pods are enrolled (and the other sets exist)."""
+    """Ours on fresh pods while N pods are enrolled (the other methods' sets are removed)."""
     k = bench.config.loaded_pods
     say(f"N={n}: install ours_full into {k} more pods with {n} enrolled")
     pods = await bench.factory.create_many("loaded", k)
@@ -427,6 +428,18 @@ async def measure_loaded(bench: Bench, n: int) -> tuple[Phase, list[float]]:
     return Phase(Latency.of(lat), wall, cpu), lat
 
 
+async def measure_proc_sys(bench: Bench, n: int) -> dict[str, Any]:
+    """The /proc/sys read of every routing install (`ipv6_check_here`), in fresh pods while the
+    N enrolled pods exist (each has opened the file once): why install cost grows with N."""
+    k = bench.config.loaded_pods
+    pods = await bench.factory.create_many("procsys", k)
+    try:
+        ms = [await bench.runner.run(ns.path, ipv6_check_here) for ns in pods]
+    finally:
+        bench.factory.remove(pods)
+    return {"enrolled": n, "latency": Latency.of(ms).as_dict()}
+
+
 async def measure_size(bench: Bench, n: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
     phases, samples, enrolled = await measure_installs(bench, n)
     try:
@@ -437,6 +450,7 @@ async def measure_size(bench: Bench, n: int) -> tuple[dict[str, Any], dict[str, 
         result |= await measure_drift(bench, enrolled)
         loaded, loaded_samples = await measure_loaded(bench, n)
         result["install_loaded"] = {"enrolled": n, Method.OURS_FULL.value: loaded.as_dict()}
+        result["ipv6_check_fresh_pod"] = await measure_proc_sys(bench, n)
     finally:
         bench.factory.remove(enrolled)
     raw = {m.value: [round(s, 4) for s in samples[m]] for m in Method}
@@ -529,6 +543,17 @@ def _command(*argv: str) -> str:
     return result.stdout.strip() or result.stderr.strip()
 
 
+def mapped_library(stem: str) -> str:
+    """The file of the shared library `stem` (e.g. "libnftables") that this process has loaded,
+    from /proc/self/maps: the one the run used, on any architecture; "" if not loaded."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and Path(fields[5].strip()).name.startswith(f"{stem}.so"):
+                return str(Path(fields[5].strip()).resolve())
+    return ""
+
+
 def machine_facts() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -536,12 +561,11 @@ def machine_facts() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    lib = Path("/usr/lib/x86_64-linux-gnu/libnftables.so.1")
     return {
         "kernel": os.uname().release,
         "nft_version": _command("nft", "--version"),
         "libnftables_package": _command("dpkg-query", "-W", "-f", "${Version}", "libnftables1"),
-        "libnftables_file": str(lib.resolve()) if lib.exists() else "",
+        "libnftables_file": mapped_library("libnftables"),
         "cpu_count": os.cpu_count(),
         "cpu_model": model,
         "python": platform.python_version(),
