@@ -3,10 +3,10 @@ timed where the core calls it.
 
 Nothing of the core is re-implemented here: for the duration of one call, the names that
 `ztunnel_redirect.podrules` looks up (`generation`, `Nft`, `TableListing`, `table_drift`,
-`repair_script`, `routing`) are swapped for timed wrappers around the very same objects, then
-restored. Run it on a `NetnsRunner` worker with nothing else running in the process (the swap is
-process-wide), as `measure_profile` does. Steps do not overlap; `other` is the rest of `total`
-(the core's own glue).
+`repair_script`, `routing`, `_replay`), and the dump proof's `identical` on its cache object, are
+swapped for timed wrappers around the very same objects, then restored. Run it on a `NetnsRunner`
+worker with nothing else running in the process (the swap is process-wide), as `measure_profile`
+does. Steps do not overlap; `other` is the rest of `total` (the core's own glue).
 """
 
 from __future__ import annotations
@@ -124,15 +124,20 @@ def instrumented(clock: Clock, forms: TimedForms) -> Iterator[None]:
         "table_drift": clock.timed("diff", podrules.table_drift),
         "repair_script": clock.timed("repair_script", podrules.repair_script),
         "routing": _timed_routing(clock),
+        "_replay": clock.timed("batch_replay", podrules._replay),
     }
     saved = {name: getattr(podrules, name) for name in swaps}
     for name, value in swaps.items():
         setattr(podrules, name, value)
+    # The dump proof's cache is bound as a default argument: time its method on that object.
+    dumps = podrules._EXPECTED_DUMPS
+    dumps.identical = clock.timed("dump_proof", dumps.identical)  # type: ignore[method-assign]
     forms.clock = clock
     try:
         yield
     finally:
         forms.clock = None
+        del dumps.identical  # the class's method again
         for name, value in saved.items():
             setattr(podrules, name, value)
 
