@@ -873,6 +873,9 @@ async def test_istios_host_rules_stay_until_our_sets_hold_this_nodes_pods(
         c.HOST_SET_V6,
     ]
     assert agent.find("host_migrated") == []
+    # Tried again by every pass, said once while the same pods are waited for.
+    await agent.wait_count("drift_pass_done", 2, since=agent.events.index(postponed), timeout=WAIT)
+    assert len(agent.find("istio_host_migration_postponed")) == 1
 
     await ztunnels.connect()
     for pod in (a, b):

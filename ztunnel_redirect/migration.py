@@ -435,6 +435,7 @@ class IptablesMigration:
     def __init__(self, runner: NetnsRunner, *, forms: KernelForms | None = None) -> None:
         self._runner = runner
         self._forms = forms or KernelForms()
+        self._postponed: tuple[str, ...] = ()
 
     async def detect(self, netns: str, *, host: bool = False) -> IstioIptables:
         return await self._runner.run(netns, detect_here, host=host)
@@ -456,12 +457,15 @@ class IptablesMigration:
         report says `postponed`, Istio's host rules are still there: call again later."""
         report = await self._runner.run(netns, migrate_host_here, install, node_ips=node_ips)
         if report.postponed:
-            log.info(
-                "istio_host_migration_postponed",
-                netns=netns,
-                reason="pods of this node in Istio's probe ipsets are not in our host sets yet",
-                ips=list(report.postponed),
-            )
+            # Tried again every drift pass: said again only when the IPs it waits for change.
+            if report.postponed != self._postponed:
+                log.info(
+                    "istio_host_migration_postponed",
+                    netns=netns,
+                    reason="pods of this node in Istio's probe ipsets are not in our host sets yet",
+                    ips=list(report.postponed),
+                )
+            self._postponed = report.postponed
             return report
         if report.uncovered:
             log.warning("probe_ips_uncovered", netns=netns, ips=list(report.uncovered))
