@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ class Calls:
         self.enqueued: list[str] = []
         self.kinds: list[str] = []
         """The `kind` of every reconcile the observer saw."""
+        self.desired: Callable[[], dict[str, PodUid]] | None = None
+        self.desired_while_removing: list[dict[str, PodUid]] = []
 
 
 class FakePodRules:
@@ -80,6 +83,9 @@ class FakeHostRules:
 
     async def remove_pod(self, ips: Any, uid: PodUid) -> list[str]:
         self.calls.log.append("host_remove")
+        if self.calls.desired is not None:
+            # What a host pass running at this moment would write.
+            self.calls.desired_while_removing.append(self.calls.desired())
         return list(ips)
 
     async def apply(self, options: HostOptions, elements: Any = None) -> list[Any]:
@@ -380,6 +386,23 @@ async def test_a_netns_found_gone_while_writing_is_cleaned_up(
     assert netns in calls.forgotten
 
 
+@pytest.mark.parametrize("leaves", ["netns_vanished", "opted_out"])
+async def test_a_host_pass_meanwhile_never_puts_back_an_element_being_removed(
+    reconciler: Reconciler, calls: Calls, node: Node, leaves: str
+) -> None:
+    await enrolled(reconciler, calls)
+    calls.desired = reconciler.host_elements
+    if leaves == "netns_vanished":
+        node.pod_netns.unlink()
+        calls.located = None
+        with pytest.raises(NetnsPendingError):
+            await reconciler.reconcile(UID)
+    else:
+        reconciler.state.upsert_pod(pod(**{c.ENROLL_LABEL: c.OPT_OUT_VALUE}))
+        await reconciler.reconcile(UID)
+    assert calls.desired_while_removing == [{}]
+
+
 # --- B: host probe set only for pods ztunnel accepted ---------------------------------------------
 
 
@@ -548,3 +571,22 @@ async def test_a_pod_istio_enrolled_and_we_never_did_loses_istios_rules(calls: C
     assert calls.log == [
         "host_remove", "locate", "migrate", "remove_rules", "ztunnel_del", "status=None",
     ]  # fmt: skip
+
+
+async def test_a_pods_host_element_is_never_written_during_a_host_pass(
+    reconciler: Reconciler, calls: Calls
+) -> None:
+    await enrolled(reconciler, calls)
+    host = GatedHostRules(calls)
+    reconciler._host_rules = host  # type: ignore[assignment]
+    async with asyncio.timeout(WAIT):
+        host_pass = asyncio.create_task(reconciler.reconcile(HOST_KEY))
+        await host.entered[0].wait()  # writing the set it computed, with the pod in it
+        reconciler.state.upsert_pod(pod(**{c.ENROLL_LABEL: c.OPT_OUT_VALUE}))
+        leaving = asyncio.create_task(reconciler.reconcile(UID))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert "host_remove" not in calls.log  # waits for the pass, then removes
+        host.gates[0].set()
+        await asyncio.gather(host_pass, leaving)
+    assert calls.log[0] == "host_remove"

@@ -231,6 +231,9 @@ class Reconciler:
         self._repair_on_startup = repair_on_startup
         self.records: dict[PodUid, PodRecord] = {}
         self._locks: dict[str, _KeyLock] = {}
+        self._host_writes = asyncio.Lock()
+        """Host set writes one at a time: a host pass writes the set it computed, and a pod's
+        element added or removed meanwhile (on another netns worker) would be undone."""
 
     # --- entry points ---
 
@@ -380,10 +383,14 @@ class Reconciler:
     async def _netns_gone(self, record: PodRecord, netns: str | None, *, reason: str) -> None:
         """The pod's netns is gone (its pod object is not): what pointed at it goes, and the pod
         looks for its netns again (a new sandbox is found by CNI ADD or the scan)."""
+        listed = record.acked or record.in_host_set
+        # Out of the desired host set before anything is awaited: a host pass running meanwhile
+        # must not put back the element being removed.
+        record.acked = False
         removed: list[str] = []
-        if record.acked or record.in_host_set:
-            removed = await self._host_rules.remove_pod(record.pod.ips, record.pod.uid)
-        if record.acked:
+        if listed:
+            removed = await self._host_remove(record.pod.ips, record.pod.uid)
+            record.in_host_set = False
             await self._ztunnel.del_workload(record.pod.uid)
         if netns is not None:
             self._pod_rules.forget(netns)
@@ -433,7 +440,7 @@ class Reconciler:
                 raise
         if not record.in_host_set or ips_changed:
             # Once per pod: the host pass keeps the set right afterwards (a check writes nothing).
-            await self._host_rules.add_pod(pod.ips, pod.uid, ipv6=self._host_options.ipv6)
+            await self._host_add(pod)
             record.in_host_set = True
         if ips_changed:
             self._enqueue_host_check()
@@ -488,7 +495,7 @@ class Reconciler:
             if record.in_host_set:
                 # Accepted before (e.g. refused in a snapshot since): pending pods are not in
                 # the host set (SPEC §6).
-                await self._host_rules.remove_pod(record.pod.ips, record.pod.uid)
+                await self._host_remove(record.pod.ips, record.pod.uid)
                 record.in_host_set = False
             await self._set_status(record, PENDING)
             raise
@@ -505,8 +512,10 @@ class Reconciler:
     async def _remove(self, uid: PodUid, pod: Pod, *, running: bool, reason: str) -> None:
         started = time.perf_counter()
         record = self.records.get(uid)
+        if record is not None:
+            record.acked = False  # out of the desired host set (see `_netns_gone`)
         ips = record.pod.ips if record else pod.ips
-        removed = await self._host_rules.remove_pod(ips, uid)
+        removed = await self._host_remove(ips, uid)
         netns = record.netns if record is not None else None
         if running:
             if record is None or not record.netns_current():
@@ -543,12 +552,21 @@ class Reconciler:
 
     # --- host ---
 
+    async def _host_add(self, pod: Pod) -> None:
+        async with self._host_writes:
+            await self._host_rules.add_pod(pod.ips, pod.uid, ipv6=self._host_options.ipv6)
+
+    async def _host_remove(self, ips: Sequence[str], uid: PodUid) -> list[str]:
+        async with self._host_writes:
+            return await self._host_rules.remove_pod(ips, uid)
+
     def _enqueue_host_check(self) -> None:
         self.state.enqueue(HOST_KEY)
 
     async def _reconcile_host(self) -> None:
         started = time.perf_counter()
-        drifts = await self._host_rules.apply(self._host_options, self.host_elements())
+        async with self._host_writes:
+            drifts = await self._host_rules.apply(self._host_options, self.host_elements())
         for drift in drifts:
             self._observer.count_repair(drift.kind.value)
         if drifts:
