@@ -27,6 +27,7 @@ import structlog
 from ztunnel_redirect import hostrules, nft, procscan
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
 from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
+from ztunnel_redirect.constants import MIRROR_ANNOTATION
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import ConfigError, RedirectError, RetryableError
 from ztunnel_redirect.hostrules import HostRules
@@ -265,6 +266,7 @@ class Agent:
             on_cni_add,
             socket_path=str(Path(s.run_dir) / "pluginevent.sock"),
             allowed_netns_dirs=s.allowed_netns_dirs,
+            host_netns=s.host_netns,
         )
         return _Parts(
             state,
@@ -404,10 +406,17 @@ class Agent:
     ) -> None:
         started = time.perf_counter()
         pod = state.find(event.pod_namespace, event.pod_name)
-        if pod is None:
+        if pod is None or not _same_pod(pod, event.pod_uid):
+            # The cache may still hold the namesake this sandbox replaces (a StatefulSet pod
+            # deleted and recreated): the API has the new one.
             pod = await kube.get_pod(event.pod_namespace, event.pod_name)
         if pod is None:
             raise RetryableError(f"pod {event.pod_namespace}/{event.pod_name} not found in the API")
+        if not _same_pod(pod, event.pod_uid):
+            raise RetryableError(
+                f"pod {event.pod_namespace}/{event.pod_name} is {pod.uid} in the API; "
+                f"the sandbox is for {event.pod_uid}"
+            )
         if event.pod_namespace not in state.namespaces:
             namespace = await kube.get_namespace(event.pod_namespace)
             if namespace is not None:
@@ -472,3 +481,9 @@ class _Parts:
 
 async def run(settings: Settings) -> None:
     await Agent(settings).run()
+
+
+def _same_pod(pod: Pod, uid: str | None) -> bool:
+    """Is `pod` the one the runtime's `K8S_POD_UID` names? Static pods: the kubelet's UID is the
+    manifest hash, kept on the mirror pod's annotation."""
+    return uid is None or pod.uid == uid or pod.annotations.get(MIRROR_ANNOTATION) == uid

@@ -41,6 +41,8 @@ SIDECAR_STATUS_ANNOTATION: Final = "sidecar.istio.io/status"
 BYPASS_INBOUND_ANNOTATION: Final = "ambient.istio.io/bypass-inbound-capture"
 DNS_CAPTURE_ANNOTATION: Final = "ambient.istio.io/dns-capture"
 VIRTUAL_INTERFACES_ANNOTATION: Final = "istio.io/reroute-virtual-interfaces"
+MIRROR_ANNOTATION: Final = "kubernetes.io/config.mirror"
+"""On a static pod's mirror pod: the kubelet's UID of the static pod (what CNI_ARGS names)."""
 
 ZTUNNEL_UDS_ADDRESS: Final = "/var/run/ztunnel/ztunnel.sock"
 CNI_AGENT_RUN_DIR: Final = "/var/run/istio-cni"

@@ -493,7 +493,7 @@ class CniRuntime:
             "CNI_IFNAME": "eth0",
             "CNI_ARGS": (
                 f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
-                f"K8S_POD_INFRA_CONTAINER_ID={pod.uid[:8]}"
+                f"K8S_POD_INFRA_CONTAINER_ID={pod.uid[:8]};K8S_POD_UID={pod.uid}"
             ),
             "CNI_PATH": str(self.bin_dir),
         }
