@@ -723,6 +723,20 @@ async def test_periodic_first_tick_comes_after_one_period_then_every_period() ->
     assert periodic.last_success == 30.0
 
 
+async def test_periodic_counts_the_period_from_the_start_of_a_tick() -> None:
+    clock = FakeClock()
+    ticks = Ticks(gate=asyncio.Event())
+    async with running(make_periodic(ticks, clock, immediate=True)):
+        for took, rest in ((3.0, 7.0), (12.0, 1.0)):  # the second outlasts its period
+            await ticks.until(lambda: ticks.started == ticks.count + 1)
+            clock.advance(took)
+            ticks.gate.set()
+            await within(clock.wait_sleeping())
+            assert clock.sleeping == [pytest.approx(rest)]
+            ticks.gate.clear()
+            clock.advance(rest)
+
+
 async def test_periodic_can_tick_immediately() -> None:
     clock = FakeClock()
     ticks = Ticks()

@@ -32,7 +32,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 import structlog
 
@@ -484,10 +484,17 @@ class KeyedQueue(Generic[K]):
 # --- the periodic runner -------------------------------------------------------------------------
 
 
+MIN_REST: Final = 0.1
+"""The least wait between two ticks, as a fraction of the period."""
+
+
 class Periodic:
-    """Call `tick()` every `period` seconds, each wait shortened by up to `jitter` (a fraction),
-    measured from the end of the previous tick, so a slow tick never overlaps or bunches up the
-    next one. The first tick comes after one period, or at once if `immediate`.
+    """Call `tick()` every `period` seconds, each shortened by up to `jitter` (a fraction), from
+    the start of one tick to the start of the next: a drift that appears just after a pass has
+    checked it is seen by the next pass within one period, however long the pass takes. Ticks
+    never overlap: a tick that outlasts its period is followed after a short rest
+    (`MIN_REST` of a period) that keeps an overloaded agent from passing back to back. The first
+    tick comes after one period, or at once if `immediate`.
 
     `trigger()` runs a tick now (tests, SIGHUP); triggers while a tick runs coalesce into one more
     tick right after it, since that tick may have read state before the trigger. A failing tick is
@@ -536,17 +543,17 @@ class Periodic:
     async def run(self) -> None:
         """Tick until cancelled."""
         if not self._immediate:
-            await self._wait()
+            await self._wait(self.next_delay())
         while True:
+            started = self._clock.now()
             await self._run_tick()
-            await self._wait()
+            took = self._clock.now() - started
+            await self._wait(max(self.next_delay() - took, self._period * MIN_REST))
 
-    async def _wait(self) -> None:
+    async def _wait(self, delay: float) -> None:
         if self._triggered.is_set():
             return
-        sleep = asyncio.create_task(
-            self._clock.sleep(self.next_delay()), name=f"{self._name}-sleep"
-        )
+        sleep = asyncio.create_task(self._clock.sleep(delay), name=f"{self._name}-sleep")
         triggered = asyncio.create_task(self._triggered.wait(), name=f"{self._name}-trigger")
         try:
             await asyncio.wait((sleep, triggered), return_when=asyncio.FIRST_COMPLETED)
