@@ -725,15 +725,16 @@ async def test_periodic_first_tick_comes_after_one_period_then_every_period() ->
 
 async def test_periodic_counts_the_period_from_the_start_of_a_tick() -> None:
     clock = FakeClock()
-    ticks = Ticks(gate=asyncio.Event())
+    gate = asyncio.Event()
+    ticks = Ticks(gate=gate)
     async with running(make_periodic(ticks, clock, immediate=True)):
         for took, rest in ((3.0, 7.0), (12.0, 1.0)):  # the second outlasts its period
             await ticks.until(lambda: ticks.started == ticks.count + 1)
             clock.advance(took)
-            ticks.gate.set()
+            gate.set()
             await within(clock.wait_sleeping())
             assert clock.sleeping == [pytest.approx(rest)]
-            ticks.gate.clear()
+            gate.clear()
             clock.advance(rest)
 
 
