@@ -18,6 +18,7 @@ from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.podrules import PodRules, repair_script
+from ztunnel_redirect.procscan import netns_key
 from ztunnel_redirect.render import Rule, Ruleset, Table, pod_ruleset
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 
@@ -47,6 +48,30 @@ async def test_apply_installs_everything_then_check_is_clean(
     assert await rules.check(pod.path, V4) == []
     assert "fwmark 0x111/0xfff lookup 100" in pod.netns.ip("rule")
     assert "local default dev lo" in pod.netns.ip("route", "show", "table", "100")
+
+
+async def test_a_path_naming_another_netns_than_expected_is_never_entered(
+    runner: NetnsRunner, lab: Lab, pod: LabPod
+) -> None:
+    """As after a pid reuse between the caller's check and the worker's open: `pod.path` names
+    another netns than the one the caller found."""
+    other = lab.add_pod("other")
+    rules = PodRules(runner)
+    wrong = netns_key(other.path)
+
+    with pytest.raises(NetnsNotFoundError):
+        await rules.apply(pod.path, V4, identity=wrong)
+    assert pod.netns.exec("nft", "list", "ruleset") == ""
+    assert "lookup 100" not in pod.netns.ip("rule")
+
+    assert await rules.apply(pod.path, V4, identity=netns_key(pod.path)) != []
+    before = kernel_state(pod)
+    with pytest.raises(NetnsNotFoundError):
+        await rules.check(pod.path, V4, identity=wrong)
+    with pytest.raises(NetnsNotFoundError):
+        await rules.remove(pod.path, identity=wrong)
+    assert kernel_state(pod) == before
+    assert other.netns.exec("nft", "list", "ruleset") == ""
 
 
 async def test_check_and_reapply_write_nothing(runner: NetnsRunner, pod: LabPod) -> None:

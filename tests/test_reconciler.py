@@ -17,6 +17,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ztunnel_redirect import constants as c
+from ztunnel_redirect import procscan
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
 from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
@@ -25,6 +26,7 @@ from ztunnel_redirect.reconciler import (
     HOST_KEY,
     PENDING,
     ClusterState,
+    NetnsId,
     NetnsPendingError,
     Reconciler,
 )
@@ -49,24 +51,49 @@ class Calls:
         """The `kind` of every reconcile the observer saw."""
         self.desired: Callable[[], dict[str, PodUid]] | None = None
         self.desired_while_removing: list[dict[str, PodUid]] = []
+        self.before_open: dict[str, Callable[[], None]] = {}
+        """Run by the pod rules ("rules") or ztunnel ("ztunnel") just before they open the path:
+        a pid reused after the reconciler's own check."""
+
+
+def opened(calls: Calls, who: str, netns: str, identity: NetnsId | None) -> None:
+    """What the real pod rules and ztunnel server do on opening the path: compare the identity
+    of what they opened with the one they were given."""
+    hook = calls.before_open.pop(who, None)
+    if hook is not None:
+        hook()
+    if identity is not None and procscan.netns_key(netns) != identity:
+        raise NetnsNotFoundError(f"{netns} no longer names {identity}")
 
 
 class FakePodRules:
     def __init__(self, calls: Calls) -> None:
         self.calls = calls
 
-    async def apply(self, netns: str, options: PodOptions, *, fresh: bool = False) -> list[Any]:
+    async def apply(
+        self,
+        netns: str,
+        options: PodOptions,
+        *,
+        fresh: bool = False,
+        identity: NetnsId | None = None,
+    ) -> list[Any]:
         self.calls.log.append("rules")
+        opened(self.calls, "rules", netns, identity)
         self.calls.written.append(netns)
         if self.calls.vanish:
             raise NetnsNotFoundError(netns)
         return []
 
-    async def check(self, netns: str, options: PodOptions) -> list[Any]:
+    async def check(
+        self, netns: str, options: PodOptions, *, identity: NetnsId | None = None
+    ) -> list[Any]:
+        opened(self.calls, "rules", netns, identity)
         return []
 
-    async def remove(self, netns: str) -> list[str]:
+    async def remove(self, netns: str, *, identity: NetnsId | None = None) -> list[str]:
         self.calls.log.append("remove_rules")
+        opened(self.calls, "rules", netns, identity)
         self.calls.written.append(netns)
         return []
 
@@ -96,7 +123,10 @@ class FakeZtunnel:
     def __init__(self, calls: Calls) -> None:
         self.calls = calls
 
-    async def add_workload(self, pod: Pod, netns_path: str) -> None:
+    async def add_workload(
+        self, pod: Pod, netns_path: str, *, identity: NetnsId | None = None
+    ) -> None:
+        opened(self.calls, "ztunnel", netns_path, identity)
         if self.calls.nack:
             self.calls.log.append("ztunnel_nack")
             raise RetryableError("nack")
@@ -309,7 +339,7 @@ async def test_a_path_naming_another_netns_now_is_never_written_to(
     assert calls.written == []
     assert calls.log == ["locate", "host_remove", "ztunnel_del"]
     assert reconciler.host_elements() == {}
-    assert reconciler.workloads() == [(pod(), None)]
+    assert reconciler.workloads() == [(pod(), None, None)]
 
 
 async def test_the_same_netns_under_another_path_is_kept_without_a_blip(
@@ -336,8 +366,42 @@ async def test_the_snapshot_never_sends_a_path_naming_another_netns(
     calls.enqueued.clear()
     node.reuse_pid(node.host)
 
-    assert reconciler.workloads() == [(pod(), None)]  # sent as Keep
+    assert reconciler.workloads() == [(pod(), None, None)]  # sent as Keep
     assert calls.enqueued == [UID]  # and reconciled at once
+
+
+@pytest.mark.parametrize("who", ["rules", "ztunnel"])
+async def test_a_pid_reused_after_the_check_is_caught_where_the_path_is_opened(
+    reconciler: Reconciler, calls: Calls, node: Node, netns: str, who: str
+) -> None:
+    """The reconciler's check passes; the pid is reused before the path is opened. The
+    identity recorded when the netns was found goes with the path, so the opener refuses."""
+    reconciler.state.upsert_pod(pod())
+    calls.before_open[who] = lambda: node.reuse_pid(node.host)
+
+    with capture_logs() as logs, pytest.raises(NetnsNotFoundError):
+        await reconciler.reconcile(UID)
+
+    assert calls.written == ([] if who == "rules" else [netns])  # the rules went in before
+    assert "ztunnel_add" not in calls.log
+    assert [e["reason"] for e in logs if e["event"] == "netns_vanished"] == ["netns_gone"]
+    assert reconciler.host_elements() == {}
+    assert reconciler.records[UID].netns is None
+
+
+async def test_a_leaving_pods_rules_are_removed_only_from_its_own_netns(
+    reconciler: Reconciler, calls: Calls, node: Node
+) -> None:
+    await enrolled(reconciler, calls)
+    calls.before_open["rules"] = lambda: node.reuse_pid(node.host)
+
+    reconciler.state.upsert_pod(pod(**{c.ENROLL_LABEL: c.OPT_OUT_VALUE}))
+    with capture_logs() as logs:
+        await reconciler.reconcile(UID)
+
+    assert calls.written == []
+    assert [e["reason"] for e in logs if e["event"] == "netns_vanished"] == ["netns_gone"]
+    assert reconciler.records == {}
 
 
 # --- D: the netns of an enrolled pod vanished, the pod object stays -------------------------------

@@ -234,7 +234,7 @@ class Agent:
             for uid, record in reconciler.records.items():
                 if not record.acked:
                     queue.enqueue(uid, now=True)
-            return [Workload(pod, netns) for pod, netns in reconciler.workloads()]
+            return [Workload(*workload) for workload in reconciler.workloads()]
 
         zds = ZtunnelServer(
             path=s.ztunnel_uds,

@@ -73,14 +73,29 @@ def _return_to(fd: int) -> None:
         os.close(fd)
 
 
-def open_netns(path: str) -> int:
-    """Open a network namespace by path; raises NetnsNotFoundError when it is gone."""
+NetnsId = tuple[int, int]
+"""(st_dev, st_ino) of a network namespace."""
+
+
+def open_netns(path: str, *, expect: NetnsId | None = None) -> int:
+    """Open a network namespace by path; raises NetnsNotFoundError when it is gone.
+
+    `expect`: the identity the path must name. A `/proc/<pid>/ns/net` path names whatever netns
+    that pid is in when it is opened (the pid may have been reused); the identity is read from
+    the opened fd, so what is checked is exactly what the caller then uses.
+    """
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise NetnsNotFoundError(f"network namespace {path} does not exist") from exc
     except NotADirectoryError as exc:
         raise NetnsNotFoundError(f"network namespace {path} does not exist") from exc
+    if expect is not None:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != expect:
+            os.close(fd)
+            raise NetnsNotFoundError(f"{path} no longer names network namespace {expect}")
+    return fd
 
 
 def _setns(fd: int, path: str) -> None:
@@ -94,11 +109,12 @@ def _setns(fd: int, path: str) -> None:
 
 
 @contextlib.contextmanager
-def entered(path: str) -> Iterator[None]:
-    """Run the body inside the network namespace at `path` (worker threads only)."""
+def entered(path: str, *, expect: NetnsId | None = None) -> Iterator[None]:
+    """Run the body inside the network namespace at `path` (worker threads only); with
+    `expect`, only if `path` names the netns of that identity (else NetnsNotFoundError)."""
     back = _current_netns()
     try:
-        fd = open_netns(path)
+        fd = open_netns(path, expect=expect)
         try:
             _setns(fd, path)
         finally:
@@ -125,11 +141,11 @@ def entered_scratch() -> Iterator[None]:
         _return_to(back)
 
 
-def _call_in(path: str | None, fn: Callable[[], T]) -> T:
+def _call_in(path: str | None, expect: NetnsId | None, fn: Callable[[], T]) -> T:
     if path is None:
         with entered_scratch():
             return fn()
-    with entered(path):
+    with entered(path, expect=expect):
         return fn()
 
 
@@ -156,11 +172,31 @@ class NetnsRunner:
 
     def call(self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Blocking call, for the CLI and tests; never from the event loop thread."""
-        return self._pool.submit(_call_in, path, functools.partial(fn, *args, **kwargs)).result()
+        work = functools.partial(fn, *args, **kwargs)
+        return self._pool.submit(_call_in, path, None, work).result()
 
     async def run(
         self, path: str | None, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
+        return await self._submit(path, None, functools.partial(fn, *args, **kwargs))
+
+    async def run_expecting(
+        self,
+        path: str,
+        expect: NetnsId | None,
+        fn: Callable[P, T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """`run`, only if `path` names the netns `expect` when the worker opens it (checked on
+        the opened fd, before entering); otherwise NetnsNotFoundError and `fn` never runs.
+
+        (Not a keyword of `run`: a ParamSpec signature allows nothing between *args and
+        **kwargs.)"""
+        return await self._submit(path, expect, functools.partial(fn, *args, **kwargs))
+
+    async def _submit(self, path: str | None, expect: NetnsId | None, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             if self._loop is not None:
@@ -168,7 +204,7 @@ class NetnsRunner:
             loop.add_reader(self._wake_r, self._resolve)
             self._loop = loop
         waiter: asyncio.Future[T] = loop.create_future()
-        work = self._pool.submit(_call_in, path, functools.partial(fn, *args, **kwargs))
+        work = self._pool.submit(_call_in, path, expect, fn)
         self._pending[work] = waiter
         work.add_done_callback(self._wake)
         return await waiter

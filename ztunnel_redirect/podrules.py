@@ -19,7 +19,7 @@ from ztunnel_redirect import routing
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing, diff_table
 from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netns import NetnsRunner, entered_scratch
+from ztunnel_redirect.netns import NetnsId, NetnsRunner, entered_scratch
 from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings, send_batch
 from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
@@ -284,24 +284,37 @@ class PodRules:
             self._verified[netns] = outcome.verified
         return outcome.drifts
 
-    async def apply(self, netns: str, options: PodOptions, *, fresh: bool = False) -> list[Drift]:
-        """Install or repair. `fresh`: a pod we never set up (a new sandbox), routing unread."""
+    async def apply(
+        self,
+        netns: str,
+        options: PodOptions,
+        *,
+        fresh: bool = False,
+        identity: NetnsId | None = None,
+    ) -> list[Drift]:
+        """Install or repair. `fresh`: a pod we never set up (a new sandbox), routing unread.
+
+        `identity` (here and in `check`, `remove`): the netns `netns` must name when it is
+        opened; otherwise NetnsNotFoundError and nothing is read or written.
+        """
         state = PodState.for_options(options)
-        outcome = await self._runner.run(
-            netns, apply_here, state, self._forms, self._verified.get(netns), fresh=fresh
+        outcome = await self._runner.run_expecting(
+            netns, identity, apply_here, state, self._forms, self._verified.get(netns), fresh=fresh
         )
         return self._remember(netns, outcome)
 
-    async def check(self, netns: str, options: PodOptions) -> list[Drift]:
+    async def check(
+        self, netns: str, options: PodOptions, *, identity: NetnsId | None = None
+    ) -> list[Drift]:
         state = PodState.for_options(options)
-        outcome = await self._runner.run(
-            netns, check_here, state, self._forms, self._verified.get(netns)
+        outcome = await self._runner.run_expecting(
+            netns, identity, check_here, state, self._forms, self._verified.get(netns)
         )
         return self._remember(netns, outcome)
 
-    async def remove(self, netns: str) -> list[str]:
+    async def remove(self, netns: str, *, identity: NetnsId | None = None) -> list[str]:
         self._verified.pop(netns, None)
-        return await self._runner.run(netns, remove_here)
+        return await self._runner.run_expecting(netns, identity, remove_here)
 
     def forget(self, netns: str) -> None:
         """The netns is gone: drop what we remembered of it."""

@@ -11,8 +11,10 @@ remove: host set → pod rules + routing (if the pod still runs) → ztunnel Del
 
 A pod's netns is named by a path, and a path found by the /proc scan (`/proc/<pid>/ns/net`) names
 whatever netns that pid is in now: the pid may exit and be reused, even by a host process. So the
-netns identity (st_dev, st_ino) is recorded when the path is found and compared before each use;
-a path that no longer names the pod's netns is never written to. When the netns of an enrolled pod
+netns identity (st_dev, st_ino) is recorded when the path is found, and every use passes it
+along: the worker that opens the path compares it with the opened fd before entering or sending
+it, so a path that no longer names the pod's netns is never written to, even when the pid is
+reused between a check and the use. When the netns of an enrolled pod
 is gone, its host set elements and ztunnel workload go too, and the pod is looked for again.
 
 Every collaborator is an interface, wired in `agent.py`; tests use fakes or the real thing.
@@ -48,7 +50,9 @@ PENDING: Final = "pending"
 
 
 class Ztunnel(Protocol):
-    async def add_workload(self, pod: Pod, netns_path: str) -> None: ...
+    async def add_workload(
+        self, pod: Pod, netns_path: str, *, identity: NetnsId | None = None
+    ) -> None: ...
     async def del_workload(self, uid: PodUid) -> None: ...
 
 
@@ -294,18 +298,19 @@ class Reconciler:
             adopted=True,
         )
 
-    def workloads(self) -> list[tuple[Pod, str | None]]:
-        """Every enrolled pod, for the ztunnel snapshot (netns None: sent as Keep).
+    def workloads(self) -> list[tuple[Pod, str | None, NetnsId | None]]:
+        """Every enrolled pod with its netns path and identity, for the ztunnel snapshot (netns
+        None: sent as Keep).
 
         A path that no longer names the pod's netns is never sent: the pod goes as Keep and is
         reconciled at once (which finds out where its netns went)."""
-        out: list[tuple[Pod, str | None]] = []
+        out: list[tuple[Pod, str | None, NetnsId | None]] = []
         for record in self.records.values():
             netns = record.netns
             if netns is not None and not record.netns_current():
                 netns = None
                 self.state.enqueue(record.pod.uid)
-            out.append((record.pod, netns))
+            out.append((record.pod, netns, record.netns_id if netns is not None else None))
         return out
 
     def snapshot_nacked(self, uid: PodUid) -> None:
@@ -413,7 +418,7 @@ class Reconciler:
         fresh = record.options is None and not record.adopted
         try:
             if record.options is None and record.adopted and not self._repair_on_startup:
-                drifts = await self._pod_rules.check(netns, options)
+                drifts = await self._pod_rules.check(netns, options, identity=record.netns_id)
                 if drifts:
                     log.warning(
                         "startup_drift_found",
@@ -423,7 +428,9 @@ class Reconciler:
                     )
                     drifts = []
             else:
-                drifts = await self._pod_rules.apply(netns, options, fresh=fresh)
+                drifts = await self._pod_rules.apply(
+                    netns, options, fresh=fresh, identity=record.netns_id
+                )
             if not record.migrated and not record.from_cni:
                 record.migrated = await self._migrate(netns, options)
         except NetnsNotFoundError:
@@ -489,7 +496,7 @@ class Reconciler:
 
     async def _add_to_ztunnel(self, record: PodRecord, netns: str) -> None:
         try:
-            await self._ztunnel.add_workload(record.pod, netns)
+            await self._ztunnel.add_workload(record.pod, netns, identity=record.netns_id)
         except RetryableError as exc:
             log.warning("ztunnel_add_failed", reason=str(exc))
             if record.in_host_set:
@@ -517,12 +524,14 @@ class Reconciler:
         ips = record.pod.ips if record else pod.ips
         removed = await self._host_remove(ips, uid)
         netns = record.netns if record is not None else None
+        identity = record.netns_id if record is not None else None
         if running:
             if record is None or not record.netns_current():
                 netns = await self._locator.locate(pod)  # never a path naming another netns
+                identity = None if netns is None else netns_id(netns)
             if netns is not None:
                 try:
-                    await self._remove_rules(netns, pod, record)
+                    await self._remove_rules(netns, identity, pod, record)
                 except NetnsNotFoundError:
                     log.info("netns_vanished", netns=netns, reason="netns_gone")
         await self._ztunnel.del_workload(uid)
@@ -540,7 +549,9 @@ class Reconciler:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
         )
 
-    async def _remove_rules(self, netns: str, pod: Pod, record: PodRecord | None) -> None:
+    async def _remove_rules(
+        self, netns: str, identity: NetnsId | None, pod: Pod, record: PodRecord | None
+    ) -> None:
         """Ours go, and Istio's iptables rules if it had enrolled the pod (or our migration of
         them failed): left alone, they would keep redirecting the pod to ztunnel's ports."""
         if record is None or not (record.migrated or record.from_cni):
@@ -548,7 +559,7 @@ class Reconciler:
             if options is None:
                 options, _ = self._policy.pod_options(pod)
             await self._migrate(netns, options)
-        await self._pod_rules.remove(netns)
+        await self._pod_rules.remove(netns, identity=identity)
 
     # --- host ---
 

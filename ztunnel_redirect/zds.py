@@ -43,7 +43,7 @@ from ztunnel_redirect.errors import (
     RetryableError,
 )
 from ztunnel_redirect.model import Pod, PodUid
-from ztunnel_redirect.netns import open_netns
+from ztunnel_redirect.netns import NetnsId, open_netns
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -118,6 +118,8 @@ class Workload:
 
     pod: Pod
     netns_path: str | None
+    netns_id: NetnsId | None = None
+    """The netns `netns_path` must name (checked on the fd sent); None: not checked."""
 
 
 # --- the wire: one message per SOCK_SEQPACKET packet, fds as SCM_RIGHTS --------------------------
@@ -245,6 +247,7 @@ class _Request:
     uid: PodUid
     pod: Pod | None
     netns_path: str | None
+    netns_id: NetnsId | None
     future: asyncio.Future[str]
 
 
@@ -259,10 +262,15 @@ class _Connection:
         self.live = False
 
     def submit(
-        self, kind: RequestKind, uid: PodUid, pod: Pod | None, netns_path: str | None
+        self,
+        kind: RequestKind,
+        uid: PodUid,
+        pod: Pod | None,
+        netns_path: str | None,
+        netns_id: NetnsId | None = None,
     ) -> asyncio.Future[str]:
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.pending.append(_Request(kind, uid, pod, netns_path, future))
+        self.pending.append(_Request(kind, uid, pod, netns_path, netns_id, future))
         self.wake.set()
         return future
 
@@ -276,11 +284,12 @@ def _peer_pid(sock: socket.socket) -> int:
     return pid
 
 
-def _open_for_add(path: str) -> int:
-    """The netns fd of an `Add`. Any error but a vanished netns (EMFILE, EACCES...) is the pod's
-    problem, not the connection's."""
+def _open_for_add(path: str, identity: NetnsId | None) -> int:
+    """The netns fd of an `Add`, checked to be the netns `identity` when given (else
+    NetnsNotFoundError). Any error but a vanished netns (EMFILE, EACCES...) is the pod's problem,
+    not the connection's."""
     try:
-        return open_netns(path)
+        return open_netns(path, expect=identity)
     except OSError as exc:
         raise NetnsOpenError(f"cannot open network namespace {path}: {exc}") from exc
 
@@ -400,17 +409,21 @@ class ZtunnelServer:
 
     # --- the reconciler's API
 
-    async def add_workload(self, pod: Pod, netns_path: str) -> None:
+    async def add_workload(
+        self, pod: Pod, netns_path: str, *, identity: NetnsId | None = None
+    ) -> None:
         """Send `Add` (with the netns fd) to the newest connection and wait for its ack.
 
+        `identity`: the netns `netns_path` must name; checked on the fd opened for sending.
+
         Raises ZtunnelUnavailableError (no connection, timeout, connection lost),
-        ZtunnelNackError (ztunnel refused), NetnsNotFoundError (the netns is gone),
-        NetnsOpenError (the netns could not be opened now).
+        ZtunnelNackError (ztunnel refused), NetnsNotFoundError (the netns is gone, or the path
+        names another netns than `identity`), NetnsOpenError (the netns could not be opened now).
         """
         if not self._greeted:
             raise ZtunnelUnavailableError("no ztunnel connected")
         conn = self._greeted[-1]
-        error = await conn.submit(RequestKind.ADD, pod.uid, pod, netns_path)
+        error = await conn.submit(RequestKind.ADD, pod.uid, pod, netns_path, identity)
         if error:
             raise ZtunnelNackError(f"ztunnel refused pod {pod.key} ({pod.uid}): {error}")
 
@@ -527,6 +540,8 @@ class ZtunnelServer:
         uid: str = "",
         pod: Pod | None = None,
         netns_path: str | None = None,
+        *,
+        netns_id: NetnsId | None = None,
     ) -> str:
         """Send one request, wait for its ack; returns the ack's error text ("" = success).
 
@@ -535,7 +550,7 @@ class ZtunnelServer:
         (`_Dropped`).
         """
         data = encode_request(kind, uid, pod)
-        fd = _open_for_add(netns_path) if netns_path is not None else None
+        fd = _open_for_add(netns_path, netns_id) if netns_path is not None else None
         try:
             async with asyncio.timeout(self._timeout):
                 await send_packet(conn.sock, data, fds=() if fd is None else (fd,))
@@ -588,9 +603,14 @@ class ZtunnelServer:
         if workload.netns_path:
             try:
                 return RequestKind.ADD, await self._exchange(
-                    conn, RequestKind.ADD, pod.uid, pod, workload.netns_path
+                    conn,
+                    RequestKind.ADD,
+                    pod.uid,
+                    pod,
+                    workload.netns_path,
+                    netns_id=workload.netns_id,
                 )
-            except NetnsNotFoundError as exc:  # the netns vanished since the provider listed it
+            except NetnsNotFoundError as exc:  # the netns vanished (or its path was reused)
                 log.warning(
                     "snapshot_netns_missing", pod_uid=pod.uid, pod=pod.key,
                     netns=workload.netns_path, reason=str(exc),
@@ -646,7 +666,12 @@ class ZtunnelServer:
         started = time.monotonic()
         try:
             error = await self._exchange(
-                conn, request.kind, request.uid, request.pod, request.netns_path
+                conn,
+                request.kind,
+                request.uid,
+                request.pod,
+                request.netns_path,
+                netns_id=request.netns_id,
             )
         except _Dropped:
             conn.pending.appendleft(request)  # failed by _drop with the connection
