@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import podrules
+from ztunnel_redirect import podrules, routing
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError
 from ztunnel_redirect.model import PodOptions
@@ -123,6 +123,32 @@ async def test_repair_rewrites_only_drifted_tables(runner: NetnsRunner, pod: Lab
     assert await rules.check(pod.path, V4) == []
     assert "sneaky" not in pod.netns.exec("nft", "list", "table", "inet", c.NAT_TABLE)
     assert pod.netns.exec("nft", "-a", "list", "table", "inet", c.MANGLE_TABLE) == mangle_before
+
+
+def lo_ipv6_sysctl_usable() -> bool:
+    """What /proc/sys says in the current netns (what `routing.ipv6_usable` used to read)."""
+    with open("/proc/sys/net/ipv6/conf/lo/disable_ipv6") as f:
+        return f.read().strip() != "1"
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+async def test_no_v6_route_where_the_pod_disabled_ipv6_on_loopback(
+    runner: NetnsRunner, lab6: Lab, *, fresh: bool
+) -> None:
+    pod = lab6.add_pod("p")
+    pod.netns.ip("link", "set", "lo", "up")
+    assert runner.call(pod.path, routing.ipv6_usable) is True
+    assert runner.call(pod.path, lo_ipv6_sysctl_usable) is True
+    pod.netns.exec("sysctl", "-qw", "net.ipv6.conf.lo.disable_ipv6=1")
+    assert runner.call(pod.path, routing.ipv6_usable) is False
+    assert runner.call(pod.path, lo_ipv6_sysctl_usable) is False
+    rules = PodRules(runner)
+
+    await rules.apply(pod.path, PodOptions(ipv6=True), fresh=fresh)
+
+    assert "fwmark 0x111/0xfff lookup 100" in pod.netns.ip("-6", "rule")
+    assert pod.netns.ip("-6", "route", "show", "table", "100") == ""
+    assert await rules.check(pod.path, PodOptions(ipv6=True)) == []
 
 
 async def test_stale_raw_table_is_removed_when_dns_capture_is_turned_off(

@@ -217,7 +217,7 @@ def sync_routing_here(state: PodState, *, write: bool, fresh: bool = False) -> l
     existing rule is refused with EEXIST, routes are replaced)."""
     with routing.Rtnl() as rtnl:
         if fresh:
-            diff = routing.RoutingDiff(missing=tuple(routing.everything(ipv6=state.ipv6)))
+            diff = routing.RoutingDiff(missing=tuple(routing.everything(rtnl, ipv6=state.ipv6)))
         else:
             diff = routing.check(rtnl, ipv6=state.ipv6)
         if write:
