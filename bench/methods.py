@@ -142,12 +142,10 @@ nft_genid_here = generation
 
 
 def ipv6_check_here() -> float:
-    """Milliseconds of `routing.ipv6_usable()` (an open and read of
-    /proc/sys/net/ipv6/conf/lo/disable_ipv6), which every routing install calls. Its cost grows
-    with the number of netns that have opened that file: the kernel keeps a /proc/sys dentry per
-    netns, all of the same name under the same parent, and a lookup compares them one by one
-    (`proc_sys_compare` under `d_lookup`, seen with perf). Only a netns that has not opened it
-    yet shows that cost (its own dentry, once made, is found first)."""
+    """Milliseconds of `routing.ipv6_usable()` (RTM_GETLINK for lo on a new rtnetlink socket),
+    which every routing install asks. It used to read /proc/sys/net/ipv6/conf/lo/disable_ipv6,
+    whose cost grew with the number of netns on the node; this one should not (the report's
+    "Install cost with N" shows it)."""
     t0 = time.perf_counter()
     routing.ipv6_usable()
     return (time.perf_counter() - t0) * 1000

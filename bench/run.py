@@ -429,8 +429,8 @@ async def measure_loaded(bench: Bench, n: int) -> tuple[Phase, list[float]]:
 
 
 async def measure_proc_sys(bench: Bench, n: int) -> dict[str, Any]:
-    """The /proc/sys read of every routing install (`ipv6_check_here`), in fresh pods while the
-    N enrolled pods exist (each has opened the file once): why install cost grows with N."""
+    """The IPv6 check of every routing install (`ipv6_check_here`), in fresh pods while the N
+    enrolled pods exist: it grew with N while it read /proc/sys, and must stay flat now."""
     k = bench.config.loaded_pods
     pods = await bench.factory.create_many("procsys", k)
     try:
