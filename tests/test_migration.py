@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import hostrules
 from ztunnel_redirect.drift import Drift
+from ztunnel_redirect.errors import NetnsNotFoundError
 from ztunnel_redirect.migration import (
     Flavour,
     IptablesMigration,
@@ -40,6 +41,7 @@ from ztunnel_redirect.migration import (
 from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.podrules import KernelForms, PodState
+from ztunnel_redirect.procscan import netns_key
 from ztunnel_redirect.routing import Family
 from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
@@ -571,3 +573,21 @@ async def test_the_agents_face_logs_what_it_changed_once(lab: Lab) -> None:
     assert events == [("pod_migrated", "info"), ("pod_migrated", "debug")]
     assert logs[0]["removed"] == list(first.removed)
     assert "ISTIO_" not in all_saves(pod.path)
+
+
+@pytest.mark.kernel
+async def test_a_netns_that_is_no_longer_the_pods_is_not_migrated(lab: Lab) -> None:
+    need(Flavour.NFT)
+    pod = lab.add_pod("istio")
+    install_istio_pod(pod, Flavour.NFT)
+    before = all_saves(pod.path)
+    key = netns_key(pod.path)
+    assert key is not None
+    with NetnsRunner(workers=1) as runner:
+        migration = IptablesMigration(runner)
+        with pytest.raises(NetnsNotFoundError):
+            await migration.migrate_pod(
+                pod.path, PodOptions(ipv6=True), identity=(key[0], key[1] + 1)
+            )
+    assert all_saves(pod.path) == before
+    assert c.NAT_TABLE not in pod.netns.exec("nft", "list", "tables")

@@ -168,7 +168,9 @@ class FakeMigration:
         self.calls = calls
         self.failures = failures
 
-    async def migrate_pod(self, netns: str, options: PodOptions) -> object:
+    async def migrate_pod(
+        self, netns: str, options: PodOptions, *, identity: NetnsId | None = None
+    ) -> object:
         self.calls.log.append("migrate")
         if self.failures:
             self.failures -= 1

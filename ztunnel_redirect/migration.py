@@ -62,7 +62,7 @@ from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import TableListing
 from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.netns import NetnsId, NetnsRunner
 from ztunnel_redirect.nft import Nft
 from ztunnel_redirect.podrules import KernelForms, PodState, apply_here
 from ztunnel_redirect.routing import Family
@@ -440,9 +440,14 @@ class IptablesMigration:
     async def detect(self, netns: str, *, host: bool = False) -> IstioIptables:
         return await self._runner.run(netns, detect_here, host=host)
 
-    async def migrate_pod(self, netns: str, options: PodOptions) -> MigrationReport:
+    async def migrate_pod(
+        self, netns: str, options: PodOptions, *, identity: NetnsId | None = None
+    ) -> MigrationReport:
+        """`identity`: the netns the path must still name (a reused pid must not be migrated)."""
         state = PodState.for_options(options)
-        report = await self._runner.run(netns, migrate_pod_here, state, self._forms)
+        report = await self._runner.run_expecting(
+            netns, identity, migrate_pod_here, state, self._forms
+        )
         _log_report("pod_migrated", netns, report)
         return report
 

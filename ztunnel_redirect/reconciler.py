@@ -67,7 +67,9 @@ class NetnsLocator(Protocol):
 
 
 class Migration(Protocol):
-    async def migrate_pod(self, netns: str, options: PodOptions) -> object:
+    async def migrate_pod(
+        self, netns: str, options: PodOptions, *, identity: NetnsId | None = None
+    ) -> object:
         """Ours in place first, then Istio's iptables-backend rules removed (if any)."""
         ...
 
@@ -432,7 +434,7 @@ class Reconciler:
                     netns, options, fresh=fresh, identity=record.netns_id
                 )
             if not record.migrated and not record.from_cni:
-                record.migrated = await self._migrate(netns, options)
+                record.migrated = await self._migrate(netns, options, record.netns_id)
         except NetnsNotFoundError:
             # The sandbox was replaced (or the pod is going): find its netns again.
             await self._netns_gone(record, netns, reason="netns_gone")
@@ -454,7 +456,7 @@ class Reconciler:
         await self._set_status(record, ENABLED)
         self._observer.set_pods_enrolled(len(self.records))
 
-    async def _migrate(self, netns: str, options: PodOptions) -> bool:
+    async def _migrate(self, netns: str, options: PodOptions, identity: NetnsId | None) -> bool:
         """A pod running before we saw it may carry Istio's iptables-backend rules: ours are in
         place now, theirs go. Returns whether Istio's rules are gone (or were never there).
 
@@ -467,7 +469,7 @@ class Reconciler:
         if self._migration is None:
             return True
         try:
-            await self._migration.migrate_pod(netns, options)
+            await self._migration.migrate_pod(netns, options, identity=identity)
         except NetnsNotFoundError:
             raise
         except RedirectError as exc:
@@ -558,7 +560,7 @@ class Reconciler:
             options = record.options if record is not None else None
             if options is None:
                 options, _ = self._policy.pod_options(pod)
-            await self._migrate(netns, options)
+            await self._migrate(netns, options, identity)
         await self._pod_rules.remove(netns, identity=identity)
 
     # --- host ---
