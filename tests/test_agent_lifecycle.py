@@ -146,9 +146,8 @@ async def test_a_reused_pid_never_sends_pod_rules_into_another_netns(
     assert vanished["reason"] == "replaced"
     await wait_request(ztunnel, RequestKind.DEL, a.uid)
     assert host_set_elements(node) == {b.ips[0]: b.uid}
-    # From then on the path is never written to, and the host rules are not fought over.
-    # (A pass already writing when the pid was reused may still have written there once: the
-    # identity is checked before the netns worker opens the path, not on what it opened.)
+    # From then on the path is never written to, and the host rules are not fought over (the
+    # identity is checked on the netns the worker opened, before it enters it).
     await passes(agent, 1)
     settled = agent.mark
     await passes(agent, 3)

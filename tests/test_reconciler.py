@@ -386,7 +386,7 @@ async def test_a_pid_reused_after_the_check_is_caught_where_the_path_is_opened(
 
     assert calls.written == ([] if who == "rules" else [netns])  # the rules went in before
     assert "ztunnel_add" not in calls.log
-    assert [e["reason"] for e in logs if e["event"] == "netns_vanished"] == ["netns_gone"]
+    assert [e["reason"] for e in logs if e["event"] == "netns_vanished"] == ["replaced"]
     assert reconciler.host_elements() == {}
     assert reconciler.records[UID].netns is None
 

@@ -96,6 +96,12 @@ def netns_id(path: str) -> NetnsId | None:
     return procscan.netns_key(path)
 
 
+def _why_gone(path: str | None) -> str:
+    """`netns_gone` when nothing is at `path` any more; `replaced` when it names another netns
+    (a reused pid): the reason logged with `netns_vanished`."""
+    return "netns_gone" if path is None or netns_id(path) is None else "replaced"
+
+
 @dataclass
 class PodRecord:
     """What this agent did for an enrolled pod (the kernel has the details)."""
@@ -376,10 +382,7 @@ class Reconciler:
         found = await self._locator.locate(pod)
         identity = None if found is None else netns_id(found)
         if record.netns_id is not None and identity != record.netns_id:
-            now = None if stale is None else netns_id(stale)
-            await self._netns_gone(
-                record, stale, reason="netns_gone" if now is None else "replaced"
-            )
+            await self._netns_gone(record, stale, reason=_why_gone(stale))
         if found is None or identity is None:
             record.netns = None
             raise NetnsPendingError(f"network namespace of pod {pod.key} not found yet")
@@ -437,7 +440,7 @@ class Reconciler:
                 record.migrated = await self._migrate(netns, options, record.netns_id)
         except NetnsNotFoundError:
             # The sandbox was replaced (or the pod is going): find its netns again.
-            await self._netns_gone(record, netns, reason="netns_gone")
+            await self._netns_gone(record, netns, reason=_why_gone(netns))
             raise
         self._report(drifts, fresh=fresh, netns=netns, started=started)
         record.options = options
@@ -445,7 +448,7 @@ class Reconciler:
             try:
                 await self._add_to_ztunnel(record, netns)
             except NetnsNotFoundError:
-                await self._netns_gone(record, netns, reason="netns_gone")
+                await self._netns_gone(record, netns, reason=_why_gone(netns))
                 raise
         if not record.in_host_set or ips_changed:
             # Once per pod: the host pass keeps the set right afterwards (a check writes nothing).
