@@ -24,6 +24,7 @@ Errors are the CNI error object on stdout with a non-zero exit; logs go to stder
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import ipaddress
 import json
@@ -381,24 +382,16 @@ def pod_is_for_mesh(conf: NetConf, pod_namespace: str, pod_name: str) -> bool:
     api = ApiClient(conf.kubeconfig)
     ns_q = urllib.parse.quote(pod_namespace, safe="")
     pod = api.get(f"/api/v1/namespaces/{ns_q}/pods/{urllib.parse.quote(pod_name, safe='')}")
-    decision = decide_enrollment(
-        pod,
-        None,
+    decide = functools.partial(
+        decide_enrollment,
         excluded_namespaces=conf.exclude_namespaces,
         system_namespace=conf.system_namespace,
         agent_namespace=conf.agent_namespace,
         agent_labels=conf.agent_labels,
     )
-    if decision is None:
-        namespace = api.get(f"/api/v1/namespaces/{ns_q}")
-        decision = decide_enrollment(
-            pod,
-            namespace,
-            excluded_namespaces=conf.exclude_namespaces,
-            system_namespace=conf.system_namespace,
-            agent_namespace=conf.agent_namespace,
-            agent_labels=conf.agent_labels,
-        )
+    decision = decide(pod, None)
+    if decision is None:  # the pod alone does not tell: its namespace's label decides
+        decision = decide(pod, api.get(f"/api/v1/namespaces/{ns_q}"))
     return bool(decision)
 
 
