@@ -49,8 +49,13 @@ ENV_NAMES = (
 )
 
 
+def _unwrapped(prog: str) -> argparse.HelpFormatter:
+    # No line wrapping: it depends on the terminal width (COLUMNS) and breaks hyphenated words.
+    return argparse.HelpFormatter(prog, width=100_000)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ztunnel-redirect agent")
+    p = argparse.ArgumentParser(prog="ztunnel-redirect agent", formatter_class=_unwrapped)
     add_arguments(p)
     return p
 
@@ -102,14 +107,17 @@ def test_every_field_is_a_setting_with_a_flag_an_environment_variable_and_help()
     assert sorted(s.env for s in SETTINGS.values()) == sorted(ENV_NAMES)
     flags = [s.flag for s in SETTINGS.values()]
     assert len(set(flags)) == len(flags)
+    types = {f.name: f.type for f in dataclasses.fields(Settings)}
     for name, setting in SETTINGS.items():
         assert setting.flag.startswith("--"), name
+        # Booleans are --x/--no-x; everything else shows what it takes.
+        assert (setting.metavar is None) == (types[name] == "bool"), name
         assert setting.help.endswith("."), name
         assert setting.help[0].isupper(), name
 
 
 def test_every_setting_is_in_help_with_its_flag_variable_and_default() -> None:
-    text = " ".join(parser().format_help().split())
+    text = parser().format_help()
     for setting in SETTINGS.values():
         assert setting.flag in text
         assert f"{setting.help} Env {setting.env}; default " in text, setting.flag
