@@ -85,6 +85,7 @@ def pod(lab: Lab) -> LabPod:
         ["host", "add-pod", "--netns", "/run/netns/x", "--pod-uid", "u"],
         ["render", "host", "--kubelet-uid", "-5"],
         ["render", "host", "--kubelet-uid", "4294967296"],
+        ["render", "pod", "--virtual-interfaces", "tun0,a:b"],
     ],
     ids=[
         "nothing",
@@ -99,6 +100,7 @@ def pod(lab: Lab) -> LabPod:
         "no-pod-ip",
         "negative-uid",
         "uid-too-large",
+        "bad-interface-name",
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:

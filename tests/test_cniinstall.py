@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import structlog
 
-from ztunnel_redirect import cni_plugin
+from ztunnel_redirect import cni_plugin, cnievents
 from ztunnel_redirect.cniinstall import (
     CONF_DIR_POLL,
     KUBECONFIG_NAME,
@@ -31,7 +31,7 @@ from ztunnel_redirect.workqueue import FakeClock
 
 DATA = Path(__file__).parent / "data" / "cni"
 PLUGIN_CONFIG: dict[str, Any] = {
-    "plugin_event_socket": "/var/run/istio-cni/pluginevent.sock",
+    "plugin_event_socket": cnievents.DEFAULT_SOCKET_PATH,
     "exclude_namespaces": ["kube-system"],
     "log_level": "info",
 }

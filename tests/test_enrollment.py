@@ -13,9 +13,8 @@ from ztunnel_redirect.enrollment import (
     EnrollmentPolicy,
     Reason,
     parse_bool,
-    valid_interface_name,
 )
-from ztunnel_redirect.model import Namespace, Pod, PodOptions, PodUid
+from ztunnel_redirect.model import Namespace, Pod, PodOptions, PodUid, valid_interface_name
 
 NODE = "node-a"
 AMBIENT = {constants.ENROLL_LABEL: constants.ENROLL_VALUE}

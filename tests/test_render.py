@@ -16,7 +16,7 @@ import pytest
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.errors import ConfigError
-from ztunnel_redirect.model import HostOptions, PodOptions
+from ztunnel_redirect.model import HostOptions, PodOptions, valid_interface_name
 from ztunnel_redirect.render import Ruleset, host_ruleset, pod_ruleset
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -119,7 +119,17 @@ def test_configurable_snat_addresses_reach_both_sides() -> None:
         assert c.PROBE_SNAT_V4 not in text
 
 
-@pytest.mark.parametrize("name", ['eth0"; flush ruleset', "a b", "x" * 16, ""])
+@pytest.mark.parametrize(
+    "name", ['eth0"; flush ruleset', "a b", "x" * 16, "", "eth0\n", "a:b", "a/b", ".", ".."]
+)
 def test_virtual_interface_names_that_would_inject_are_refused(name: str) -> None:
+    assert not valid_interface_name(name)
     with pytest.raises(ConfigError):
         pod_ruleset(PodOptions(virtual_interfaces=(name,)))
+
+
+@pytest.mark.parametrize("name", ["tun0", "net1", "x" * 15, "a@b.c-d_e+f"])
+def test_virtual_interface_names_the_annotation_accepts_render(name: str) -> None:
+    # One rule for every interface name: what the annotation and the CLI accept renders.
+    assert valid_interface_name(name)
+    assert f'iifname "{name}"' in pod_ruleset(PodOptions(virtual_interfaces=(name,))).script()

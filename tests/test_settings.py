@@ -7,12 +7,10 @@ import dataclasses
 
 import pytest
 
-from ztunnel_redirect import cnievents, cniinstall, constants
+from ztunnel_redirect import constants
 from ztunnel_redirect.errors import ConfigError
 from ztunnel_redirect.settings import (
-    DEFAULT_ALLOWED_NETNS_DIRS,
-    DEFAULT_CNI_BIN_DIR,
-    DEFAULT_CNI_CONF_DIR,
+    SETTINGS,
     LogFormat,
     LogLevel,
     Settings,
@@ -51,8 +49,13 @@ ENV_NAMES = (
 )
 
 
+def _unwrapped(prog: str) -> argparse.HelpFormatter:
+    # No line wrapping: it depends on the terminal width (COLUMNS) and breaks hyphenated words.
+    return argparse.HelpFormatter(prog, width=100_000)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ztunnel-redirect agent")
+    p = argparse.ArgumentParser(prog="ztunnel-redirect agent", formatter_class=_unwrapped)
     add_arguments(p)
     return p
 
@@ -98,11 +101,32 @@ def test_direct_construction_has_the_same_defaults_as_the_parser() -> None:
     assert Settings(node_name="node-1") == load([], {"NODE_NAME": "node-1"})
 
 
-def test_defaults_shared_with_adapters_stay_equal() -> None:
-    # settings is pure and may not import the adapters; these keep the copies honest.
-    assert DEFAULT_ALLOWED_NETNS_DIRS == cnievents.DEFAULT_ALLOWED_NETNS_DIRS
-    assert DEFAULT_CNI_BIN_DIR == cniinstall.DEFAULT_BIN_DIR
-    assert DEFAULT_CNI_CONF_DIR == cniinstall.DEFAULT_CONF_DIR
+def test_every_field_is_a_setting_with_a_flag_an_environment_variable_and_help() -> None:
+    names = [f.name for f in dataclasses.fields(Settings)]
+    assert list(SETTINGS) == names
+    assert sorted(s.env for s in SETTINGS.values()) == sorted(ENV_NAMES)
+    flags = [s.flag for s in SETTINGS.values()]
+    assert len(set(flags)) == len(flags)
+    types = {f.name: f.type for f in dataclasses.fields(Settings)}
+    for name, setting in SETTINGS.items():
+        assert setting.flag.startswith("--"), name
+        # Booleans are --x/--no-x; everything else shows what it takes.
+        assert (setting.metavar is None) == (types[name] == "bool"), name
+        assert setting.help.endswith("."), name
+        assert setting.help[0].isupper(), name
+
+
+def test_every_setting_is_in_help_with_its_flag_variable_and_default() -> None:
+    text = parser().format_help()
+    for setting in SETTINGS.values():
+        assert setting.flag in text
+        assert f"{setting.help} Env {setting.env}; default " in text, setting.flag
+
+
+def test_a_required_setting_says_how_to_set_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        load([], {})
+    assert str(info.value) == "The node name is required: set --node-name or env NODE_NAME."
 
 
 def test_every_setting_is_read_from_its_environment_variable() -> None:

@@ -264,7 +264,7 @@ class Agent:
 
         cni = CniEventServer(
             on_cni_add,
-            socket_path=str(Path(s.run_dir) / "pluginevent.sock"),
+            socket_path=s.plugin_event_socket,
             allowed_netns_dirs=s.allowed_netns_dirs,
             host_netns=s.host_netns,
         )
@@ -435,7 +435,7 @@ class Agent:
             bin_dir=s.cni_bin_dir,
             conf_dir=s.cni_conf_dir,
             plugin_config={
-                "plugin_event_socket": str(Path(s.run_dir) / "pluginevent.sock"),
+                "plugin_event_socket": s.plugin_event_socket,
                 "exclude_namespaces": sorted(s.exclude_namespaces),
                 "system_namespace": s.system_namespace,
             },

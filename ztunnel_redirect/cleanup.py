@@ -25,8 +25,6 @@ from ztunnel_redirect.nft import Nft
 from ztunnel_redirect.podrules import remove_here
 from ztunnel_redirect.procscan import MAX_PROCESSES, netns_key, pids
 
-NETNS_DIRS = ("/var/run/netns", "/run/netns")
-
 
 @dataclass
 class CleanupReport:
@@ -67,8 +65,8 @@ async def cleanup(
     runner: NetnsRunner,
     *,
     host_netns: str,
-    proc_root: str = "/proc",
-    netns_dirs: Iterable[str] = NETNS_DIRS,
+    proc_root: str = c.PROC_ROOT,
+    netns_dirs: Iterable[str] = c.NETNS_DIRS,
     installer: CniInstaller | None = None,
 ) -> CleanupReport:
     report = CleanupReport()

@@ -13,18 +13,17 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ztunnel_redirect import __version__, agent, logs, settings
-from ztunnel_redirect.cleanup import NETNS_DIRS, cleanup
+from ztunnel_redirect import __version__, agent, constants, logs, settings
+from ztunnel_redirect.cleanup import cleanup
 from ztunnel_redirect.cniinstall import CniInstaller
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.errors import ConfigError, NetnsNotFoundError, RedirectError
 from ztunnel_redirect.hostrules import HostRules
-from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
+from ztunnel_redirect.model import MAX_UID, HostOptions, PodOptions, PodUid, valid_interface_name
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import probe
 from ztunnel_redirect.podrules import PodRules
 from ztunnel_redirect.render import host_ruleset, pod_ruleset
-from ztunnel_redirect.settings import DEFAULT_CNI_BIN_DIR, DEFAULT_CNI_CONF_DIR
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
 
@@ -37,7 +36,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _interfaces(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    for name in names:
+        if not valid_interface_name(name):
+            raise argparse.ArgumentTypeError(f"not a valid interface name: {name!r}")
+    return names
 
 
 def _pod_options(parser: argparse.ArgumentParser) -> None:
@@ -62,17 +65,13 @@ def _pod_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_MAX_UID = 2**32 - 2
-"""The largest valid uid: (uid_t)-1 means "no uid" to the kernel."""
-
-
 def _uid(text: str) -> int:
     try:
         uid = int(text)
     except ValueError:
         uid = -1
-    if not 0 <= uid <= _MAX_UID:
-        raise argparse.ArgumentTypeError(f"not a user id (0 to {_MAX_UID}): {text!r}")
+    if not 0 <= uid <= MAX_UID:
+        raise argparse.ArgumentTypeError(f"not a user id (0 to {MAX_UID}): {text!r}")
     return uid
 
 
@@ -132,13 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Remove our tables and routing from every pod netns found, the host table "
         "and the CNI plugin. Safe to run twice. Not for upgrades: rules stay during a restart.",
     )
-    clean.add_argument("--host-netns", default="/proc/1/ns/net", metavar="PATH")
-    clean.add_argument("--proc-root", default="/proc", metavar="PATH")
+    clean.add_argument("--host-netns", default=constants.HOST_NETNS, metavar="PATH")
+    clean.add_argument("--proc-root", default=constants.PROC_ROOT, metavar="PATH")
     clean.add_argument(
         "--netns-dir", action="append", metavar="DIR", help="bound netns directory (repeatable)"
     )
-    clean.add_argument("--cni-bin-dir", default=DEFAULT_CNI_BIN_DIR, metavar="DIR")
-    clean.add_argument("--cni-conf-dir", default=DEFAULT_CNI_CONF_DIR, metavar="DIR")
+    clean.add_argument("--cni-bin-dir", default=constants.CNI_BIN_DIR, metavar="DIR")
+    clean.add_argument("--cni-conf-dir", default=constants.CNI_CONF_DIR, metavar="DIR")
     clean.add_argument("--cni", action=argparse.BooleanOptionalAction, default=True)
 
     agent_parser = commands.add_parser(
@@ -220,7 +219,7 @@ async def _cleanup(args: argparse.Namespace) -> int:
             runner,
             host_netns=args.host_netns,
             proc_root=args.proc_root,
-            netns_dirs=args.netns_dir or NETNS_DIRS,
+            netns_dirs=args.netns_dir or constants.NETNS_DIRS,
             installer=installer,
         )
     for line in report.lines():

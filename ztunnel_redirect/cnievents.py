@@ -45,7 +45,6 @@ from ztunnel_redirect.model import PodUid
 from ztunnel_redirect.procscan import netns_key
 
 __all__ = [
-    "DEFAULT_ALLOWED_NETNS_DIRS",
     "DEFAULT_SOCKET_PATH",
     "CniAddEvent",
     "CniEventServer",
@@ -59,7 +58,6 @@ log = structlog.get_logger(__name__)
 DEFAULT_SOCKET_PATH: Final = posixpath.join(
     constants.CNI_AGENT_RUN_DIR, constants.PLUGIN_EVENT_SOCKET
 )
-DEFAULT_ALLOWED_NETNS_DIRS: Final = ("/var/run/netns/", "/run/netns/", "/proc/")
 DEFAULT_BUDGET_S: Final = 4.5
 DEFAULT_MAX_BODY: Final = 64 * 1024
 _CLOSE_GRACE_S: Final = 2.0
@@ -160,7 +158,7 @@ def _parse_ips(value: Any) -> tuple[str, ...]:
 
 
 def parse_add_event(
-    body: bytes, *, allowed_netns_dirs: Iterable[str] = DEFAULT_ALLOWED_NETNS_DIRS
+    body: bytes, *, allowed_netns_dirs: Iterable[str] = constants.ALLOWED_NETNS_DIRS
 ) -> CniAddEvent:
     """Validate the plugin's JSON; raises InvalidCniEventError naming the first problem."""
     try:
@@ -187,7 +185,7 @@ class CniEventServer:
         on_add: OnAdd,
         *,
         socket_path: str = DEFAULT_SOCKET_PATH,
-        allowed_netns_dirs: Iterable[str] = DEFAULT_ALLOWED_NETNS_DIRS,
+        allowed_netns_dirs: Iterable[str] = constants.ALLOWED_NETNS_DIRS,
         host_netns: str | None = None,
         budget: float = DEFAULT_BUDGET_S,
         max_body: int = DEFAULT_MAX_BODY,

@@ -37,15 +37,13 @@ from typing import Any, Final
 
 import structlog
 
-from ztunnel_redirect import cni_plugin
+from ztunnel_redirect import cni_plugin, constants
 from ztunnel_redirect.errors import ConfigError, RetryableError
 from ztunnel_redirect.workqueue import MONOTONIC, Clock
 
 __all__ = [
     "CONFIG_EXTENSIONS",
     "CONF_DIR_POLL",
-    "DEFAULT_BIN_DIR",
-    "DEFAULT_CONF_DIR",
     "KUBECONFIG_NAME",
     "PLUGIN_CONFIG_KEYS",
     "PLUGIN_NAME",
@@ -58,8 +56,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_BIN_DIR: Final = "/opt/cni/bin"
-DEFAULT_CONF_DIR: Final = "/etc/cni/net.d"
 PLUGIN_NAME: Final = "ztunnel-redirect-cni"
 KUBECONFIG_NAME: Final = "ZZZ-ztunnel-redirect-cni-kubeconfig"
 SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -158,8 +154,8 @@ class CniInstaller:
     def __init__(
         self,
         *,
-        bin_dir: str = DEFAULT_BIN_DIR,
-        conf_dir: str = DEFAULT_CONF_DIR,
+        bin_dir: str = constants.CNI_BIN_DIR,
+        conf_dir: str = constants.CNI_CONF_DIR,
         plugin_name: str = PLUGIN_NAME,
         plugin_config: Mapping[str, Any] | None = None,
         service_account_dir: str = SERVICE_ACCOUNT_DIR,

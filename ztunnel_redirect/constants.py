@@ -1,6 +1,7 @@
-"""Fixed values of ambient in-pod redirection (SPEC §1, §10).
+"""Fixed values of ambient in-pod redirection (SPEC §1, §10), and the node's default paths.
 
 They must match what ztunnel and Istio use, so that a real ztunnel works with our rules unchanged.
+Every default path lives here and nowhere else; settings, the CLI and the adapters refer to it.
 """
 
 from typing import Final
@@ -47,6 +48,17 @@ MIRROR_ANNOTATION: Final = "kubernetes.io/config.mirror"
 ZTUNNEL_UDS_ADDRESS: Final = "/var/run/ztunnel/ztunnel.sock"
 CNI_AGENT_RUN_DIR: Final = "/var/run/istio-cni"
 PLUGIN_EVENT_SOCKET: Final = "pluginevent.sock"
+"""File name of the CNI plugin's event socket inside `CNI_AGENT_RUN_DIR`."""
+CNI_BIN_DIR: Final = "/opt/cni/bin"
+CNI_CONF_DIR: Final = "/etc/cni/net.d"
+PROC_ROOT: Final = "/proc"
+HOST_NETNS: Final = "/proc/1/ns/net"
+"""The host's network namespace, seen from a pod with hostPID: that of pid 1."""
+NETNS_DIRS: Final = ("/var/run/netns", "/run/netns")
+"""Where `ip netns` and container runtimes bind-mount named network namespaces."""
+ALLOWED_NETNS_DIRS: Final = (*(f"{d}/" for d in NETNS_DIRS), f"{PROC_ROOT}/")
+"""The only directories a netns path sent by the CNI plugin may be in (`/proc/<pid>/ns/net`
+for a runtime that names a process instead of a bind mount)."""
 SYSTEM_NAMESPACE: Final = "istio-system"
 EXCLUDE_NAMESPACES: Final = ("kube-system",)
 READINESS_PORT: Final = 8000

@@ -13,14 +13,13 @@ counted in any namespace would let a user's pod escape the mesh by copying the l
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
 from ztunnel_redirect import constants
-from ztunnel_redirect.model import Namespace, Pod, PodOptions
+from ztunnel_redirect.model import Namespace, Pod, PodOptions, valid_interface_name
 
 __all__ = [
     "AGENT_LABELS",
@@ -29,7 +28,6 @@ __all__ = [
     "EnrollmentPolicy",
     "Reason",
     "parse_bool",
-    "valid_interface_name",
 ]
 
 ZTUNNEL_LABELS: Final[Mapping[str, str]] = MappingProxyType({"app": "ztunnel"})
@@ -41,12 +39,6 @@ TERMINAL_PHASES: Final = frozenset({"Succeeded", "Failed"})
 
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-
-IFNAMSIZ: Final = 16
-"""Linux limit including the terminating NUL: a name has at most 15 characters."""
-# Stricter than the kernel's dev_valid_name (which only refuses '/', ':' and whitespace): the
-# name ends up inside an nft script, so anything that could quote, escape or comment is refused.
-_INTERFACE_NAME: Final = re.compile(r"[A-Za-z0-9_.@+-]{1,15}")
 
 
 class Reason(enum.Enum):
@@ -103,11 +95,6 @@ def parse_bool(text: str) -> bool | None:
     if text in _FALSE:
         return False
     return None
-
-
-def valid_interface_name(name: str) -> bool:
-    """Whether Linux would accept `name` for a link and it is safe inside an nft script."""
-    return name not in {".", ".."} and _INTERFACE_NAME.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)

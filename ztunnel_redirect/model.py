@@ -5,14 +5,33 @@ Pure values: frozen dataclasses, no I/O.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NewType
+from typing import Final, NewType
 
 from ztunnel_redirect import constants
 
 PodUid = NewType("PodUid", str)
+
+MAX_UID: Final = 2**32 - 2
+"""The largest valid uid: (uid_t)-1 means "no uid" to the kernel."""
+
+IFNAMSIZ: Final = 16
+"""Linux limit including the terminating NUL: a name has at most 15 characters."""
+# Stricter than the kernel's dev_valid_name (which only refuses '/', ':' and whitespace): the
+# name ends up inside an nft script, so anything that could quote, escape or comment is refused.
+_INTERFACE_NAME: Final = re.compile(rf"[A-Za-z0-9_.@+-]{{1,{IFNAMSIZ - 1}}}")
+
+
+def valid_interface_name(name: str) -> bool:
+    """Whether Linux would accept `name` for a link and it is safe inside an nft script.
+
+    The one rule for every interface name we take: the virtual-interfaces annotation, the CLI's
+    `--virtual-interfaces` and `PodOptions` when rendered.
+    """
+    return name not in {".", ".."} and _INTERFACE_NAME.fullmatch(name) is not None
 
 
 def _frozen(mapping: Mapping[str, str] | None) -> Mapping[str, str]:

@@ -38,6 +38,7 @@ from typing import Final
 
 import structlog
 
+from ztunnel_redirect import constants
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError, RedirectError
 from ztunnel_redirect.model import PodUid
 from ztunnel_redirect.netns import NetnsRunner
@@ -175,7 +176,9 @@ def _real_uid(status: str) -> int | None:
     return None
 
 
-def kubelet_uid(*, proc_root: str = "/proc", max_processes: int = MAX_PROCESSES) -> int | None:
+def kubelet_uid(
+    *, proc_root: str = constants.PROC_ROOT, max_processes: int = MAX_PROCESSES
+) -> int | None:
     """The real uid of the kubelet (SPEC §4), or None when no kubelet process is found.
 
     The first process (lowest pid) whose `comm` is `kubelet` and whose cmdline contains
@@ -239,7 +242,7 @@ class NetnsFinder:
         self,
         *,
         addresses_of: AddressesOf,
-        proc_root: str = "/proc",
+        proc_root: str = constants.PROC_ROOT,
         max_processes: int = MAX_PROCESSES,
     ) -> None:
         self._addresses_of = addresses_of

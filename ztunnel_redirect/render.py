@@ -12,17 +12,14 @@ pasted into `nft -f`.
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.errors import ConfigError
-from ztunnel_redirect.model import HostOptions, PodOptions
+from ztunnel_redirect.model import HostOptions, PodOptions, valid_interface_name
 
 FAMILY = "inet"
 PROBE_SET_COMMENT = "UUID of the pods that are part of ambient mesh"
-
-_IFNAME = re.compile(r"^[A-Za-z0-9_.@:+-]{1,15}$")
 
 _MARK_IS_ZTUNNEL = f"meta mark & {c.ZTUNNEL_MASK:#x} == {c.ZTUNNEL_MARK:#x}"
 _MARK_NOT_ZTUNNEL = f"meta mark & {c.ZTUNNEL_MASK:#x} != {c.ZTUNNEL_MARK:#x}"
@@ -106,7 +103,7 @@ def _hooked_table(name: str, *, kind: str, priority: int, rules: list[Rule]) -> 
 
 
 def _check_ifname(name: str) -> str:
-    if not _IFNAME.match(name):
+    if not valid_interface_name(name):
         raise ConfigError(f"invalid interface name {name!r}")
     return name
 

@@ -1,8 +1,11 @@
 """The agent's settings: one frozen value, read from flags and Istio's environment variables.
 
-Pure: no I/O, no asyncio. `add_arguments` adds one flag per setting; `from_args` resolves each
-setting as **flag, else environment variable, else default**, then validates it. Every flag's help
-names its environment variable and its default, so `ztunnel-redirect agent --help` documents them.
+Pure: no I/O, no asyncio. Each setting is declared once, as a field of `Settings` whose metadata
+(`_setting(...)`) names its flag, its environment variable, its help and its check; the type
+annotation decides how text is parsed and the field default is the default. `add_arguments` adds
+one flag per field; `from_args` resolves each setting as **flag, else environment variable, else
+default**, then validates it. Every flag's help names its environment variable and its default,
+so `ztunnel-redirect agent --help` documents them. Adding a setting is adding one field.
 
 The environment variables keep Istio's names (SPEC §10) so that an operator's Helm values and
 DaemonSet env carry over. Reading rules:
@@ -24,32 +27,26 @@ import ipaddress
 import math
 import os
 import posixpath
+import types
+import typing
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final, TypeVar
 
 from ztunnel_redirect import constants
 from ztunnel_redirect.enrollment import parse_bool
 from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.model import MAX_UID
 
 __all__ = [
-    "DEFAULT_ALLOWED_NETNS_DIRS",
-    "DEFAULT_CNI_BIN_DIR",
-    "DEFAULT_CNI_CONF_DIR",
+    "SETTINGS",
     "LogFormat",
     "LogLevel",
+    "Setting",
     "Settings",
     "add_arguments",
     "from_args",
 ]
-
-DEFAULT_ALLOWED_NETNS_DIRS: Final = ("/var/run/netns/", "/run/netns/", "/proc/")
-"""Same as `cnievents.DEFAULT_ALLOWED_NETNS_DIRS` (an adapter this pure module may not import);
-a test keeps the two equal."""
-DEFAULT_CNI_BIN_DIR: Final = "/opt/cni/bin"
-"""Same as `cniinstall.DEFAULT_BIN_DIR`; a test keeps the two equal."""
-DEFAULT_CNI_CONF_DIR: Final = "/etc/cni/net.d"
-"""Same as `cniinstall.DEFAULT_CONF_DIR`; a test keeps the two equal."""
 
 _MAX_PORT: Final = 65535
 
@@ -66,101 +63,6 @@ class LogLevel(enum.StrEnum):
     INFO = "info"
     WARNING = "warning"
     ERROR = "error"
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the node agent is configured with. Checked on construction (`ConfigError`)."""
-
-    node_name: str
-    """The node this agent serves; only pods scheduled here are handled."""
-    dns_capture: bool = True
-    """Redirect pods' DNS to ztunnel's DNS proxy (adds the raw table, SPEC §2)."""
-    ipv6: bool = True
-    """Install the IPv6 twin of every rule and route."""
-    reconcile_on_startup: bool = True
-    """At start the agent always reads back every enrolled pod's rules. True: repair what differs
-    from the desired state before reporting ready. False: only report the drift (log and metric)
-    and leave the pod's rules as they are until its next event or periodic check."""
-    exclude_namespaces: frozenset[str] = frozenset(constants.EXCLUDE_NAMESPACES)
-    """Pods in these namespaces are never enrolled."""
-    ztunnel_uds: str = constants.ZTUNNEL_UDS_ADDRESS
-    """Unix socket that the agent listens on for ztunnel (ZDS, SPEC §9)."""
-    run_dir: str = constants.CNI_AGENT_RUN_DIR
-    """Directory shared with the CNI plugin; holds the plugin event socket."""
-    probe_snat_v4: str = constants.PROBE_SNAT_V4
-    """Source address that kubelet probes get on the host (SPEC §4)."""
-    probe_snat_v6: str = constants.PROBE_SNAT_V6
-    system_namespace: str = constants.SYSTEM_NAMESPACE
-    """Istio's namespace, where ztunnel runs."""
-    pod_name: str | None = None
-    """The agent's own pod (downward API)."""
-    pod_namespace: str | None = None
-    """The agent's own namespace (downward API); None means the system namespace."""
-    kubeconfig: str | None = None
-    """Kubeconfig file for the API server; None means the in-cluster service account."""
-    host_netns: str = "/proc/1/ns/net"
-    """The host's network namespace, where the probe SNAT rules go."""
-    proc_root: str = "/proc"
-    """The host's /proc (mounted with hostPID), scanned for pods' netns and the kubelet's uid."""
-    kubelet_uid: int | None = None
-    """The kubelet's uid; None means found by scanning `proc_root`."""
-    reconcile_period: float = 10.0
-    """Seconds between two checks of every enrolled pod's rules against the kernel."""
-    readiness_port: int = constants.READINESS_PORT
-    """Port of `/healthz` and `/readyz`; 0 picks a free port."""
-    metrics_port: int = constants.METRICS_PORT
-    """Port of `/metrics`; 0 picks a free port."""
-    bind_address: str = "0.0.0.0"  # noqa: S104 - kubelet probes and Prometheus reach the pod IP
-    """Address the readiness and metrics servers listen on."""
-    workers: int = 8
-    """Pods reconciled concurrently (events of one pod are always handled in order)."""
-    log_format: LogFormat = LogFormat.JSON
-    log_level: LogLevel = LogLevel.INFO
-    cni_bin_dir: str = DEFAULT_CNI_BIN_DIR
-    """Host directory (mounted) where the CNI plugin binary is installed."""
-    cni_conf_dir: str = DEFAULT_CNI_CONF_DIR
-    """Host directory (mounted) holding the primary CNI config that our plugin is chained to."""
-    install_cni: bool = True
-    """Install and keep the CNI plugin, its kubeconfig and its config entry on the node."""
-    allowed_netns_dirs: tuple[str, ...] = DEFAULT_ALLOWED_NETNS_DIRS
-    """The only directories a netns path from the CNI plugin may be in."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude_namespaces", frozenset(self.exclude_namespaces))
-        object.__setattr__(self, "allowed_netns_dirs", tuple(self.allowed_netns_dirs))
-        object.__setattr__(self, "log_format", _enum(LogFormat, self.log_format, "log_format"))
-        object.__setattr__(self, "log_level", _enum(LogLevel, self.log_level, "log_level"))
-        for option in _OPTIONS:
-            problem = option.check(getattr(self, option.field))
-            if problem is not None:
-                raise ConfigError(f"{option.names()} {problem}.")
-        if self.readiness_port == self.metrics_port and self.readiness_port != 0:
-            raise ConfigError(
-                f"The readiness port and the metrics port are both {self.readiness_port}; "
-                "they must differ."
-            )
-
-    @property
-    def plugin_event_socket(self) -> str:
-        """Where the CNI plugin posts its events (SPEC §8)."""
-        return posixpath.join(self.run_dir, constants.PLUGIN_EVENT_SOCKET)
-
-    @property
-    def agent_namespace(self) -> str:
-        """The namespace of the agent's own pods."""
-        return self.pod_namespace or self.system_namespace
-
-
-_E = TypeVar("_E", bound=enum.StrEnum)
-
-
-def _enum(kind: type[_E], value: object, name: str) -> _E:
-    try:
-        return kind(str(value))
-    except ValueError:
-        choices = ", ".join(member.value for member in kind)
-        raise ConfigError(f"{name} must be one of {choices}, not {value!r}.") from None
 
 
 # Checks: None when the (typed) value is fine, else the end of a sentence saying what is wrong.
@@ -227,8 +129,8 @@ def _check_port(value: int) -> str | None:
 
 
 def _check_uid(value: int | None) -> str | None:
-    if value is not None and not 0 <= value < 2**32 - 1:
-        return f"must be a uid from 0 to {2**32 - 2}, not {value}"
+    if value is not None and not 0 <= value <= MAX_UID:
+        return f"must be a uid from 0 to {MAX_UID}, not {value}"
     return None
 
 
@@ -244,7 +146,341 @@ def _check_workers(value: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Setting:
+    """How one `Settings` field is set from outside. Declared in the field's metadata."""
+
+    flag: str
+    env: str
+    """Istio's environment variable name."""
+    help: str
+    """One or more sentences; `--help` appends the variable and the default."""
+    check: Callable[[Any], str | None] = _check_none
+    """None when the typed value is fine, else the end of a sentence saying what is wrong."""
+    metavar: str | None = None
+    """For `--help`; booleans have none (they get `--x/--no-x`)."""
+    default_text: str | None = None
+    """How `--help` shows the default, where the field default alone would not say it."""
+
+    def names(self) -> str:
+        return f"{self.flag} (env {self.env})"
+
+
+_METADATA_KEY: Final = "setting"
+
+
+def _setting(
+    flag: str,
+    env: str,
+    help: str,
+    *,
+    check: Callable[[Any], str | None] = _check_none,
+    metavar: str | None = None,
+    default_text: str | None = None,
+) -> Mapping[str, Setting]:
+    """The metadata of one `Settings` field: `field(default=..., metadata=_setting(...))`."""
+    return {_METADATA_KEY: Setting(flag, env, help, check, metavar, default_text)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the node agent is configured with. Checked on construction (`ConfigError`)."""
+
+    node_name: str = field(
+        metadata=_setting(
+            "--node-name",
+            "NODE_NAME",
+            "Name of the node this agent serves (required; the downward API's spec.nodeName).",
+            check=_check_name,
+            metavar="NAME",
+        )
+    )
+    dns_capture: bool = field(
+        default=True,
+        metadata=_setting(
+            "--dns-capture",
+            "AMBIENT_DNS_CAPTURE",
+            "Redirect enrolled pods' DNS queries to ztunnel's DNS proxy (adds the raw table); "
+            f"a pod's {constants.DNS_CAPTURE_ANNOTATION} annotation overrides it.",
+        ),
+    )
+    ipv6: bool = field(
+        default=True,
+        metadata=_setting(
+            "--ipv6",
+            "AMBIENT_IPV6",
+            "Also redirect IPv6 traffic (rules and routes for both families).",
+        ),
+    )
+    reconcile_on_startup: bool = field(
+        default=True,
+        metadata=_setting(
+            "--reconcile-on-startup",
+            "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP",
+            "At start every enrolled pod's rules are verified either way; with this set, what "
+            "differs is repaired before the agent is ready, otherwise it is only reported (log "
+            "and metric) and left until the pod's next event or periodic check.",
+        ),
+    )
+    exclude_namespaces: frozenset[str] = field(
+        default=frozenset(constants.EXCLUDE_NAMESPACES),
+        metadata=_setting(
+            "--exclude-namespaces",
+            "EXCLUDE_NAMESPACES",
+            "Comma-separated namespaces whose pods are never enrolled.",
+            check=_check_names,
+            metavar="NS,...",
+        ),
+    )
+    ztunnel_uds: str = field(
+        default=constants.ZTUNNEL_UDS_ADDRESS,
+        metadata=_setting(
+            "--ztunnel-uds",
+            "ZTUNNEL_UDS_ADDRESS",
+            "Unix socket the agent listens on for ztunnel (ZDS).",
+            check=_check_abs,
+            metavar="PATH",
+        ),
+    )
+    run_dir: str = field(
+        default=constants.CNI_AGENT_RUN_DIR,
+        metadata=_setting(
+            "--run-dir",
+            "CNI_AGENT_RUN_DIR",
+            f"Directory shared with the CNI plugin; the agent listens on "
+            f"<dir>/{constants.PLUGIN_EVENT_SOCKET} for its events.",
+            check=_check_abs,
+            metavar="DIR",
+        ),
+    )
+    probe_snat_v4: str = field(
+        default=constants.PROBE_SNAT_V4,
+        metadata=_setting(
+            "--probe-snat-ip",
+            "HOST_PROBE_SNAT_IP",
+            "IPv4 source address given to kubelet probes on the host, so pods let them bypass "
+            "ztunnel.",
+            check=_check_ip(4),
+            metavar="IP",
+        ),
+    )
+    probe_snat_v6: str = field(
+        default=constants.PROBE_SNAT_V6,
+        metadata=_setting(
+            "--probe-snat-ipv6",
+            "HOST_PROBE_SNAT_IPV6",
+            "IPv6 source address given to kubelet probes on the host.",
+            check=_check_ip(6),
+            metavar="IP",
+        ),
+    )
+    system_namespace: str = field(
+        default=constants.SYSTEM_NAMESPACE,
+        metadata=_setting(
+            "--system-namespace",
+            "SYSTEM_NAMESPACE",
+            "Istio's namespace, where ztunnel runs.",
+            check=_check_name,
+            metavar="NS",
+        ),
+    )
+    pod_name: str | None = field(
+        default=None,
+        metadata=_setting(
+            "--pod-name",
+            "POD_NAME",
+            "Name of the agent's own pod (downward API).",
+            check=_check_optional_name,
+            metavar="NAME",
+        ),
+    )
+    pod_namespace: str | None = field(
+        default=None,
+        metadata=_setting(
+            "--pod-namespace",
+            "POD_NAMESPACE",
+            "Namespace of the agent's own pods (downward API).",
+            check=_check_optional_name,
+            metavar="NS",
+            default_text="the system namespace",
+        ),
+    )
+    kubeconfig: str | None = field(
+        default=None,
+        metadata=_setting(
+            "--kubeconfig",
+            "KUBECONFIG",
+            "Kubeconfig file for the Kubernetes API.",
+            check=_check_optional_path,
+            metavar="PATH",
+            default_text="the in-cluster service account",
+        ),
+    )
+    host_netns: str = field(
+        default=constants.HOST_NETNS,
+        metadata=_setting(
+            "--host-netns",
+            "HOST_NETNS",
+            "The host's network namespace, where the kubelet probe SNAT rules are installed.",
+            check=_check_abs,
+            metavar="PATH",
+        ),
+    )
+    proc_root: str = field(
+        default=constants.PROC_ROOT,
+        metadata=_setting(
+            "--proc-root",
+            "PROC_ROOT",
+            "The host's /proc (needs hostPID), scanned for pods' network namespaces and the "
+            "kubelet's uid.",
+            check=_check_abs,
+            metavar="DIR",
+        ),
+    )
+    kubelet_uid: int | None = field(
+        default=None,
+        metadata=_setting(
+            "--kubelet-uid",
+            "KUBELET_UID",
+            "Uid the kubelet runs as, whose probes bypass redirection.",
+            check=_check_uid,
+            metavar="UID",
+            default_text="found by scanning the proc root",
+        ),
+    )
+    reconcile_period: float = field(
+        default=10.0,
+        metadata=_setting(
+            "--reconcile-period",
+            "RECONCILE_PERIOD",
+            "Seconds between two checks of every enrolled pod's rules against the kernel.",
+            check=_check_period,
+            metavar="SECONDS",
+        ),
+    )
+    readiness_port: int = field(
+        default=constants.READINESS_PORT,
+        metadata=_setting(
+            "--readiness-port",
+            "READINESS_PORT",
+            "Port of /healthz and /readyz (0 picks a free port).",
+            check=_check_port,
+            metavar="PORT",
+        ),
+    )
+    metrics_port: int = field(
+        default=constants.METRICS_PORT,
+        metadata=_setting(
+            "--metrics-port",
+            "MONITORING_PORT",
+            "Port of /metrics in the Prometheus text format (0 picks a free port).",
+            check=_check_port,
+            metavar="PORT",
+        ),
+    )
+    bind_address: str = field(
+        default="0.0.0.0",  # noqa: S104 - kubelet probes and Prometheus reach the pod IP
+        metadata=_setting(
+            "--bind-address",
+            "BIND_ADDRESS",
+            "Address the readiness and metrics servers listen on.",
+            check=_check_ip(None),
+            metavar="IP",
+        ),
+    )
+    workers: int = field(
+        default=8,
+        metadata=_setting(
+            "--workers",
+            "RECONCILE_WORKERS",
+            "Pods reconciled concurrently (events of one pod are always handled in order).",
+            check=_check_workers,
+            metavar="N",
+        ),
+    )
+    log_format: LogFormat = field(
+        default=LogFormat.JSON,
+        metadata=_setting(
+            "--log-format",
+            "LOG_FORMAT",
+            f"Log line format: {' or '.join(LogFormat)}.",
+            metavar="FORMAT",
+        ),
+    )
+    log_level: LogLevel = field(
+        default=LogLevel.INFO,
+        metadata=_setting(
+            "--log-level",
+            "LOG_LEVEL",
+            f"Least severe level logged: {', '.join(LogLevel)}.",
+            metavar="LEVEL",
+        ),
+    )
+    cni_bin_dir: str = field(
+        default=constants.CNI_BIN_DIR,
+        metadata=_setting(
+            "--cni-bin-dir",
+            "CNI_BIN_DIR",
+            "Host CNI binary directory (mounted) where the plugin is installed.",
+            check=_check_abs,
+            metavar="DIR",
+        ),
+    )
+    cni_conf_dir: str = field(
+        default=constants.CNI_CONF_DIR,
+        metadata=_setting(
+            "--cni-conf-dir",
+            "CNI_NET_DIR",
+            "Host CNI config directory (mounted) whose primary config gets our plugin entry.",
+            check=_check_abs,
+            metavar="DIR",
+        ),
+    )
+    install_cni: bool = field(
+        default=True,
+        metadata=_setting(
+            "--install-cni",
+            "INSTALL_CNI",
+            "Install and maintain the CNI plugin binary, its kubeconfig and its config entry.",
+        ),
+    )
+    allowed_netns_dirs: tuple[str, ...] = field(
+        default=constants.ALLOWED_NETNS_DIRS,
+        metadata=_setting(
+            "--allowed-netns-dirs",
+            "ALLOWED_NETNS_DIRS",
+            "Comma-separated directories that a netns path sent by the CNI plugin must be in.",
+            check=_check_abs_list,
+            metavar="DIR,...",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for option in _OPTIONS:
+            value = option.normalise(getattr(self, option.name))
+            object.__setattr__(self, option.name, value)
+            problem = option.setting.check(value)
+            if problem is not None:
+                raise ConfigError(f"{option.setting.names()} {problem}.")
+        if self.readiness_port == self.metrics_port and self.readiness_port != 0:
+            raise ConfigError(
+                f"The readiness port and the metrics port are both {self.readiness_port}; "
+                "they must differ."
+            )
+
+    @property
+    def plugin_event_socket(self) -> str:
+        """Where the CNI plugin posts its events (SPEC §8)."""
+        return posixpath.join(self.run_dir, constants.PLUGIN_EVENT_SOCKET)
+
+    @property
+    def agent_namespace(self) -> str:
+        """The namespace of the agent's own pods."""
+        return self.pod_namespace or self.system_namespace
+
+
 # Parsers: text (from a flag or the environment) to the typed value; ValueError says why not.
+# Which one a setting uses follows from its type annotation (`_parser`).
 
 
 def _parse_str(text: str) -> str:
@@ -284,298 +520,110 @@ def _parse_tuple(text: str) -> tuple[str, ...]:
     return tuple(_split(text))
 
 
-def _parse_log_format(text: str) -> LogFormat:
+_E = TypeVar("_E", bound=enum.StrEnum)
+
+
+def _enum_parser(kind: type[_E]) -> Callable[[str], _E]:
+    def parse(text: str) -> _E:
+        try:
+            return kind(text.strip().lower())
+        except ValueError:
+            raise ValueError(f"must be one of {', '.join(kind)}") from None
+
+    return parse
+
+
+def _enum(kind: type[_E], value: object, name: str) -> _E:
     try:
-        return LogFormat(text.strip().lower())
+        return kind(str(value))
     except ValueError:
-        raise ValueError(f"must be one of {', '.join(LogFormat)}") from None
+        choices = ", ".join(member.value for member in kind)
+        raise ConfigError(f"{name} must be one of {choices}, not {value!r}.") from None
 
 
-def _parse_log_level(text: str) -> LogLevel:
+_PARSERS: Final[Mapping[object, Callable[[str], Any]]] = {
+    str: _parse_str,
+    bool: _parse_bool,
+    int: _parse_int,
+    float: _parse_float,
+    frozenset[str]: _parse_set,
+    tuple[str, ...]: _parse_tuple,
+}
+
+
+def _parser(hint: Any) -> Callable[[str], Any]:
+    """How text becomes a value of type `hint`; `X | None` parses as X (unset text is None)."""
+    if isinstance(hint, types.UnionType):
+        (hint,) = (arg for arg in typing.get_args(hint) if arg is not type(None))
+    if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
+        return _enum_parser(hint)
     try:
-        return LogLevel(text.strip().lower())
-    except ValueError:
-        raise ValueError(f"must be one of {', '.join(LogLevel)}") from None
-
-
-class _Kind(enum.Enum):
-    VALUE = "value"
-    BOOL = "bool"
-    OPTIONAL = "optional"
-    """No default value: unset means None."""
+        return _PARSERS[hint]
+    except KeyError:
+        raise TypeError(f"no parser for settings of type {hint}") from None
 
 
 @dataclass(frozen=True)
 class _Option:
-    field: str
-    flag: str
-    env: str
-    help: str
-    parse: Callable[[str], Any] = _parse_str
-    check: Callable[[Any], str | None] = _check_none
-    kind: _Kind = _Kind.VALUE
-    metavar: str | None = None
-    default_text: str | None = None
-    """How the help shows the default, when not just the dataclass default."""
+    """One `Settings` field with everything derived from its declaration."""
 
-    def names(self) -> str:
-        return f"{self.flag} (env {self.env})"
+    name: str
+    setting: Setting
+    hint: Any
+    default: Any
+    """`MISSING` for a required setting."""
+    parse: Callable[[str], Any]
 
+    @property
+    def is_bool(self) -> bool:
+        return self.hint is bool
 
-_OPTIONS: Final[tuple[_Option, ...]] = (
-    _Option(
-        "node_name",
-        "--node-name",
-        "NODE_NAME",
-        "Name of the node this agent serves (required; the downward API's spec.nodeName).",
-        check=_check_name,
-        metavar="NAME",
-        default_text="none, required",
-    ),
-    _Option(
-        "dns_capture",
-        "--dns-capture",
-        "AMBIENT_DNS_CAPTURE",
-        "Redirect enrolled pods' DNS queries to ztunnel's DNS proxy; a pod's "
-        f"{constants.DNS_CAPTURE_ANNOTATION} annotation overrides it.",
-        parse=_parse_bool,
-        kind=_Kind.BOOL,
-    ),
-    _Option(
-        "ipv6",
-        "--ipv6",
-        "AMBIENT_IPV6",
-        "Also redirect IPv6 traffic (rules and routes for both families).",
-        parse=_parse_bool,
-        kind=_Kind.BOOL,
-    ),
-    _Option(
-        "reconcile_on_startup",
-        "--reconcile-on-startup",
-        "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP",
-        "At start every enrolled pod's rules are verified either way; with this set, what "
-        "differs is repaired before the agent is ready, otherwise it is only reported.",
-        parse=_parse_bool,
-        kind=_Kind.BOOL,
-    ),
-    _Option(
-        "exclude_namespaces",
-        "--exclude-namespaces",
-        "EXCLUDE_NAMESPACES",
-        "Comma-separated namespaces whose pods are never enrolled.",
-        parse=_parse_set,
-        check=_check_names,
-        metavar="NS,...",
-        default_text=",".join(constants.EXCLUDE_NAMESPACES),
-    ),
-    _Option(
-        "ztunnel_uds",
-        "--ztunnel-uds",
-        "ZTUNNEL_UDS_ADDRESS",
-        "Unix socket the agent listens on for ztunnel (ZDS).",
-        check=_check_abs,
-        metavar="PATH",
-    ),
-    _Option(
-        "run_dir",
-        "--run-dir",
-        "CNI_AGENT_RUN_DIR",
-        f"Directory shared with the CNI plugin; the agent listens on "
-        f"<dir>/{constants.PLUGIN_EVENT_SOCKET} for its events.",
-        check=_check_abs,
-        metavar="DIR",
-    ),
-    _Option(
-        "probe_snat_v4",
-        "--probe-snat-ip",
-        "HOST_PROBE_SNAT_IP",
-        "IPv4 source address given to kubelet probes on the host, so pods let them bypass ztunnel.",
-        check=_check_ip(4),
-        metavar="IP",
-    ),
-    _Option(
-        "probe_snat_v6",
-        "--probe-snat-ipv6",
-        "HOST_PROBE_SNAT_IPV6",
-        "IPv6 source address given to kubelet probes on the host.",
-        check=_check_ip(6),
-        metavar="IP",
-    ),
-    _Option(
-        "system_namespace",
-        "--system-namespace",
-        "SYSTEM_NAMESPACE",
-        "Istio's namespace, where ztunnel runs.",
-        check=_check_name,
-        metavar="NS",
-    ),
-    _Option(
-        "pod_name",
-        "--pod-name",
-        "POD_NAME",
-        "Name of the agent's own pod (downward API).",
-        check=_check_optional_name,
-        kind=_Kind.OPTIONAL,
-        metavar="NAME",
-        default_text="none",
-    ),
-    _Option(
-        "pod_namespace",
-        "--pod-namespace",
-        "POD_NAMESPACE",
-        "Namespace of the agent's own pods (downward API).",
-        check=_check_optional_name,
-        kind=_Kind.OPTIONAL,
-        metavar="NS",
-        default_text="the system namespace",
-    ),
-    _Option(
-        "kubeconfig",
-        "--kubeconfig",
-        "KUBECONFIG",
-        "Kubeconfig file for the Kubernetes API.",
-        check=_check_optional_path,
-        kind=_Kind.OPTIONAL,
-        metavar="PATH",
-        default_text="the in-cluster service account",
-    ),
-    _Option(
-        "host_netns",
-        "--host-netns",
-        "HOST_NETNS",
-        "The host's network namespace, where the kubelet probe SNAT rules are installed.",
-        check=_check_abs,
-        metavar="PATH",
-    ),
-    _Option(
-        "proc_root",
-        "--proc-root",
-        "PROC_ROOT",
-        "The host's /proc (needs hostPID), scanned for pods' network namespaces and the "
-        "kubelet's uid.",
-        check=_check_abs,
-        metavar="DIR",
-    ),
-    _Option(
-        "kubelet_uid",
-        "--kubelet-uid",
-        "KUBELET_UID",
-        "Uid the kubelet runs as, whose probes bypass redirection.",
-        parse=_parse_int,
-        check=_check_uid,
-        kind=_Kind.OPTIONAL,
-        metavar="UID",
-        default_text="found by scanning the proc root",
-    ),
-    _Option(
-        "reconcile_period",
-        "--reconcile-period",
-        "RECONCILE_PERIOD",
-        "Seconds between two checks of every enrolled pod's rules against the kernel.",
-        parse=_parse_float,
-        check=_check_period,
-        metavar="SECONDS",
-    ),
-    _Option(
-        "readiness_port",
-        "--readiness-port",
-        "READINESS_PORT",
-        "Port of /healthz and /readyz (0 picks a free port).",
-        parse=_parse_int,
-        check=_check_port,
-        metavar="PORT",
-    ),
-    _Option(
-        "metrics_port",
-        "--metrics-port",
-        "MONITORING_PORT",
-        "Port of /metrics in the Prometheus text format (0 picks a free port).",
-        parse=_parse_int,
-        check=_check_port,
-        metavar="PORT",
-    ),
-    _Option(
-        "bind_address",
-        "--bind-address",
-        "BIND_ADDRESS",
-        "Address the readiness and metrics servers listen on.",
-        check=_check_ip(None),
-        metavar="IP",
-    ),
-    _Option(
-        "workers",
-        "--workers",
-        "RECONCILE_WORKERS",
-        "Pods reconciled concurrently (events of one pod are always handled in order).",
-        parse=_parse_int,
-        check=_check_workers,
-        metavar="N",
-    ),
-    _Option(
-        "log_format",
-        "--log-format",
-        "LOG_FORMAT",
-        f"Log line format: {' or '.join(LogFormat)}.",
-        parse=_parse_log_format,
-        metavar="FORMAT",
-    ),
-    _Option(
-        "log_level",
-        "--log-level",
-        "LOG_LEVEL",
-        f"Least severe level logged: {', '.join(LogLevel)}.",
-        parse=_parse_log_level,
-        metavar="LEVEL",
-    ),
-    _Option(
-        "cni_bin_dir",
-        "--cni-bin-dir",
-        "CNI_BIN_DIR",
-        "Host CNI binary directory (mounted) where the plugin is installed.",
-        check=_check_abs,
-        metavar="DIR",
-    ),
-    _Option(
-        "cni_conf_dir",
-        "--cni-conf-dir",
-        "CNI_NET_DIR",
-        "Host CNI config directory (mounted) whose primary config gets our plugin entry.",
-        check=_check_abs,
-        metavar="DIR",
-    ),
-    _Option(
-        "install_cni",
-        "--install-cni",
-        "INSTALL_CNI",
-        "Install and maintain the CNI plugin binary, its kubeconfig and its config entry.",
-        parse=_parse_bool,
-        kind=_Kind.BOOL,
-    ),
-    _Option(
-        "allowed_netns_dirs",
-        "--allowed-netns-dirs",
-        "ALLOWED_NETNS_DIRS",
-        "Comma-separated directories that a netns path sent by the CNI plugin must be in.",
-        parse=_parse_tuple,
-        check=_check_abs_list,
-        metavar="DIR,...",
-    ),
-)
+    def normalise(self, value: Any) -> Any:
+        """A directly constructed value in its canonical type (a list becomes a tuple, ...)."""
+        if isinstance(self.hint, type) and issubclass(self.hint, enum.StrEnum):
+            return _enum(self.hint, value, self.name)
+        origin = typing.get_origin(self.hint)
+        return origin(value) if origin in (frozenset, tuple) else value
 
-_DEFAULTS: Final[Mapping[str, Any]] = {
-    f.name: f.default for f in fields(Settings) if f.default is not MISSING
-}
+    def default_text(self) -> str:
+        if self.setting.default_text is not None:
+            return self.setting.default_text
+        if self.default is MISSING:
+            return "none, required"
+        return _as_text(self.default)
 
 
-def _default_text(option: _Option) -> str:
-    if option.default_text is not None:
-        return option.default_text
-    value = _DEFAULTS[option.field]
+def _as_text(value: Any) -> str:
+    """A default as an operator would write it in a flag or an environment variable."""
+    if value is None:
+        return "none"
     if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, tuple | frozenset):
+        return str(value).lower()
+    if isinstance(value, frozenset | tuple):
         return ",".join(sorted(value) if isinstance(value, frozenset) else value)
     return str(value)
+
+
+def _options() -> tuple[_Option, ...]:
+    hints = typing.get_type_hints(Settings)
+    return tuple(
+        _Option(
+            name=f.name,
+            setting=f.metadata[_METADATA_KEY],
+            hint=hints[f.name],
+            default=f.default,
+            parse=_parser(hints[f.name]),
+        )
+        for f in fields(Settings)
+    )
+
+
+_OPTIONS: Final = _options()
+
+SETTINGS: Final[Mapping[str, Setting]] = types.MappingProxyType(
+    {option.name: option.setting for option in _OPTIONS}
+)
+"""Every `Settings` field by name, with its flag, environment variable and help."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -585,25 +633,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Each flag overrides its environment variable, which overrides the default.",
     )
     for option in _OPTIONS:
-        help_text = (f"{option.help} Env {option.env}; default {_default_text(option)}.").replace(
-            "%", "%%"
+        setting = option.setting
+        help_text = f"{setting.help} Env {setting.env}; default {option.default_text()}."
+        kwargs: dict[str, Any] = (
+            {"action": argparse.BooleanOptionalAction}
+            if option.is_bool
+            else {"metavar": setting.metavar}
         )
-        if option.kind is _Kind.BOOL:
-            group.add_argument(
-                option.flag,
-                dest=option.field,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_text,
-            )
-        else:
-            group.add_argument(
-                option.flag,
-                dest=option.field,
-                default=None,
-                metavar=option.metavar,
-                help=help_text,
-            )
+        group.add_argument(
+            setting.flag,
+            dest=option.name,
+            default=None,
+            help=help_text.replace("%", "%%"),
+            **kwargs,
+        )
 
 
 def from_args(ns: argparse.Namespace, *, environ: Mapping[str, str] | None = None) -> Settings:
@@ -611,20 +654,24 @@ def from_args(ns: argparse.Namespace, *, environ: Mapping[str, str] | None = Non
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for option in _OPTIONS:
-        given = getattr(ns, option.field, None)
+        setting = option.setting
+        given = getattr(ns, option.name, None)
         if given is not None:
-            source = option.flag
+            source = setting.flag
         else:
-            given = env.get(option.env) or None
-            source = f"env {option.env}"
+            given = env.get(setting.env) or None
+            source = f"env {setting.env}"
         if given is None:
+            if option.default is MISSING:
+                noun = option.name.replace("_", " ")
+                raise ConfigError(
+                    f"The {noun} is required: set {setting.flag} or env {setting.env}."
+                )
             continue
         if isinstance(given, str):
             try:
                 given = option.parse(given)
             except ValueError as exc:
                 raise ConfigError(f"{source} {exc}, not {given!r}.") from None
-        values[option.field] = given
-    if "node_name" not in values:
-        raise ConfigError("The node name is required: set --node-name or env NODE_NAME.")
+        values[option.name] = given
     return Settings(**values)
