@@ -34,7 +34,9 @@ func cmdAdd(conf *netConf, env map[string]string, log *logger) (string, *pluginE
 		return "", perr
 	}
 	// containerd and CRI-O pass the UID: it tells a recreated pod from its namesake (StatefulSet).
-	event := &addEvent{Netns: netns, PodName: pod.name, PodNamespace: pod.namespace, IPs: newPodIPs(ips), PodUID: pod.uid}
+	event := &addEvent{
+		Netns: netns, PodName: pod.name, PodNamespace: pod.namespace, IPs: newPodIPs(ips), PodUID: pod.uid,
+	}
 	switch err := postAddEvent(conf.eventSocket, event, agentTimeout).(type) {
 	case nil:
 		log.infof("pod %s handed to the agent (netns %s)", pod, netns)

@@ -81,10 +81,12 @@ func parseDecisions(data []byte) (*decisions, error) {
 		return nil, fmt.Errorf("not a decision file: %v", err)
 	}
 	if d.Version != decisionFileVersion {
-		return nil, fmt.Errorf("decision file version %d, this plugin reads version %d", d.Version, decisionFileVersion)
+		return nil, fmt.Errorf("decision file version %d, this plugin reads version %d",
+			d.Version, decisionFileVersion)
 	}
 	if d.ExcludeNamespaces == nil || d.EnrolledNamespaces == nil || d.AgentPods == nil || d.Pods == nil {
-		return nil, errors.New("decision file lacks one of exclude_namespaces, enrolled_namespaces, agent_pods, pods")
+		return nil, errors.New(
+			"decision file lacks one of exclude_namespaces, enrolled_namespaces, agent_pods, pods")
 	}
 	for _, selector := range d.AgentPods {
 		if selector.Namespace == "" || selector.NamePrefix == "" {
@@ -113,17 +115,20 @@ type verdict struct {
 	why string
 }
 
-// decideWithoutAgent is the decision table of README.md: excludedByConf comes from the plugin's
-// own config (known without the file), hostNetwork from the pod's netns, file and fileErr from
-// loadDecisions.
-func decideWithoutAgent(pod podRef, excludedByConf []string, hostNetwork bool, file *decisions, fileErr error) verdict {
+// decideWithoutAgent is the decision table of README.md, first row that applies: excludedByConf
+// comes from the plugin's own config (known without the file), hostNetwork from the pod's netns,
+// file and fileErr from loadDecisions.
+func decideWithoutAgent(
+	pod podRef, excludedByConf []string, hostNetwork bool, file *decisions, fileErr error,
+) verdict {
 	switch {
 	case contains(excludedByConf, pod.namespace):
 		return verdict{true, fmt.Sprintf("namespace %s is excluded", pod.namespace)}
 	case hostNetwork:
 		return verdict{true, "its netns is the host's (host network): nothing to redirect"}
 	case file == nil:
-		return verdict{false, fmt.Sprintf("cannot tell whether pod %s is in the ambient mesh: %v", pod, fileErr)}
+		return verdict{false, fmt.Sprintf(
+			"cannot tell whether pod %s is in the ambient mesh: %v", pod, fileErr)}
 	case contains(file.ExcludeNamespaces, pod.namespace):
 		return verdict{true, fmt.Sprintf("namespace %s is excluded", pod.namespace)}
 	case file.isAgentPod(pod):
@@ -135,14 +140,19 @@ func decideWithoutAgent(pod podRef, excludedByConf []string, hostNetwork bool, f
 	case known:
 		return verdict{true, "the agent decided it is not in the mesh"}
 	case contains(file.EnrolledNamespaces, pod.namespace):
-		return verdict{false, fmt.Sprintf("pod %s is not known to the agent yet and its namespace %s is in the ambient mesh", pod, pod.namespace)}
+		return verdict{false, fmt.Sprintf(
+			"pod %s is not known to the agent yet and its namespace %s is in the ambient mesh",
+			pod, pod.namespace)}
 	}
-	return verdict{true, fmt.Sprintf("unknown to the agent and namespace %s is not enrolled (a pod that opts in by its own label is enrolled when the agent is back)", pod.namespace)}
+	return verdict{true, fmt.Sprintf(
+		"unknown to the agent and namespace %s is not enrolled (the agent enrolls a pod that opts "+
+			"in by its own label when it is back)", pod.namespace)}
 }
 
 func (d *decisions) isAgentPod(pod podRef) bool {
 	for _, s := range d.AgentPods {
-		if s.Namespace == pod.namespace && len(pod.name) > len(s.NamePrefix) && strings.HasPrefix(pod.name, s.NamePrefix) {
+		named := len(pod.name) > len(s.NamePrefix) && strings.HasPrefix(pod.name, s.NamePrefix)
+		if s.Namespace == pod.namespace && named {
 			return true
 		}
 	}

@@ -6,7 +6,7 @@
 // agent's. Only when the agent does not answer does it decide by itself, from the decision file
 // that the agent keeps in its run directory (decisions.go). It holds no credentials.
 //
-// Commands (containernetworking/cni SPEC.md, versions 0.3.0 to 1.1.0):
+// Commands (the CNI specification, versions 0.3.0 to 1.1.0):
 //
 //   - ADD: see cmdAdd.
 //   - DEL: always succeeds without output (a failed DEL blocks the pod's teardown; the agent
@@ -40,7 +40,7 @@ var supportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
 // allow CHECK", and libcni never sends them below these versions; so do we.
 var firstVersionOf = map[string]string{"CHECK": "0.4.0", "GC": "1.1.0"}
 
-// CNI error codes (CNI SPEC.md "Error"); 100 and above are the plugin's own.
+// CNI error codes (the CNI specification, "Error"); 100 and above are the plugin's own.
 const (
 	codeIncompatibleVersion = 1
 	codeInvalidEnvironment  = 4
@@ -186,8 +186,8 @@ func requestedVersionForVersion(data []byte, readErr *pluginError) string {
 	return conf.cniVersion
 }
 
-// requestedVersion is the cniVersion of the request, for the error object (CNI SPEC: the error's
-// cniVersion is the request's, supported or not); the latest when the request has none.
+// requestedVersion is the cniVersion of the request, for the error object (the CNI specification:
+// the error's cniVersion is the request's, supported or not); the latest when the request has none.
 func requestedVersion(raw map[string]json.RawMessage) string {
 	if version, ok := jsonString(raw["cniVersion"]); ok && version != "" {
 		return version
