@@ -326,3 +326,16 @@ func TestPanicBecomesAnErrorObject(t *testing.T) {
 type panicReader struct{}
 
 func (panicReader) Read([]byte) (int, error) { panic(errors.New("boom")) }
+
+func TestConfigDefaults(t *testing.T) {
+	// Copies of ztunnel_redirect/constants.py: CNI_AGENT_RUN_DIR/PLUGIN_EVENT_SOCKET and
+	// EXCLUDE_NAMESPACES (tests/test_cni_plugin_binary.py checks the latter against the package).
+	conf, err := parseNetConf(map[string]json.RawMessage{"cniVersion": json.RawMessage(`"1.0.0"`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if conf.eventSocket != "/var/run/istio-cni/pluginevent.sock" || conf.logLevel != "info" ||
+		strings.Join(conf.excludeNamespaces, ",") != "kube-system" || conf.prevResult != nil {
+		t.Errorf("%+v", conf)
+	}
+}

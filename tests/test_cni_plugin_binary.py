@@ -24,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from tests.fakes import FakeReconciler
+from ztunnel_redirect import constants
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
 from ztunnel_redirect.model import PodUid
 
@@ -526,6 +527,13 @@ async def test_agent_down_excluded_namespace_passes(plugin: Path, run_dir: Path)
     assert_passes(await add_without_agent(plugin, run_dir, pod_args("kube-system", "dns-0")))
     write_decisions(run_dir, decision_file({POD_UID: ("infra", "x", True)}))
     assert_passes(await add_without_agent(plugin, run_dir, pod_args("infra", "x", POD_UID)))
+
+
+async def test_default_excluded_namespaces_are_the_agents(plugin: Path, run_dir: Path) -> None:
+    conf = net_conf(plugin_event_socket=str(run_dir / "pluginevent.sock"))
+    for namespace in constants.EXCLUDE_NAMESPACES:
+        out = await run_plugin(plugin, "ADD", conf, cni_args=pod_args(namespace, "x-0"))
+        assert (out.rc, out.json) == (0, prev_result("1.0.0")), out.stdout
 
 
 async def test_agent_down_host_network_passes(plugin: Path, run_dir: Path) -> None:
