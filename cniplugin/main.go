@@ -91,7 +91,8 @@ func run(env map[string]string, stdin io.Reader, log *logger) (status int, out s
 				status, out = 0, ""
 				return
 			}
-			status, out = 1, errorObject(version, &pluginError{codePlugin, fmt.Sprintf("internal error: %v", r), ""})
+			msg := fmt.Sprintf("internal error: %v", r)
+			status, out = 1, errorObject(version, &pluginError{codePlugin, msg, ""})
 		}
 	}()
 	data, readErr := readStdin(stdin)
@@ -105,12 +106,8 @@ func run(env map[string]string, stdin io.Reader, log *logger) (status int, out s
 	raw, err := loadConf(data, readErr)
 	if err == nil {
 		version = requestedVersion(raw)
-		var conf *netConf
-		if conf, err = parseNetConf(raw); err == nil {
-			log.setLevel(conf.logLevel)
-			if out, err = dispatch(command, conf, env, log); err == nil {
-				return 0, out
-			}
+		if out, err = dispatch(command, raw, env, log); err == nil {
+			return 0, out
 		}
 	}
 	name := command
@@ -121,7 +118,12 @@ func run(env map[string]string, stdin io.Reader, log *logger) (status int, out s
 	return 1, errorObject(version, err)
 }
 
-func dispatch(command string, conf *netConf, env map[string]string, log *logger) (string, *pluginError) {
+func dispatch(command string, raw map[string]json.RawMessage, env map[string]string, log *logger) (string, *pluginError) {
+	conf, err := parseNetConf(raw)
+	if err != nil {
+		return "", err
+	}
+	log.setLevel(conf.logLevel)
 	if !isSupported(conf.cniVersion) {
 		return "", &pluginError{
 			codeIncompatibleVersion,
