@@ -5,8 +5,11 @@ PYTHON ?= python3
 # nftables brings libnftables; util-linux gives nsenter/setpriv (traffic as another uid); iptables
 # and ipset recreate Istio's iptables backend for the migration tests.
 APT_PACKAGES := nftables iproute2 util-linux iptables ipset
+# The CNI plugin: a static executable built offline from cniplugin/ (standard library only), with
+# no paths, VCS stamp or build id in it, so that two builds are byte-identical.
+CNI_PLUGIN ?= build/cni/ztunnel-redirect-cni
 
-.PHONY: setup system-packages test lint demo proto bench bench-quick clean
+.PHONY: setup system-packages cni-plugin test lint demo proto bench bench-quick clean
 
 setup: $(VENV)/.installed
 
@@ -14,6 +17,7 @@ setup: $(VENV)/.installed
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3 python3-venv"; \
+	command -v go >/dev/null 2>&1 || missing="$$missing golang-go"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
@@ -25,13 +29,20 @@ $(VENV)/.installed: pyproject.toml | system-packages
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
+cni-plugin: system-packages
+	cd cniplugin && CGO_ENABLED=0 GOPROXY=off go build -trimpath -buildvcs=false \
+		-ldflags='-s -w -buildid=' -o $(abspath $(CNI_PLUGIN)) ./
+
 lint: setup
 	$(BIN)/ruff check ztunnel_redirect tests bench
 	$(BIN)/ruff format --check ztunnel_redirect tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	test -z "$$(gofmt -l cniplugin)" || { gofmt -l cniplugin; exit 1; }
+	cd cniplugin && GOPROXY=off go vet ./...
 
 test: setup system-packages lint
+	cd cniplugin && GOPROXY=off go test ./...
 	$(BIN)/pytest
 
 demo: setup system-packages
