@@ -590,9 +590,12 @@ def test_the_image_runs_the_projects_command() -> None:
     assert json.loads(entrypoint[0]) == ["ztunnel-redirect"]
     assert "ztunnel-redirect" in _pyproject()["project"]["scripts"]
     assert not [a for _, i, a in instructions if i == "HEALTHCHECK"]
-    # Both stages on one base: the venv's interpreter is a symlink into it.
+    # Every stage on one base: the venv's interpreter is a symlink into it.
     bases = [a.split()[0] for _, i, a in instructions if i == "FROM"]
-    assert bases == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    assert len(bases) >= 2
+    assert set(bases) == {"${PYTHON_IMAGE}"}
+    # podman's default (OCI) image format silently drops SHELL: nothing may rely on one.
+    assert not [a for _, i, a in instructions if i == "SHELL"]
     default_cmd = json.loads(cmd[0])
     assert default_cmd == ["agent"]
 

@@ -1,0 +1,3 @@
+module ztunnel-redirect/cniplugin
+
+go 1.19
