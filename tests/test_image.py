@@ -1,7 +1,7 @@
 """The image: built from the Dockerfile with podman (`tools/build-image`, as `make image` does) and
 run as the DaemonSet runs it, as the agent of a test node.
 
-The image is built once per test session (from scratch about a minute and a half here: the base
+The image is built once per test session (from scratch about 70 s here: the base
 from Debian packages where no registry is reachable, Go and the venv; then seconds from podman's
 layer cache). The container gets what deploy/base/daemonset.yaml gives the agent: the host's
 network and pid namespaces, only its capabilities, a read-only root filesystem with a memory /tmp,
@@ -44,7 +44,7 @@ from ztunnel_redirect.zds import RequestKind
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT: Final = 1200.0
-"""From scratch on a 2-core machine: base, apt, Go and pip; about 90 s here when nothing is
+"""From scratch on a 2-core machine: base, apt, Go and pip; about 70 s here when nothing is
 cached, far less with podman's layer cache."""
 pytestmark = [pytest.mark.kernel, pytest.mark.image, pytest.mark.timeout(BUILD_TIMEOUT + 120)]
 
