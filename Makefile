@@ -3,13 +3,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 # nftables brings libnftables; util-linux gives nsenter/setpriv (traffic as another uid); iptables
-# and ipset recreate Istio's iptables backend for the migration tests.
-APT_PACKAGES := nftables iproute2 util-linux iptables ipset
+# and ipset recreate Istio's iptables backend for the migration tests; podman builds and runs the
+# image (tests/test_image.py), mmdebstrap makes its base where no registry is reachable.
+APT_PACKAGES := nftables iproute2 util-linux iptables ipset podman mmdebstrap
 # The CNI plugin: a static executable built offline from cniplugin/ (standard library only), with
 # no paths, VCS stamp or build id in it, so that two builds are byte-identical.
 CNI_PLUGIN ?= build/cni/ztunnel-redirect-cni
 
-.PHONY: setup system-packages cni-plugin test lint demo proto bench bench-quick clean
+.PHONY: setup system-packages cni-plugin test lint demo proto bench bench-quick image clean
 
 setup: $(VENV)/.installed
 
@@ -55,6 +56,10 @@ bench: setup system-packages
 # The same harness in seconds (CI runs it through tests/test_bench.py).
 bench-quick: setup system-packages
 	$(BIN)/python -m bench.run --quick --out bench/results/quick
+
+# The agent's image from the Dockerfile, with podman (tools/build-image says how and why).
+image: system-packages
+	tools/build-image
 
 # Regenerates the ZDS protobuf code from the .proto file kept in the repo.
 proto: setup
