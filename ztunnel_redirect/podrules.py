@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -36,7 +35,7 @@ class StepTimer(Protocol):
     the core's own glue.
     """
 
-    def step(self, name: str) -> AbstractContextManager[object]: ...
+    def step(self, name: str) -> contextlib.AbstractContextManager[object]: ...
 
 
 class _Untimed:
@@ -44,7 +43,7 @@ class _Untimed:
 
     _NULL: Final = contextlib.nullcontext()
 
-    def step(self, name: str) -> AbstractContextManager[object]:
+    def step(self, name: str) -> contextlib.AbstractContextManager[object]:
         return self._NULL
 
 
