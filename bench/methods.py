@@ -8,6 +8,9 @@ comparison isolates how the rules are installed.
   a new sandbox (a netns still at nftables generation 1 is not listed, the routing is not read),
   `podrules.sync_tables_here` / `sync_routing_here` for each half alone, and `PodRules.check`
   (with its remembered generations) for the drift pass.
+- the fast paths against their fallbacks: a new pod's tables by the recorded netlink batch or by
+  libnftables (`tables_install_here`), and a first check proven by the netlink dump or decided
+  by listing the tables (`tables_first_check_here`), each timed on the worker.
 - baseline, Istio's method: one `nft -f -` process per pod fed `pod_ruleset(options).script()`.
   The child is spawned from the worker thread with `subprocess.run`, so it inherits the thread's
   netns (SPEC §12 trap 5: asyncio's subprocess on the loop thread would not). Its routing is done
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterable
 from enum import Enum
 from pathlib import Path
 from typing import Final
@@ -25,7 +29,9 @@ from typing import Final
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import routing
 from ztunnel_redirect.drift import Drift
+from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.nft import Nft, generation
+from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings
 from ztunnel_redirect.podrules import KernelForms, PodState, sync_routing_here, sync_tables_here
 from ztunnel_redirect.render import Ruleset
 
@@ -75,6 +81,47 @@ def routing_here(state: PodState) -> list[Drift]:
 
 def routing_missing_here(state: PodState) -> list[Drift]:
     return sync_routing_here(state, write=False)
+
+
+class NoReplay(Recordings):
+    """The batch replay switched off: `sync_tables_here` installs through libnftables."""
+
+    def batch(self, ruleset: Ruleset, names: Iterable[str]) -> bytes:
+        raise KernelError("batch replay switched off (benchmark)")
+
+
+class NeverIdentical(ExpectedDumps):
+    """The dump proof switched off: every first check lists the tables."""
+
+    def identical(self, ruleset: Ruleset, *, generation: int) -> bool:
+        return False
+
+
+def tables_install_here(state: PodState, forms: KernelForms, *, replay: bool) -> float:
+    """Milliseconds of the nftables half of a fresh install, by batch replay or libnftables."""
+    t0 = time.perf_counter()
+    if replay:
+        outcome = sync_tables_here(state, forms, None, write=True)
+    else:
+        outcome = sync_tables_here(state, forms, None, write=True, recordings=NoReplay())
+    ms = (time.perf_counter() - t0) * 1000
+    if not outcome.drifts or (outcome.replay_refused is None) is not replay:
+        raise RuntimeError(f"tables install (replay={replay}) did not take its path: {outcome}")
+    return ms
+
+
+def tables_first_check_here(state: PodState, forms: KernelForms, *, dump: bool) -> float:
+    """Milliseconds of the nftables half of a first check (nothing remembered) of a healthy
+    pod, proven by the netlink dump or decided by listing the tables. Reads only."""
+    t0 = time.perf_counter()
+    if dump:
+        outcome = sync_tables_here(state, forms, None, write=False)
+    else:
+        outcome = sync_tables_here(state, forms, None, write=False, dumps=NeverIdentical())
+    ms = (time.perf_counter() - t0) * 1000
+    if outcome.drifts:
+        raise RuntimeError(f"first check (dump={dump}) of a healthy pod saw drift: {outcome}")
+    return ms
 
 
 def baseline_rules_here(script: str) -> None:

@@ -11,7 +11,8 @@ goes into an empty netns) and measures, on this machine and in this run:
    that it wrote nothing: rule handles before and after), with 5% drifted, and the core's apply
    that repairs the drifted pods (the time from a flush to repaired is the agent's, below);
 3. memory that does not depend on the agent: this process's RSS and fds holding N netns fds;
-4. the real agent as a process (`bench.agent`; `--no-agent` skips it), for each N of
+4. once, the core's fast paths (batch replay, dump proof) against the fallbacks they replace;
+5. the real agent as a process (`bench.agent`; `--no-agent` skips it), for each N of
    `--agent-sizes`: enrollment by a namespace label, CNI ADD end to end, its RSS, fds and CPU per
    drift pass, repair latency from a manual flush to repaired, and restart catch-up.
 
@@ -62,9 +63,11 @@ from bench.methods import (
     routing_missing_here,
     table_drift_here,
     table_names,
+    tables_first_check_here,
+    tables_install_here,
 )
 from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, evenly, remove_leftovers
-from bench.steps import TimedForms, apply_steps_here, check_steps_here
+from bench.steps import apply_steps_here, check_steps_here
 from bench.summary import Latency, Phase, merge
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift
@@ -458,6 +461,37 @@ async def measure_size(bench: Bench, n: int) -> tuple[dict[str, Any], dict[str, 
     return result, raw
 
 
+async def measure_fast_paths(bench: Bench) -> dict[str, Any]:
+    """The core's two fast paths against the fallbacks they replace, timed on the worker: a new
+    pod's tables by the recorded netlink batch or by libnftables (each into its own fresh pods,
+    alternating), and the first check of those healthy pods proven by the netlink dump or
+    decided by listing the tables (both on every pod, alternating; a check reads only)."""
+    k = bench.config.min_samples
+    say(f"fast paths: batch replay and dump proof against libnftables, on {2 * k} fresh pods")
+    ms: dict[str, list[float]] = {}
+    pods = await bench.factory.create_many("fastpath", 2 * k)
+    try:
+        for i, ns in enumerate(pods):
+            replay = i % 2 == 0
+            name = "tables_install_replay" if replay else "tables_install_libnftables"
+            ms.setdefault(name, []).append(
+                await bench.runner.run(
+                    ns.path, tables_install_here, bench.state, bench.forms, replay=replay
+                )
+            )
+        for i, ns in enumerate(pods):
+            for dump in (i % 2 == 0, i % 2 != 0):
+                name = "tables_first_check_dump" if dump else "tables_first_check_listing"
+                ms.setdefault(name, []).append(
+                    await bench.runner.run(
+                        ns.path, tables_first_check_here, bench.state, bench.forms, dump=dump
+                    )
+                )
+    finally:
+        bench.factory.remove(pods)
+    return {name: Latency.of(values).as_dict() for name, values in ms.items()} | {"pods": 2 * k}
+
+
 def _profiled_here(prof: cProfile.Profile, fn: Callable[..., T], *args: Any) -> T:
     prof.enable()
     try:
@@ -472,7 +506,7 @@ async def measure_profile(bench: Bench, out: Path) -> dict[str, Any]:
     by step on the worker, then cProfile of the same calls on fresh pods."""
     k = bench.config.profile_pods
     say(f"profile: fresh apply, first and steady check, by step, on {k} fresh pods")
-    forms = TimedForms()
+    forms = KernelForms()
     steps: dict[str, dict[str, list[float]]] = {kind: {} for kind in PROFILE_KINDS}
 
     def record(kind: str, timings: dict[str, float]) -> None:
@@ -596,7 +630,7 @@ async def bench_all(
         t0 = time.perf_counter()
         sizes[str(n)], raw[str(n)] = await measure_size(bench, n)
         say(f"N={n}: done in {time.perf_counter() - t0:.1f} s")
-    data: dict[str, Any] = {"sizes": sizes}
+    data: dict[str, Any] = {"sizes": sizes, "fast_paths": await measure_fast_paths(bench)}
     if profile:
         data["profile"] = await measure_profile(bench, out)
     agent = bench.config.agent

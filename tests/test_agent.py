@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_migration import all_saves, install_istio_host, install_istio_pod, need, sh
+from tests.istio import all_saves, install_istio_host, install_istio_pod, need, sh
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.agent import _same_pod
 from ztunnel_redirect.migration import Flavour

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import test_agent as agent_tests
+from tests.istio import all_saves, install_istio_pod, need
 from tests.test_agent import (
     NS,
     OPTIONS,
@@ -26,7 +27,6 @@ from tests.test_agent import (
     tables,
     wait_request,
 )
-from tests.test_migration import all_saves, install_istio_pod, need
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.migration import Flavour
 from ztunnel_redirect.netns import NetnsRunner

@@ -423,13 +423,11 @@ async def test_drop_watches_breaks_open_streams(
 
 async def test_wait_for_annotation_wakes_on_change_and_times_out(server: ApiServer) -> None:
     server.create_pod(pod("a"))
-    waiter = asyncio.create_task(
-        server.wait_for_annotation("default", "a", "k", "v", timeout=TIMEOUT), name="waiter"
-    )
-    await asyncio.sleep(0)  # let the waiter register before the change (not a wait for state)
-    assert not waiter.done()
-    server.patch_pod("default", "a", {"metadata": {"annotations": {"k": "v"}}})
-    result = await asyncio.wait_for(waiter, TIMEOUT)
+    # The change comes after the wait began: a callback runs only once this task awaits, and
+    # the wait checks the pod and registers before its first await.
+    patch = {"metadata": {"annotations": {"k": "v"}}}
+    asyncio.get_running_loop().call_soon(server.patch_pod, "default", "a", patch)
+    result = await server.wait_for_annotation("default", "a", "k", "v", timeout=TIMEOUT)
     assert result is not None
     assert result["metadata"]["annotations"]["k"] == "v"
     with pytest.raises(TimeoutError):

@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import stat
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -236,12 +235,11 @@ async def test_slow_on_add_is_503_within_budget_and_finishes_in_background(
         connector = aiohttp.UnixConnector(path=srv.socket_path)
         async with aiohttp.ClientSession(connector=connector) as session:
             with capture_logs() as logs:
-                started = time.monotonic()
-                status, text = await post(session, GOOD)
-                elapsed = time.monotonic() - started
+                # The work waits for `release`: only the budget can answer (bounded, not timed).
+                async with asyncio.timeout(5):
+                    status, text = await post(session, GOOD)
                 assert status == 503
-                assert "shop/web-0" in text
-                assert elapsed < 2.0
+                assert "still setting up pod shop/web-0 after 0.3s" in text
                 # The work was not cancelled: releasing it lets it finish, and that is logged.
                 (work,) = [t for t in asyncio.all_tasks() if t.get_name() == "cni-add shop/web-0"]
                 assert not work.done()

@@ -54,11 +54,12 @@ async def test_bound_context_tags_every_line_of_a_task_only() -> None:
     out = io.StringIO()
     logs.configure(stream=out)
     log = structlog.get_logger("t")
+    both_enrolled = asyncio.Barrier(2)
 
     async def worker(pod: str, uid: str) -> None:
         with structlog.contextvars.bound_contextvars(pod=pod, pod_uid=uid):
             log.info("pod_enrolled")
-            await asyncio.sleep(0)  # let the other worker interleave
+            await both_enrolled.wait()  # the other worker logs in between
             log.info("annotation_patched")
 
     await asyncio.gather(worker("shop/web-0", "u-1"), worker("shop/web-1", "u-2"))

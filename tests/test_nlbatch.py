@@ -7,19 +7,16 @@ namespaces that vanish when the worker leaves them.
 from __future__ import annotations
 
 import errno
-import statistics
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import pytest
 
-from tests.test_render import POD_MATRIX, _pod_name
+from tests.matrix import POD_MATRIX, pod_name
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift, DriftKind
-from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netns import NetnsRunner, entered_scratch
-from ztunnel_redirect.nft import Nft, generation
+from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.nft import generation
 from ztunnel_redirect.nlbatch import BatchRejectedError, Recordings, record_here, send_batch
 from ztunnel_redirect.podrules import (
     KernelForms,
@@ -58,13 +55,6 @@ class WholeRulesetRecordings(SpyRecordings):
         return Recordings.batch(self, ruleset, [t.name for t in ruleset.tables])
 
 
-class NoReplay(Recordings):
-    """Every replay fails before sending: sync_tables_here takes the libnftables path."""
-
-    def batch(self, ruleset: Ruleset, names: Iterable[str]) -> bytes:
-        raise KernelError("replay disabled")
-
-
 def listing(ns: Netns, *, handles: bool = False) -> str:
     return ns.exec("nft", "-a" if handles else "-s", "list", "ruleset")
 
@@ -74,7 +64,7 @@ def all_missing(ruleset: Ruleset, names: Iterable[str] | None = None) -> list[Dr
     return [Drift(DriftKind.MISSING_TABLE, t.name) for t in ruleset.tables if t.name in wanted]
 
 
-@pytest.mark.parametrize("options", POD_MATRIX, ids=[_pod_name(o) for o in POD_MATRIX])
+@pytest.mark.parametrize("options", POD_MATRIX, ids=[pod_name(o) for o in POD_MATRIX])
 async def test_replayed_install_is_the_libnftables_one(
     runner: NetnsRunner, lab: Lab, options: PodOptions
 ) -> None:
@@ -167,59 +157,3 @@ async def test_drift_of_an_existing_table_is_repaired_by_libnftables(
     assert {d.kind for d in outcome.drifts} == {DriftKind.EXTRA_RULE, DriftKind.MISSING_TABLE}
     check = await runner.run(ns.path, sync_tables_here, state, forms, None, write=False)
     assert check.drifts == []
-
-
-def _percentiles(samples: list[float]) -> tuple[float, float]:
-    ordered = sorted(samples)
-    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
-def _timed_in_fresh_netns(count: int, install: Callable[[], object]) -> list[float]:
-    """`count` fresh anonymous namespaces, one install timed in each (ms)."""
-    samples = []
-    for _ in range(count):
-        with entered_scratch():
-            start = time.perf_counter()
-            install()
-            samples.append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
-PODS = 300
-
-
-async def test_measure_replay_against_libnftables(runner: NetnsRunner) -> None:
-    state = PodState.for_options(FULL)
-    forms, recordings = KernelForms(), Recordings()
-    names = [t.name for t in state.ruleset.tables]
-    batch = await runner.run(None, recordings.batch, state.ruleset, names)
-    await runner.run(None, forms.of, state.ruleset)
-    script = state.ruleset.script()
-
-    def libnftables() -> None:
-        with Nft() as nft:
-            nft.run(script)
-
-    def replay() -> None:
-        send_batch(batch)
-
-    def sync_with_replay() -> None:
-        sync_tables_here(state, forms, None, write=True, recordings=recordings)
-
-    def sync_without_replay() -> None:
-        sync_tables_here(state, forms, None, write=True, recordings=NoReplay())
-
-    results = {}
-    for name, install in [
-        ("libnftables", libnftables),
-        ("replay", replay),
-        ("sync_tables_libnftables", sync_without_replay),
-        ("sync_tables_replay", sync_with_replay),
-    ]:
-        samples = await runner.run(None, _timed_in_fresh_netns, PODS, install)
-        results[name] = _percentiles(samples)
-        p50, p99 = results[name]
-        print(f"MEASURE: pod_tables_install_{name} pods={PODS} p50_ms={p50:.3f} p99_ms={p99:.3f}")
-
-    assert results["replay"][0] < results["libnftables"][0]
-    assert results["sync_tables_replay"][0] < results["sync_tables_libnftables"][0]

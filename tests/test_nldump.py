@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import re
 import socket
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
-from tests.test_render import POD_MATRIX, _pod_name
+from tests.matrix import POD_MATRIX, pod_name
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import podrules
 from ztunnel_redirect.drift import DriftKind, TableListing
 from ztunnel_redirect.model import HostOptions, PodOptions
-from ztunnel_redirect.netns import NetnsRunner, entered_scratch
+from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.nlbatch import DumpInconsistentError, ExpectedDumps, dump_here, provable
 from ztunnel_redirect.podrules import KernelForms, PodRules, PodState, sync_tables_here
-from ztunnel_redirect.render import Ruleset, host_ruleset, pod_ruleset
+from ztunnel_redirect.render import host_ruleset, pod_ruleset
 from ztunnel_redirect.testing.netnslab import Lab, Netns
 
 pytestmark = pytest.mark.kernel
@@ -55,13 +53,6 @@ def listings(monkeypatch: pytest.MonkeyPatch) -> Listings:
     return Listings(monkeypatch)
 
 
-class NeverIdentical(ExpectedDumps):
-    """The fast path switched off: every check lists."""
-
-    def identical(self, ruleset: Ruleset, *, generation: int) -> bool:
-        return False
-
-
 def handle_of(ns: Netns, table: str, chain: str, text: str) -> str:
     """The handle of the first rule of a chain whose listing contains `text`."""
     listing = ns.exec("nft", "-a", "list", "chain", "inet", table, chain)
@@ -78,7 +69,7 @@ async def installed(runner: NetnsRunner, lab: Lab, options: PodOptions) -> Netns
     return ns
 
 
-@pytest.mark.parametrize("options", POD_MATRIX, ids=[_pod_name(o) for o in POD_MATRIX])
+@pytest.mark.parametrize("options", POD_MATRIX, ids=[pod_name(o) for o in POD_MATRIX])
 async def test_installed_pod_is_identical_without_listing(
     runner: NetnsRunner, lab: Lab, listings: Listings, options: PodOptions
 ) -> None:
@@ -271,52 +262,6 @@ async def test_tables_with_sets_are_never_proven(runner: NetnsRunner, lab: Lab) 
     assert not provable(await runner.run(None, dumps.of, host))
     assert not await runner.run(ns.path, dumps.identical, host, generation=seen)
     assert provable(await runner.run(None, dumps.of, pod_ruleset(FULL)))
-
-
-def _ms_p50(count: int, fn: Callable[[], object]) -> float:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-CHECKS = 300
-
-
-async def test_measure_dump_against_listing(runner: NetnsRunner) -> None:
-    state = PodState.for_options(FULL)
-    forms, dumps, listing_only = KernelForms(), ExpectedDumps(), NeverIdentical()
-    await runner.run(None, forms.of, state.ruleset)
-    await runner.run(None, dumps.of, state.ruleset)
-
-    def measure() -> dict[str, float]:
-        with entered_scratch():
-            with Nft() as nft:
-                nft.run(state.ruleset.script())
-            seen = generation()
-            names = dumps.names(state.ruleset)
-
-            def listing() -> None:
-                with Nft() as nft:
-                    podrules.read_tables(nft, names)
-
-            def check(with_dump: ExpectedDumps) -> Callable[[], object]:
-                return lambda: sync_tables_here(state, forms, None, write=False, dumps=with_dump)
-
-            return {
-                "dump": _ms_p50(CHECKS, lambda: dumps.identical(state.ruleset, generation=seen)),
-                "listing": _ms_p50(CHECKS, listing),
-                "sync_tables_dump": _ms_p50(CHECKS, check(dumps)),
-                "sync_tables_listing": _ms_p50(CHECKS, check(listing_only)),
-            }
-
-    results = await runner.run(None, measure)
-    for name, p50 in results.items():
-        print(f"MEASURE: pod_tables_first_check_{name} checks={CHECKS} p50_ms={p50:.3f}")
-    assert results["dump"] < results["listing"]
-    assert results["sync_tables_dump"] < results["sync_tables_listing"]
 
 
 class ReceivedBytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 from collections.abc import Iterator
@@ -322,6 +323,39 @@ async def test_generation_gate_skips_listing_but_never_hides_drift(
     await rules.apply(pod.path, V4)
     assert await rules.check(pod.path, V4) == []
     assert await rules.check(pod.path, PodOptions(ipv6=False, dns_capture=False)) != []
+
+
+class StepNames:
+    """A `podrules.StepTimer` that notes the name of each step, in order."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def step(self, name: str) -> contextlib.AbstractContextManager[object]:
+        self.names.append(name)
+        return contextlib.nullcontext()
+
+
+async def test_a_step_timer_is_told_each_step_of_an_apply_and_a_check(
+    runner: NetnsRunner, pod: LabPod
+) -> None:
+    state, forms = podrules.PodState.for_options(V4), podrules.KernelForms()
+    fresh, first, steady = StepNames(), StepNames(), StepNames()
+
+    await runner.run(pod.path, podrules.apply_here, state, forms, fresh=True, steps=fresh)
+    proven = await runner.run(pod.path, podrules.check_here, state, forms, steps=first)
+    await runner.run(pod.path, podrules.check_here, state, forms, proven.verified, steps=steady)
+
+    assert fresh.names == [
+        "nft_generation",
+        "kernel_forms_lookup",
+        "diff",
+        "batch_replay",
+        "routing_everything",
+        "routing_write",
+    ]
+    assert first.names == ["nft_generation", "dump_proof", "routing_check"]
+    assert steady.names == ["nft_generation", "routing_check"]
 
 
 async def test_a_new_netns_is_at_the_pristine_generation(runner: NetnsRunner, pod: LabPod) -> None:

@@ -7,13 +7,13 @@ The listings were checked once against Istio's own nftables backend goldens load
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.matrix import HOST_MATRIX, POD_MATRIX, host_name, pod_name
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.errors import ConfigError
 from ztunnel_redirect.model import HostOptions, PodOptions, valid_interface_name
@@ -21,27 +21,6 @@ from ztunnel_redirect.render import Ruleset, host_ruleset, pod_ruleset
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
-
-POD_MATRIX = [
-    PodOptions(ipv6=v6, dns_capture=dns, bypass_inbound=bypass, virtual_interfaces=vifs)
-    for v6, dns, bypass, vifs in itertools.product(
-        (False, True), (True, False), (False, True), ((), ("eth1", "net1"))
-    )
-]
-
-
-def _pod_name(o: PodOptions) -> str:
-    parts = ["dual" if o.ipv6 else "v4", "dns" if o.dns_capture else "nodns"]
-    parts += ["bypass"] if o.bypass_inbound else []
-    parts += ["vif"] if o.virtual_interfaces else []
-    return "pod-" + "-".join(parts)
-
-
-HOST_MATRIX = [HostOptions(kubelet_uid=1000, ipv6=v6) for v6 in (False, True)]
-
-
-def _host_name(o: HostOptions) -> str:
-    return "host-" + ("dual" if o.ipv6 else "v4")
 
 
 def _kernel_listing(script: str) -> str:
@@ -65,8 +44,8 @@ def _compare(path: Path, actual: str) -> None:
 
 
 def _cases() -> list[tuple[str, Ruleset]]:
-    return [(_pod_name(o), pod_ruleset(o)) for o in POD_MATRIX] + [
-        (_host_name(o), host_ruleset(o)) for o in HOST_MATRIX
+    return [(pod_name(o), pod_ruleset(o)) for o in POD_MATRIX] + [
+        (host_name(o), host_ruleset(o)) for o in HOST_MATRIX
     ]
 
 

@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -341,13 +340,11 @@ async def test_slow_peer_times_out_within_the_deadline(
     fake = await make_fake()
     fake.behaviour = Behaviour(ack_delay=30)
 
-    started = time.monotonic()
-    with pytest.raises(ZtunnelUnavailableError):
+    # The server's own deadline ends the request (WAIT is far longer than 0.3 s).
+    with pytest.raises(ZtunnelUnavailableError, match=r"\(timeout\)"):
         async with asyncio.timeout(WAIT):
             await server.add_workload(make_pod("p"), SELF_NETNS)
-    elapsed = time.monotonic() - started
 
-    assert 0.25 <= elapsed < 2.0
     # A late ack would be taken for the next request's: the connection is gone.
     assert server.connections == 0
 

@@ -7,10 +7,11 @@ pod writes nothing either, so an agent restart leaves handles and counters untou
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 
@@ -25,6 +26,28 @@ from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings, send_batch
 from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
 
 log = structlog.get_logger(__name__)
+
+
+class StepTimer(Protocol):
+    """Times the named steps of an apply or a check (the benchmark's profile records them).
+
+    `step(name)` is entered around one step; steps never nest, and the time between them is
+    the core's own glue.
+    """
+
+    def step(self, name: str) -> contextlib.AbstractContextManager[object]: ...
+
+
+class _Untimed:
+    """The default timer: times nothing, at the cost of one shared null context per step."""
+
+    _NULL: Final = contextlib.nullcontext()
+
+    def step(self, name: str) -> contextlib.AbstractContextManager[object]:
+        return self._NULL
+
+
+UNTIMED: Final[StepTimer] = _Untimed()
 
 
 class KernelForms:
@@ -139,7 +162,7 @@ class Outcome:
 def _replay(ruleset: Ruleset, drifts: list[Drift], recordings: Recordings) -> str | None:
     """Create the missing tables (a new sandbox, or deleted tables) by replaying the netlink
     batch recorded for this ruleset: three tables into a fresh netns cost 0.33 ms p50 instead
-    of 0.73 ms through libnftables here (tests/test_nlbatch.py measures both).
+    of 0.73 ms through libnftables here (the benchmark's "fast paths" measure both).
 
     None when the tables were created; otherwise why the kernel refused the batch (it then
     applied none of it). Nothing is logged here (a netns worker): `PodRules` logs the outcome.
@@ -166,6 +189,7 @@ def sync_tables_here(
     write: bool,
     recordings: Recordings = _RECORDINGS,
     dumps: ExpectedDumps = _EXPECTED_DUMPS,
+    steps: StepTimer = UNTIMED,
 ) -> Outcome:
     """The nftables half: compare our tables with the desired ones and, with `write`, repair
     what differs in one transaction.
@@ -182,8 +206,11 @@ def sync_tables_here(
     dump of our tables, normalised, is compared with the desired ruleset's (~0.1 ms instead of
     ~0.5 ms; `nlbatch.dump_here` says what it ignores). Only equality is trusted: anything else
     falls through to the listing, which reports precisely and decides the repair.
+
+    `steps` times each named step (the benchmark's profile); the default times nothing.
     """
-    seen = generation()
+    with steps.step("nft_generation"):
+        seen = generation()
     if verified == Verified(seen, state.ruleset):
         return Outcome([], verified)
     names = _names(state.ruleset)
@@ -191,56 +218,80 @@ def sync_tables_here(
         # A netns starts at generation 1: still there, nothing was ever committed in it (a new
         # sandbox), so there is nothing to list.
         actual: dict[str, TableListing | None] = dict.fromkeys(names)
-    elif dumps.identical(state.ruleset, generation=seen):
-        return Outcome([], Verified(seen, state.ruleset))
     else:
-        with Nft() as nft:
+        with steps.step("dump_proof"):
+            proven = dumps.identical(state.ruleset, generation=seen)
+        if proven:
+            return Outcome([], Verified(seen, state.ruleset))
+        with steps.step("list_tables"), Nft() as nft:
             actual = read_tables(nft, names)
-    drifts = table_drift(state.ruleset, forms.of(state.ruleset), actual)
+    with steps.step("kernel_forms_lookup"):
+        desired = forms.of(state.ruleset)
+    with steps.step("diff"):
+        drifts = table_drift(state.ruleset, desired, actual)
     refused = None
     if drifts and write:
         # Only missing tables: replay the recorded batch. Anything else drifted, or the kernel
         # refused the batch: libnftables repairs (delete and recreate the drifted tables).
         replayed = all(d.kind is DriftKind.MISSING_TABLE for d in drifts)
         if replayed:
-            refused = _replay(state.ruleset, drifts, recordings)
+            with steps.step("batch_replay"):
+                refused = _replay(state.ruleset, drifts, recordings)
         if not replayed or refused is not None:
-            with Nft() as nft:
+            with steps.step("nft_repair"), Nft() as nft:
                 nft.run(repair_script(state.ruleset, drifts))
     # After a write, the next check lists again before it trusts a generation.
     return Outcome(drifts, None if drifts else Verified(seen, state.ruleset), refused)
 
 
-def sync_routing_here(state: PodState, *, write: bool, fresh: bool = False) -> list[Drift]:
+def sync_routing_here(
+    state: PodState, *, write: bool, fresh: bool = False, steps: StepTimer = UNTIMED
+) -> list[Drift]:
     """The routing half: ours missing, and ours not wanted (the v6 twins after IPv6 was turned
     off). A `fresh` pod (never set up by us) skips the read: the adds are idempotent (an
     existing rule is refused with EEXIST, routes are replaced)."""
     with routing.Rtnl() as rtnl:
         if fresh:
-            diff = routing.RoutingDiff(missing=tuple(routing.everything(rtnl, ipv6=state.ipv6)))
+            with steps.step("routing_everything"):
+                everything = tuple(routing.everything(rtnl, ipv6=state.ipv6))
+            diff = routing.RoutingDiff(missing=everything)
         else:
-            diff = routing.check(rtnl, ipv6=state.ipv6)
+            with steps.step("routing_check"):
+                diff = routing.check(rtnl, ipv6=state.ipv6)
         if write:
-            routing.add(rtnl, diff.missing)
-            routing.delete(rtnl, diff.stale)
+            with steps.step("routing_write"):
+                routing.add(rtnl, diff.missing)
+                routing.delete(rtnl, diff.stale)
     return _routing_drift(diff)
 
 
-def check_here(state: PodState, forms: KernelForms, verified: Verified | None = None) -> Outcome:
+def check_here(
+    state: PodState,
+    forms: KernelForms,
+    verified: Verified | None = None,
+    *,
+    steps: StepTimer = UNTIMED,
+) -> Outcome:
     """Compare the current netns with the desired state. Reads only."""
-    tables = sync_tables_here(state, forms, verified, write=False)
-    return Outcome(tables.drifts + sync_routing_here(state, write=False), tables.verified)
+    tables = sync_tables_here(state, forms, verified, write=False, steps=steps)
+    routes = sync_routing_here(state, write=False, steps=steps)
+    return Outcome(tables.drifts + routes, tables.verified)
 
 
 def apply_here(
-    state: PodState, forms: KernelForms, verified: Verified | None = None, *, fresh: bool = False
+    state: PodState,
+    forms: KernelForms,
+    verified: Verified | None = None,
+    *,
+    fresh: bool = False,
+    steps: StepTimer = UNTIMED,
 ) -> Outcome:
     """Bring the current netns to the desired state; returns what was repaired.
 
     A failed nftables transaction changes nothing (the kernel applies all of it or none).
     """
-    tables = sync_tables_here(state, forms, verified, write=True)
-    routes = sync_routing_here(state, write=True, fresh=fresh)
+    tables = sync_tables_here(state, forms, verified, write=True, steps=steps)
+    routes = sync_routing_here(state, write=True, fresh=fresh, steps=steps)
     return Outcome(tables.drifts + routes, tables.verified, tables.replay_refused)
 
 

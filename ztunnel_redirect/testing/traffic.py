@@ -233,12 +233,16 @@ class ConnectionSet:
         return handle
 
     async def close(self, *, grace: float) -> None:
+        """Close every connection; a handler still running after `grace` seconds is logged
+        (`connections_outlived_grace`) and left behind."""
         for writer in list(self._writers):
             writer.close()
         for work in list(self._work):
             work.cancel()
         if self._handlers:
-            await asyncio.wait(list(self._handlers), timeout=grace)
+            _, pending = await asyncio.wait(list(self._handlers), timeout=grace)
+            if pending:
+                log.warning("connections_outlived_grace", server=self.name, count=len(pending))
 
 
 async def _as_task(awaitable: Awaitable[None]) -> None:
