@@ -35,7 +35,7 @@ from ztunnel_redirect.kube import ApiClient, KubeClient, Watcher, load_client
 from ztunnel_redirect.migration import IptablesMigration
 from ztunnel_redirect.model import HostOptions, Pod, PodUid
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.ops import Metrics, OpsServer, Readiness
+from ztunnel_redirect.ops import Metrics, OpsServer, Readiness, ReadinessCondition
 from ztunnel_redirect.podrules import KernelForms, PodRules
 from ztunnel_redirect.reconciler import (
     HOST_KEY,
@@ -57,8 +57,6 @@ reconciled `workers` at a time; they queue here only for the kernel part."""
 STARTUP_VERIFICATION_BUDGET = 60.0
 """Readiness waits at most this long for the start-up pass (one run of each pod); pods still
 failing are retried."""
-
-CONDITIONS = ("initial_lists", "host_rules", "ztunnel_server", "startup_verification", "cni")
 
 
 class ProcLocator:
@@ -113,7 +111,7 @@ class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.readiness = Readiness(CONDITIONS, details=self._ready_details)
+        self.readiness = Readiness(ReadinessCondition, details=self._ready_details)
         self._healthy = True
         self._parts: _Parts | None = None
         self._host_migration_due = True
@@ -284,31 +282,31 @@ class Agent:
 
     async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
         await parts.watcher.synced.wait()
-        self.readiness.done("initial_lists")
+        self.readiness.done(ReadinessCondition.INITIAL_LISTS)
         log.info("initial_lists_synced", pods=len(parts.state.pods))
 
         await self._adopt(parts.state, parts.reconciler, parts.finder)
         await parts.reconciler.reconcile(HOST_KEY)
-        self.readiness.done("host_rules")
+        self.readiness.done(ReadinessCondition.HOST_RULES)
 
         await parts.zds.start()
-        self.readiness.done("ztunnel_server")
+        self.readiness.done(ReadinessCondition.ZTUNNEL_SERVER)
 
         tasks.create_task(parts.queue.run(), name="pod-workers")
         await self._verify_at_startup(parts)
-        self.readiness.done("startup_verification")
+        self.readiness.done(ReadinessCondition.STARTUP_VERIFICATION)
         # Enrolled pods' IPs are in our host set now: Istio's probe SNAT can go (once it holds
         # no pod of this node that ours does not; else a later pass tries again).
         await self._migrate_host(parts)
 
         await parts.cni.start()
         if parts.installer is None:
-            self.readiness.done("cni")
+            self.readiness.done(ReadinessCondition.CNI)
         else:
             keeper = CniKeeper(
                 parts.installer,
                 period=self.settings.reconcile_period,
-                on_installed=lambda: self.readiness.done("cni"),
+                on_installed=lambda: self.readiness.done(ReadinessCondition.CNI),
                 on_failure=lambda _exc: self.metrics.count_failure("cni_config"),
             )
             tasks.create_task(keeper.run(), name="cni-install")

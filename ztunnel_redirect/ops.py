@@ -236,16 +236,19 @@ class Metrics:
 
 
 class ReadinessCondition(enum.StrEnum):
-    """What the agent must have done before it is ready, in the order it does them."""
+    """What the agent must have done before it is ready, in the order it does them: the one
+    list of conditions (the agent's `Readiness` is built from it, `/readyz` names them)."""
 
     INITIAL_LISTS = "initial_lists"
     """The first list of pods and namespaces is complete (nothing is written before)."""
-    STARTUP_VERIFICATION = "startup_verification"
-    """Every enrolled pod's rules were read back (and repaired, if so configured)."""
     HOST_RULES = "host_rules"
     """The host's probe SNAT rules and sets are in place."""
     ZTUNNEL_SERVER = "ztunnel_server"
     """The ZDS socket is listening for ztunnel."""
+    STARTUP_VERIFICATION = "startup_verification"
+    """Every pod was handled once: rules read back (and repaired, if so configured)."""
+    CNI = "cni"
+    """The CNI plugin is in the primary CNI's config (done at once without --install-cni)."""
 
 
 def _no_details() -> Mapping[str, object]:
