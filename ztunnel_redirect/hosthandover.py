@@ -51,7 +51,9 @@ class HostHandover:
         if not self.due:
             return
         try:
-            report = await self._migrate(self._reconciler.records.host_elements())
+            # Under the host-write lock, with the host set taken there: a pod added or removed
+            # meanwhile would otherwise be undone by the table this writes.
+            report = await self._reconciler.write_host(self._migrate)
         except RedirectError as exc:
             self._observer.count_failure("migration")
             log.warning("istio_host_migration_failed", reason=str(exc))

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterable, Sequence
-from typing import Final
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final, TypeVar
 
 import structlog
 
@@ -36,6 +36,7 @@ from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, Retryable
 from ztunnel_redirect.model import HostOptions, Pod, PodOptions, PodUid
 from ztunnel_redirect.netns import NetnsId
 from ztunnel_redirect.ports import (
+    HostElements,
     HostRuleWriter,
     Migration,
     NetnsLocator,
@@ -51,6 +52,8 @@ log = structlog.get_logger(__name__)
 
 HOST_KEY: Final = "host"
 """The work-queue key of the host rules (pod keys are pod UIDs)."""
+
+T = TypeVar("T")
 
 
 class NetnsPendingError(RetryableError):
@@ -108,6 +111,13 @@ class Reconciler:
             await self._timed("host", self._reconcile_host())
         else:
             await self._reconcile_pod(PodUid(key))
+
+    async def write_host(self, write: Callable[[HostElements], Awaitable[T]]) -> T:
+        """Run `write` with the desired host set, taken under the host-write lock and held
+        until it returns: no pod's element is added or removed meanwhile, so what `write` puts
+        in the host table cannot undo one (the Istio host migration writes the table too)."""
+        async with self._host_writes:
+            return await write(self.records.host_elements())
 
     # --- pods ---
 
