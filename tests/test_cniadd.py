@@ -14,7 +14,7 @@ from tests.fakes import AcceptingZtunnel, Annotations, NoNetns, Unobserved
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.cniadd import CniAdd, same_pod
 from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import RetryableError
+from ztunnel_redirect.errors import ConfigError, RetryableError, retryable
 from ztunnel_redirect.model import CniAddEvent, HostOptions, Namespace, Pod, PodUid
 from ztunnel_redirect.reconciler import Reconciler
 from ztunnel_redirect.records import PodRecords
@@ -74,7 +74,9 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
         locator=NoNetns(),
         observer=Unobserved(),
     )
-    queue = KeyedQueue[str](handler=reconciler.reconcile, concurrency=2, clock=FakeClock())
+    queue = KeyedQueue[str](
+        handler=reconciler.reconcile, concurrency=2, retryable=retryable, clock=FakeClock()
+    )
     store.subscribe(queue.enqueue)
     api = Api()
     cni_add = CniAdd(
@@ -174,6 +176,17 @@ async def test_a_namesake_in_the_cache_is_not_taken_for_the_new_pod(node: Node) 
 async def test_a_pod_unknown_to_the_api_is_retried_by_the_runtime(node: Node) -> None:
     with pytest.raises(RetryableError, match="not found"):
         await add(node)
+
+
+async def test_an_error_that_cannot_heal_is_not_retried(node: Node) -> None:
+    node.store.upsert_namespace(ambient())
+    node.store.upsert_pod(web())
+    node.kernel.fail("host_add", ConfigError("invalid pod UID"))
+
+    with pytest.raises(ConfigError):
+        await add(node)
+
+    assert node.queue.retrying == frozenset()
 
 
 @pytest.mark.parametrize(

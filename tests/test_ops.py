@@ -25,6 +25,7 @@ from ztunnel_redirect.errors import (
     NotFoundError,
     RedirectError,
     RetryableError,
+    retryable,
 )
 from ztunnel_redirect.kube import KubeApiError, RestartReason
 from ztunnel_redirect.ops import (
@@ -308,6 +309,29 @@ class _Retryable(RetryableError):
 )
 def test_failures_are_classified_by_error_type(error: Exception, reason: FailureReason) -> None:
     assert FailureReason.of(error) is reason
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (ConfigError("invalid pod IP"), False),
+        (CapabilityError("no libnftables"), False),
+        (NetnsNotFoundError("x"), True),
+        (KernelError("x"), True),
+        (_Retryable("x"), True),
+        (ValueError("a bug, maybe a race: tried again"), True),
+    ],
+)
+def test_only_errors_that_can_heal_are_retried(error: Exception, *, retried: bool) -> None:
+    assert retryable(error) is retried
+
+
+def test_work_given_up_is_counted_by_class() -> None:
+    m = Metrics()
+    m.count_given_up(ConfigError("invalid pod UID"))
+    get = m.registry.get_sample_value
+    assert get("ztunnel_redirect_given_up_total", {"reason": "config"}) == 1
+    assert get("ztunnel_redirect_given_up_total", {"reason": "capability"}) == 0
 
 
 async def test_wait_ready_returns_once_all_are_done() -> None:

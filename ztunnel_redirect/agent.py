@@ -29,7 +29,7 @@ from ztunnel_redirect.cnievents import CniEventServer
 from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
 from ztunnel_redirect.driftpass import DriftPass
 from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.errors import ConfigError, retryable
 from ztunnel_redirect.hosthandover import HostHandover
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.kube import ApiClient, KubeClient, Watcher, load_client
@@ -174,6 +174,7 @@ class Agent:
         queue = KeyedQueue[str](
             handler=reconciler.reconcile,
             concurrency=s.workers,
+            retryable=retryable,
             on_failure=self._count_failure,
             name="pods",
             log_key="pod_uid",
@@ -233,6 +234,8 @@ class Agent:
 
     def _count_failure(self, _key: str, exc: BaseException, _attempts: int) -> None:
         self.metrics.count_failure(exc)
+        if not retryable(exc):
+            self.metrics.count_given_up(exc)
 
     async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
         """The order of "readiness means state has been rebuilt" (see the module docstring)."""

@@ -150,7 +150,14 @@ class Metrics:
         )
         self._failures = Counter(
             f"{_PREFIX}_failures",
-            "Reconciles that failed (and will be retried), by class of error.",
+            "Reconciles that failed, by class of error (retried unless counted as given up).",
+            ["reason"],
+            registry=r,
+        )
+        self._given_up = Counter(
+            f"{_PREFIX}_given_up",
+            "Reconciles that failed with an error that cannot heal by itself (bad input or "
+            "settings, a missing capability): not retried until the pod changes, by class.",
             ["reason"],
             registry=r,
         )
@@ -189,6 +196,7 @@ class Metrics:
             self._drift_repairs.labels(reason=drift.value)
         for reason in FailureReason:
             self._failures.labels(reason=reason.value)
+            self._given_up.labels(reason=reason.value)
 
     def set_pods_enrolled(self, count: int) -> None:
         self._pods_enrolled.set(count)
@@ -215,6 +223,10 @@ class Metrics:
             reason = FailureReason.of(reason)
         label = reason.value if isinstance(reason, FailureReason) else str(reason)
         self._failures.labels(reason=label).inc()
+
+    def count_given_up(self, error: BaseException) -> None:
+        """Work dropped without retry because of `error` (see `errors.retryable`)."""
+        self._given_up.labels(reason=FailureReason.of(error).value).inc()
 
     def mark_pass(self, at: float | None = None) -> None:
         """A periodic pass checked every pod once in time; `at` is Unix time, default now."""
