@@ -165,7 +165,7 @@ def add_pod_here(ips: Iterable[str], uid: str, *, ipv6: bool) -> None:
 
     Each IP's element is read first: a new IP is created, an IP with another pod's UID (reused)
     is overwritten, an IP already right is left alone (an agent restart writes nothing). Only a
-    reused IP pays for a delete: closing the context after a deleting commit waits ~15 ms for
+    reused IP pays for a delete: closing the context after a deleting commit waits for
     RCU (SPEC §12 trap 4). Writing blindly and reacting to "File exists" would cost as much on
     every call: the kernel waits for RCU when it aborts a refused transaction too.
     """

@@ -537,7 +537,7 @@ class Periodic:
     (`MIN_REST` of a period) that keeps an overloaded agent from passing back to back. The first
     tick comes after one period, or at once if `immediate`.
 
-    `trigger()` runs a tick now (tests, SIGHUP); triggers while a tick runs coalesce into one more
+    `trigger()` runs a tick now (tests); triggers while a tick runs coalesce into one more
     tick right after it, since that tick may have read state before the trigger. A failing tick is
     logged (`periodic_tick_failed`), passed to `on_failure`, and the runner goes on.
     """
