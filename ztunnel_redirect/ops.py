@@ -5,8 +5,8 @@
   and numbers, never label strings. Labels with a known, bounded set of values are created at
   start, so a rate over them is 0 rather than absent on a fresh agent.
 - `Readiness` is a set of named conditions that the agent marks done as it rebuilds its state
-  (lists synced, pods verified, host rules in place, ztunnel server listening); it is ready when
-  all are done.
+  (`ReadinessCondition`: lists synced, host rules in place, ztunnel server listening, pods
+  verified, CNI plugin installed); it is ready when all are done.
 - `OpsServer` serves `/healthz` and `/readyz` on the readiness port and `/metrics` on the metrics
   port, as Istio's CNI agent does (8000 and 15014).
 

@@ -353,6 +353,7 @@ class KeyedQueue(Generic[K]):
             outcome = await future
         finally:
             self._stop_waiting(key, future)
+            self._urgent.discard(key)  # its run started (or nobody waits for it any more)
         if outcome is not None:
             raise outcome
 
