@@ -21,6 +21,7 @@ __all__ = [
     "HostRuleWriter",
     "Migration",
     "NetnsLocator",
+    "NetnsSurvey",
     "Observer",
     "PassObserver",
     "PodReader",
@@ -113,6 +114,12 @@ class PodReader(Protocol):
 class NetnsLocator(Protocol):
     async def locate(self, pod: Pod) -> str | None:
         """The path of a running pod's netns (the /proc scan), or None when not found yet."""
+        ...
+
+
+class NetnsSurvey(Protocol):
+    async def find_all(self, pods: Collection[Pod]) -> dict[PodUid, str]:
+        """The netns paths of those of `pods` that run, by one scan."""
         ...
 
 

@@ -14,7 +14,7 @@ from typing import Final
 
 import structlog
 
-from ztunnel_redirect.locator import ProcLocator
+from ztunnel_redirect.ports import NetnsSurvey
 from ztunnel_redirect.reconciler import enrolled_by_annotation
 from ztunnel_redirect.records import PodRecords
 from ztunnel_redirect.store import ClusterStore
@@ -35,7 +35,7 @@ class Startup:
         *,
         store: ClusterStore,
         records: PodRecords,
-        locator: ProcLocator,
+        locator: NetnsSurvey,
         queue: KeyedQueue[str],
         budget: float = STARTUP_VERIFICATION_BUDGET,
     ) -> None:
