@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift, DriftKind
@@ -27,10 +28,10 @@ from ztunnel_redirect.procscan import netns_key
 
 __all__ = ["FakeKernel", "Hold", "Operation"]
 
-Operation = str
-"""`pod_apply`, `pod_check`, `pod_remove`, `host_apply`, `host_add`, `host_remove`."""
+Operation = Literal["pod_apply", "pod_check", "pod_remove", "host_apply", "host_add", "host_remove"]
+"""What the fake kernel can be told to fail, hook or hold."""
 
-_LOGGED = {
+_LOGGED: dict[Operation, str] = {
     "pod_apply": "rules",
     "pod_remove": "remove_rules",
     "host_add": "host_add",
