@@ -24,9 +24,8 @@ import pytest
 
 from tests.istio import all_saves, install_istio_host, install_istio_pod, need, sh
 from ztunnel_redirect import constants as c
-from ztunnel_redirect.agent import _same_pod
 from ztunnel_redirect.migration import Flavour
-from ztunnel_redirect.model import Pod, PodOptions, PodUid
+from ztunnel_redirect.model import PodOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.podrules import PodRules
 from ztunnel_redirect.testing.agentprocess import (
@@ -985,19 +984,3 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
 
 def plugin_types(conflist: Path) -> list[Any]:
     return [plugin.get("type") for plugin in json.loads(conflist.read_text())["plugins"]]
-
-
-@pytest.mark.parametrize(
-    ("annotations", "uid", "same"),
-    [
-        ({}, None, True),  # a runtime that passes no K8S_POD_UID: the name decides
-        ({}, "u-1", True),
-        ({}, "u-2", False),  # the cached namesake of a recreated pod
-        ({c.MIRROR_ANNOTATION: "hash"}, "hash", True),  # a static pod's mirror
-    ],
-)
-def test_a_cni_add_is_for_the_pod_its_runtime_uid_names(
-    annotations: dict[str, str], uid: str | None, *, same: bool
-) -> None:
-    pod = Pod(name="web-0", namespace=NS, uid=PodUid("u-1"), annotations=annotations)
-    assert _same_pod(pod, uid) is same

@@ -15,6 +15,7 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
+from ztunnel_redirect.agent import Agent
 from ztunnel_redirect.drift import DriftKind
 from ztunnel_redirect.errors import (
     CapabilityError,
@@ -24,6 +25,7 @@ from ztunnel_redirect.errors import (
     NotFoundError,
     RedirectError,
     RetryableError,
+    retryable,
 )
 from ztunnel_redirect.kube import KubeApiError, RestartReason
 from ztunnel_redirect.ops import (
@@ -34,6 +36,7 @@ from ztunnel_redirect.ops import (
     ReadinessCondition,
     ReconcileKind,
 )
+from ztunnel_redirect.settings import Settings
 
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 
@@ -117,19 +120,28 @@ async def test_readyz_lists_pending_conditions_until_all_are_done(ops: Ops) -> N
     assert status == 503
     assert text.splitlines()[1:] == [
         "initial_lists",
-        "startup_verification",
         "host_rules",
         "ztunnel_server",
+        "startup_verification",
+        "cni",
     ]
     ops.readiness.done(ReadinessCondition.INITIAL_LISTS)
     ops.readiness.done("host_rules")
     status, text = await ops.readyz()
     assert status == 503
-    assert text.splitlines()[1:] == ["startup_verification", "ztunnel_server"]
+    assert text.splitlines()[1:] == ["ztunnel_server", "startup_verification", "cni"]
 
-    ops.readiness.done(ReadinessCondition.STARTUP_VERIFICATION)
     ops.readiness.done(ReadinessCondition.ZTUNNEL_SERVER)
+    ops.readiness.done(ReadinessCondition.STARTUP_VERIFICATION)
+    ops.readiness.done(ReadinessCondition.CNI)
     assert await ops.readyz() == (200, "ready\n")
+
+
+def test_the_agent_waits_for_exactly_the_documented_conditions_in_their_order() -> None:
+    """`ReadinessCondition` is what operators read (and `/readyz` names): the agent's readiness
+    is built from it, so the two cannot disagree."""
+    agent = Agent(Settings(node_name="n"))
+    assert agent.readiness.pending() == tuple(ReadinessCondition)
 
 
 async def test_readyz_goes_back_to_503_when_a_condition_is_lost(ops: Ops) -> None:
@@ -297,6 +309,29 @@ class _Retryable(RetryableError):
 )
 def test_failures_are_classified_by_error_type(error: Exception, reason: FailureReason) -> None:
     assert FailureReason.of(error) is reason
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (ConfigError("invalid pod IP"), False),
+        (CapabilityError("no libnftables"), False),
+        (NetnsNotFoundError("x"), True),
+        (KernelError("x"), True),
+        (_Retryable("x"), True),
+        (ValueError("a bug, maybe a race: tried again"), True),
+    ],
+)
+def test_only_errors_that_can_heal_are_retried(error: Exception, *, retried: bool) -> None:
+    assert retryable(error) is retried
+
+
+def test_work_given_up_is_counted_by_class() -> None:
+    m = Metrics()
+    m.count_given_up(ConfigError("invalid pod UID"))
+    get = m.registry.get_sample_value
+    assert get("ztunnel_redirect_given_up_total", {"reason": "config"}) == 1
+    assert get("ztunnel_redirect_given_up_total", {"reason": "capability"}) == 0
 
 
 async def test_wait_ready_returns_once_all_are_done() -> None:

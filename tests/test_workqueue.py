@@ -586,6 +586,64 @@ async def test_a_cancelled_pass_leaves_the_queue_working() -> None:
     assert handler.calls == ["a"]
 
 
+# --- KeyedQueue: handle_now (someone waits for one key) -----------------------------------------
+
+
+async def test_handle_now_returns_the_outcome_of_the_run_and_the_failure_is_retried() -> None:
+    clock = FakeClock()
+    handler = Handler(failing={"a": 1})
+    failures = Failures()
+    queue = make_queue(handler, clock=clock, failures=failures)
+    async with running(queue):
+        with pytest.raises(Boom, match="a failed"):
+            await within(queue.handle_now("a"))
+        assert queue.retrying == {"a"}  # an ordinary run: counted, and retried with backoff
+        assert [k for k, _, _ in failures.seen] == ["a"]
+        await within(queue.handle_now("a"))  # cuts the backoff short, and succeeds
+    assert handler.calls == ["a", "a"]
+    assert clock.now() == 0.0
+
+
+async def test_handle_now_goes_first_in_line() -> None:
+    handler = Handler()
+    gate = gated(handler, ["busy"])["busy"]
+    queue = make_queue(handler)
+    queue.enqueue("busy")
+    async with running(queue):
+        await handler.until(lambda: handler.count("busy") == 1)
+        for key in ("b", "c"):
+            queue.enqueue(key)
+        # The task's first step (it moves "c" to the front) runs before the worker wakes up
+        # from the gate: the event loop runs callbacks in the order they were scheduled.
+        now = asyncio.create_task(queue.handle_now("c"), name="test-now")
+        gate.set()
+        await within(now)
+        await within(queue.wait_idle())
+    assert handler.calls == ["busy", "c", "b"]
+
+
+async def test_handle_now_on_a_running_key_waits_for_a_run_that_starts_after_it() -> None:
+    state = {"a": 1}
+    seen: list[int] = []
+    handler = Handler()
+    gate = gated(handler, ["a"])["a"]
+
+    async def reconcile(key: str) -> None:
+        seen.append(state[key])
+        await handler(key)
+
+    queue = KeyedQueue[str](handler=reconcile, concurrency=2, clock=FakeClock())
+    queue.enqueue("a")
+    async with running(queue):
+        await handler.until(lambda: handler.count("a") == 1)
+        state["a"] = 2  # e.g. a CNI ADD recorded a new sandbox
+        now = asyncio.create_task(queue.handle_now("a"), name="test-now")
+        gate.set()
+        await within(now)
+    assert seen == [1, 2]  # the caller's run saw its change
+    assert handler.overlaps == []
+
+
 # --- KeyedQueue: cancellation and context ---------------------------------------------------------
 
 

@@ -18,110 +18,53 @@ import asyncio
 import dataclasses
 import functools
 import signal
-import time
-from collections.abc import Callable, Collection, Mapping
-from pathlib import Path
+from typing import Final
 
 import structlog
 
-from ztunnel_redirect import hostrules, nft, procscan
-from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
+from ztunnel_redirect import nft, procscan
+from ztunnel_redirect.cniadd import CniAdd
+from ztunnel_redirect.cnievents import CniEventServer
 from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
-from ztunnel_redirect.constants import MIRROR_ANNOTATION
+from ztunnel_redirect.driftpass import DriftPass
 from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import ConfigError, RedirectError, RetryableError
+from ztunnel_redirect.errors import ConfigError, retryable
+from ztunnel_redirect.hosthandover import HostHandover
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.kube import ApiClient, KubeClient, Watcher, load_client
+from ztunnel_redirect.locator import ProcLocator
 from ztunnel_redirect.migration import IptablesMigration
-from ztunnel_redirect.model import HostOptions, Pod, PodUid
+from ztunnel_redirect.model import HostOptions
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.ops import Metrics, OpsServer, Readiness
-from ztunnel_redirect.podrules import KernelForms, PodRules
-from ztunnel_redirect.reconciler import (
-    HOST_KEY,
-    ClusterState,
-    Reconciler,
-    enrolled_by_annotation,
-)
+from ztunnel_redirect.ops import Metrics, OpsServer, Readiness, ReadinessCondition
+from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.reconciler import HOST_KEY, Reconciler
+from ztunnel_redirect.records import PodRecords
 from ztunnel_redirect.settings import Settings
+from ztunnel_redirect.startup import Startup
+from ztunnel_redirect.store import ClusterStore
 from ztunnel_redirect.workqueue import KeyedQueue, Periodic
 from ztunnel_redirect.zds import Workload, ZtunnelServer
 
 log = structlog.get_logger(__name__)
 
-NETNS_WORKERS = 2
+NETNS_WORKERS: Final = 2
 """Threads doing kernel work. Each call is short and mostly Python: more threads only contend
-for the GIL (a drift pass over 300 pods cost 335 ms CPU with 2, 589 ms with 8). Pods are still
-reconciled `workers` at a time; they queue here only for the kernel part."""
-
-STARTUP_VERIFICATION_BUDGET = 60.0
-"""Readiness waits at most this long for the start-up pass (one run of each pod); pods still
-failing are retried."""
-
-CONDITIONS = ("initial_lists", "host_rules", "ztunnel_server", "startup_verification", "cni")
-
-
-class ProcLocator:
-    """Finds a running pod's netns with the /proc scan (SPEC §7), off the event loop.
-
-    A scan reads every process of the node. Labelling a namespace enrolls all its running pods
-    at once, and one scan per pod made that O(pods x processes) (300 pods: ~9 s here, each scan
-    run by 8 workers in parallel). So one scan looks for every pod that `candidates` names (to be
-    enrolled, netns not known yet), one at a time, and keeps what it found for the others. A kept
-    match is used once, and only while it is still the same process (start time and netns inode
-    unchanged: a pid reused by another process is never taken for the pod's).
-    """
-
-    def __init__(
-        self,
-        finder: procscan.NetnsFinder,
-        *,
-        candidates: Callable[[], Mapping[PodUid, Collection[str]]] = dict,
-    ) -> None:
-        self._finder = finder
-        self._candidates = candidates
-        self._found: dict[PodUid, procscan.NetnsMatch] = {}
-        self._scanning = asyncio.Lock()
-
-    async def locate(self, pod: Pod) -> str | None:
-        async with self._scanning:
-            match = self._found.pop(pod.uid, None)
-            if match is not None and await asyncio.to_thread(_same_process, match):
-                return match.path
-            wanted = {**self._candidates(), pod.uid: pod.ips}
-            found = await asyncio.to_thread(self._finder.find_all, wanted)
-            match = found.pop(pod.uid, None)
-            self._found = found
-        return None if match is None else match.path
-
-
-def _same_process(match: procscan.NetnsMatch) -> bool:
-    """Whether the process a scan found is still there, unchanged (same start time, same netns)."""
-    key = procscan.netns_key(match.path)
-    try:
-        stat = (Path(match.path).parent.parent / "stat").read_text()
-    except OSError:
-        return False
-    return (
-        key is not None
-        and key[1] == match.inode
-        and procscan.parse_start_time(stat) == match.start_time
-    )
+for the GIL. Pods are still reconciled `workers` at a time; they queue here only for the kernel
+part."""
 
 
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.readiness = Readiness(CONDITIONS, details=self._ready_details)
+        self.readiness = Readiness(ReadinessCondition, details=self._ready_details)
         self._healthy = True
         self._parts: _Parts | None = None
-        self._host_migration_due = True
-        """Istio's host rules may still be there (postponed until our sets cover its pods)."""
 
     def _ready_details(self) -> dict[str, object]:
         """What `agent_ready` says besides the fact."""
-        return {"pods_enrolled": 0 if self._parts is None else len(self._parts.reconciler.records)}
+        return {"pods_enrolled": 0 if self._parts is None else len(self._parts.records)}
 
     def policy(self) -> EnrollmentPolicy:
         s = self.settings
@@ -194,238 +137,145 @@ class Agent:
             await parts.zds.close()
 
     def _build(self, api: ApiClient, runner: NetnsRunner, host_options: HostOptions) -> _Parts:
+        """Every part, each built from parts built before it (keyword arguments only). The one
+        edge back, from the store to the queue that runs the reconciler on its changes, is a
+        subscription made once both exist."""
         s = self.settings
+        policy = self.policy()
+        store = ClusterStore()
+        records = PodRecords(store=store, policy=policy)
         finder = procscan.NetnsFinder(
             addresses_of=procscan.runner_addresses(runner), proc_root=s.proc_root
         )
-
-        async def reconcile(key: str) -> None:
-            await reconciler.reconcile(key)
-
-        queue: KeyedQueue[str] = KeyedQueue(
-            handler=reconcile,
-            concurrency=s.workers,
-            on_failure=lambda _key, exc, _attempts: self.metrics.count_failure(exc),
-            name="pods",
-            log_key="pod_uid",
-        )
-        # An API change is a real change: it cuts a scheduled retry short (a pod in backoff that
-        # leaves the mesh or is deleted is acted on at once, not after up to 30 s). The drift
-        # pass enqueues without `now`, so failing pods keep their backoff.
-        state = ClusterState(lambda key: queue.enqueue(key, now=True))
-        kube = KubeClient(api)
-
-        policy = self.policy()
-
-        def unlocated() -> dict[PodUid, tuple[str, ...]]:
-            """Pods to enroll whose netns is not known yet (looked for in one scan)."""
-            return {
-                uid: pod.ips
-                for uid, pod in state.pods.items()
-                if pod.ips
-                and (uid not in reconciler.records or reconciler.records[uid].netns is None)
-                and policy.decide(pod, state.namespaces.get(pod.namespace)).enrolled
-            }
-
-        def snapshot() -> list[Workload]:
-            # A ztunnel just connected. Pods it had not accepted yet wait out a retry backoff
-            # of up to 30 s, pending and without their host set entry (probes): retry them now.
-            # Their Add is queued behind this snapshot on the new connection.
-            for uid, record in reconciler.records.items():
-                if not record.acked:
-                    queue.enqueue(uid, now=True)
-            return [Workload(*workload) for workload in reconciler.workloads()]
-
+        locator = ProcLocator(finder=finder, candidates=records.unlocated)
         zds = ZtunnelServer(
             path=s.ztunnel_uds,
-            snapshot=snapshot,
-            on_snapshot_nack=lambda uid, _error: reconciler.snapshot_nacked(uid),
+            snapshot=functools.partial(_snapshot, records),
+            on_snapshot_nack=lambda uid, _error: records.snapshot_nacked(uid),
         )
+        kube = KubeClient(api)
         migration = IptablesMigration(runner)
+        host_rules = HostRules(runner, netns=s.host_netns)
         reconciler = Reconciler(
-            state=state,
+            store=store,
+            records=records,
             policy=policy,
             pod_rules=PodRules(runner, on_replay_refused=self.metrics.count_replay_refused),
-            host_rules=HostRules(runner, netns=s.host_netns),
+            host_rules=host_rules,
             host_options=host_options,
             ztunnel=zds,
             status=kube,
-            locator=ProcLocator(finder, candidates=unlocated),
+            locator=locator,
             observer=self.metrics,
             migration=migration,
             repair_on_startup=s.reconcile_on_startup,
         )
-        watcher = Watcher(
-            api=api, node_name=s.node_name, store=state, on_restart=self.metrics.count_watch_restart
+        queue = KeyedQueue[str](
+            handler=reconciler.reconcile,
+            concurrency=s.workers,
+            retryable=retryable,
+            on_failure=self._count_failure,
+            name="pods",
+            log_key="pod_uid",
         )
-
-        async def on_cni_add(event: CniAddEvent) -> None:
-            await self._cni_add(event, state, kube, reconciler)
-
-        cni = CniEventServer(
-            on_cni_add,
-            socket_path=s.plugin_event_socket,
-            allowed_netns_dirs=s.allowed_netns_dirs,
-            host_netns=s.host_netns,
+        # Every store change is a real change: it cuts a scheduled retry short (a pod in backoff
+        # that leaves the mesh or is deleted is acted on at once, not after up to 30 s). The
+        # drift pass enqueues without `now`, so failing pods keep their backoff.
+        store.subscribe(functools.partial(queue.enqueue, now=True))
+        handover = HostHandover(
+            reconciler=reconciler,
+            store=store,
+            policy=policy,
+            host_rules=host_rules,
+            migration=migration,
+            host_options=host_options,
+            netns=s.host_netns,
+            observer=self.metrics,
+        )
+        cni_add = CniAdd(
+            store=store,
+            api=kube,
+            policy=policy,
+            queue=queue,
+            records=records,
+            observe=self.metrics.observe_cni_add,
         )
         return _Parts(
-            state,
-            queue,
-            reconciler,
-            finder,
-            watcher,
-            zds,
-            cni,
-            self._installer(),
-            migration,
-            host_options,
-            policy,
+            store=store,
+            records=records,
+            queue=queue,
+            reconciler=reconciler,
+            watcher=Watcher(
+                api=api,
+                node_name=s.node_name,
+                store=store,
+                on_restart=self.metrics.count_watch_restart,
+            ),
+            zds=zds,
+            cni=CniEventServer(
+                cni_add.handle,
+                socket_path=s.plugin_event_socket,
+                allowed_netns_dirs=s.allowed_netns_dirs,
+                host_netns=s.host_netns,
+            ),
+            installer=self._installer(),
+            startup=Startup(store=store, records=records, locator=locator, queue=queue),
+            drift_pass=DriftPass(
+                queue=queue,
+                records=records,
+                handover=handover,
+                observer=self.metrics,
+                ztunnel=zds,
+                period=s.reconcile_period,
+            ),
+            handover=handover,
         )
 
-    async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
-        await parts.watcher.synced.wait()
-        self.readiness.done("initial_lists")
-        log.info("initial_lists_synced", pods=len(parts.state.pods))
+    def _count_failure(self, _key: str, exc: BaseException, _attempts: int) -> None:
+        self.metrics.count_failure(exc)
+        if not retryable(exc):
+            self.metrics.count_given_up(exc)
 
-        await self._adopt(parts.state, parts.reconciler, parts.finder)
+    async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
+        """The order of "readiness means state has been rebuilt" (see the module docstring)."""
+        await parts.watcher.synced.wait()
+        self.readiness.done(ReadinessCondition.INITIAL_LISTS)
+        log.info("initial_lists_synced", pods=len(parts.store.pods))
+
+        await parts.startup.adopt()
+        # The workers do not run yet: this is the only run of the host key.
         await parts.reconciler.reconcile(HOST_KEY)
-        self.readiness.done("host_rules")
+        self.readiness.done(ReadinessCondition.HOST_RULES)
 
         await parts.zds.start()
-        self.readiness.done("ztunnel_server")
+        self.readiness.done(ReadinessCondition.ZTUNNEL_SERVER)
 
         tasks.create_task(parts.queue.run(), name="pod-workers")
-        await self._verify_at_startup(parts)
-        self.readiness.done("startup_verification")
+        await parts.startup.verify()
+        self.readiness.done(ReadinessCondition.STARTUP_VERIFICATION)
         # Enrolled pods' IPs are in our host set now: Istio's probe SNAT can go (once it holds
         # no pod of this node that ours does not; else a later pass tries again).
-        await self._migrate_host(parts)
+        await parts.handover.run()
 
         await parts.cni.start()
         if parts.installer is None:
-            self.readiness.done("cni")
+            self.readiness.done(ReadinessCondition.CNI)
         else:
             keeper = CniKeeper(
                 parts.installer,
                 period=self.settings.reconcile_period,
-                on_installed=lambda: self.readiness.done("cni"),
+                on_installed=functools.partial(self.readiness.done, ReadinessCondition.CNI),
                 on_failure=lambda _exc: self.metrics.count_failure("cni_config"),
             )
             tasks.create_task(keeper.run(), name="cni-install")
 
         periodic = Periodic(
-            tick=lambda: self._drift_pass(parts),
+            tick=parts.drift_pass.run_once,
             period=self.settings.reconcile_period,
             on_failure=lambda _exc: self.metrics.count_failure("drift_pass"),
             name="drift-pass",
         )
         tasks.create_task(periodic.run(), name="drift-pass")
-
-    async def _verify_at_startup(self, parts: _Parts) -> None:
-        """Every pod the initial lists brought and every adopted one, handled once."""
-        keys = [*parts.state.pods, *parts.state.deleted, *parts.reconciler.records]
-        try:
-            async with asyncio.timeout(STARTUP_VERIFICATION_BUDGET):
-                failed = await parts.queue.handle_once(keys)
-        except TimeoutError:
-            log.warning(
-                "startup_verification_incomplete",
-                reason="budget exceeded",
-                budget_s=STARTUP_VERIFICATION_BUDGET,
-            )
-            return
-        if failed:
-            log.warning(
-                "startup_verification_incomplete", reason="pods failed", retrying=len(failed)
-            )
-
-    async def _migrate_host(self, parts: _Parts) -> None:
-        """Istio's host rules go once our sets cover its pods of this node; postponed until then
-        (the drift pass calls again), dropped for good after a failure."""
-        if not self._host_migration_due:
-            return
-        install = functools.partial(
-            hostrules.apply_here,
-            parts.host_options,
-            parts.reconciler.host_elements(),
-            KernelForms(),
-        )
-        try:
-            report = await parts.migration.migrate_host(
-                self.settings.host_netns, install, node_ips=_ips_to_enroll(parts)
-            )
-        except RedirectError as exc:
-            self.metrics.count_failure("migration")
-            log.warning("istio_host_migration_failed", reason=str(exc))
-            self._host_migration_due = False
-            return
-        self._host_migration_due = bool(report.postponed)
-
-    async def _drift_pass(self, parts: _Parts) -> None:
-        """Check every enrolled pod and the host once; only what drifted gets written.
-
-        The pass waits for one run of each, not for pods waiting out a retry backoff (they count
-        as failed): one failing pod must not hold every other pod's repair beyond a period.
-        """
-        started = time.monotonic()
-        keys = [*parts.reconciler.records, HOST_KEY]
-        try:
-            async with asyncio.timeout(self.settings.reconcile_period):
-                failed = await parts.queue.handle_once(keys)
-        except TimeoutError:
-            log.warning(
-                "drift_pass_slow", pods=len(keys) - 1, period_s=self.settings.reconcile_period
-            )
-            return
-        self.metrics.set_ztunnel_connections(parts.zds.live_connections)
-        self.metrics.mark_pass(time.time())
-        await self._migrate_host(parts)
-        # One line per period: the heartbeat that shows every enrolled pod is being verified.
-        log.info(
-            "drift_pass_done",
-            pods=len(parts.reconciler.records),
-            failed=len(failed),
-            duration_ms=round((time.monotonic() - started) * 1e3, 3),
-        )
-
-    async def _adopt(
-        self, state: ClusterState, reconciler: Reconciler, finder: procscan.NetnsFinder
-    ) -> None:
-        """Rebuild what a previous run enrolled: annotated pods, netns by one /proc scan."""
-        previous = enrolled_by_annotation(state.pods.values())
-        if not previous:
-            return
-        found = await asyncio.to_thread(finder.find_all, {p.uid: p.ips for p in previous})
-        for pod in previous:
-            match = found.get(pod.uid)
-            reconciler.adopt(pod, None if match is None else match.path)
-        log.info("pods_adopted", pods=len(previous), netns_found=len(found))
-
-    async def _cni_add(
-        self, event: CniAddEvent, state: ClusterState, kube: KubeClient, reconciler: Reconciler
-    ) -> None:
-        started = time.perf_counter()
-        pod = state.find(event.pod_namespace, event.pod_name)
-        if pod is None or not _same_pod(pod, event.pod_uid):
-            # The cache may still hold the namesake this sandbox replaces (a StatefulSet pod
-            # deleted and recreated): the API has the new one.
-            pod = await kube.get_pod(event.pod_namespace, event.pod_name)
-        if pod is None:
-            raise RetryableError(f"pod {event.pod_namespace}/{event.pod_name} not found in the API")
-        if not _same_pod(pod, event.pod_uid):
-            raise RetryableError(
-                f"pod {event.pod_namespace}/{event.pod_name} is {pod.uid} in the API; "
-                f"the sandbox is for {event.pod_uid}"
-            )
-        if event.pod_namespace not in state.namespaces:
-            namespace = await kube.get_namespace(event.pod_namespace)
-            if namespace is not None:
-                state.namespaces[namespace.name] = namespace
-        pod = dataclasses.replace(pod, ips=event.ips or pod.ips)
-        try:
-            await reconciler.add_from_cni(pod, event.netns)
-        finally:
-            self.metrics.observe_cni_add(time.perf_counter() - started)
 
     def _installer(self) -> CniInstaller | None:
         s = self.settings
@@ -442,15 +292,9 @@ class Agent:
         )
 
 
-def _ips_to_enroll(parts: _Parts) -> set[str]:
-    """The IPs of this node's pods that are to be enrolled (whether they are yet or not)."""
-    state = parts.state
-    return {
-        ip
-        for pod in state.pods.values()
-        if parts.policy.decide(pod, state.namespaces.get(pod.namespace)).enrolled
-        for ip in pod.ips
-    }
+def _snapshot(records: PodRecords) -> list[Workload]:
+    """Every enrolled pod, for a ztunnel that just connected."""
+    return [Workload(*workload) for workload in records.snapshot()]
 
 
 class _Stop(Exception):
@@ -466,24 +310,18 @@ async def _raise_when(stop: asyncio.Event) -> None:
 class _Parts:
     """The agent's concrete objects, built once and wired together."""
 
-    state: ClusterState
+    store: ClusterStore
+    records: PodRecords
     queue: KeyedQueue[str]
     reconciler: Reconciler
-    finder: procscan.NetnsFinder
     watcher: Watcher
     zds: ZtunnelServer
     cni: CniEventServer
     installer: CniInstaller | None
-    migration: IptablesMigration
-    host_options: HostOptions
-    policy: EnrollmentPolicy
+    startup: Startup
+    drift_pass: DriftPass
+    handover: HostHandover
 
 
 async def run(settings: Settings) -> None:
     await Agent(settings).run()
-
-
-def _same_pod(pod: Pod, uid: str | None) -> bool:
-    """Is `pod` the one the runtime's `K8S_POD_UID` names? Static pods: the kubelet's UID is the
-    manifest hash, kept on the mirror pod's annotation."""
-    return uid is None or pod.uid == uid or pod.annotations.get(MIRROR_ANNOTATION) == uid

@@ -32,7 +32,6 @@ import posixpath
 import re
 import socket
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -41,7 +40,7 @@ from aiohttp import web
 
 from ztunnel_redirect import constants, unixsocket
 from ztunnel_redirect.errors import ConfigError, RedirectError
-from ztunnel_redirect.model import PodUid
+from ztunnel_redirect.model import CniAddEvent, PodUid
 from ztunnel_redirect.procscan import netns_key
 
 __all__ = [
@@ -70,21 +69,6 @@ _OWN_NETNS: Final = "/proc/self/ns/net"
 
 class InvalidCniEventError(RedirectError):
     """The plugin sent something we cannot act on; the message says what."""
-
-
-@dataclass(frozen=True)
-class CniAddEvent:
-    """A pod sandbox that the runtime has just set up (the plugin's ADD)."""
-
-    netns: str
-    """Path of the pod's network namespace as the host sees it, normalised."""
-    pod_name: str
-    pod_namespace: str
-    ips: tuple[str, ...]
-    """The pod's addresses from the primary CNI's result, in canonical text form."""
-    pod_uid: PodUid | None = None
-    """The UID the runtime passed (`K8S_POD_UID`); None when it passed none. It tells this pod from
-    an earlier pod of the same name (a StatefulSet pod deleted and recreated)."""
 
 
 OnAdd = Callable[[CniAddEvent], Coroutine[Any, Any, None]]

@@ -27,3 +27,14 @@ class NotFoundError(KernelError):
 
 class RetryableError(RedirectError):
     """A transient failure: the work item is retried with backoff."""
+
+
+PERMANENT_ERRORS = (ConfigError, CapabilityError)
+"""Errors that cannot heal by themselves: trying again changes nothing until someone changes
+the input (the pod, the settings, the machine)."""
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether work that failed with `error` is worth retrying (the keyed queue's retry policy).
+    Work that is not is dropped until an event brings it back, and counted."""
+    return not isinstance(error, PERMANENT_ERRORS)

@@ -11,6 +11,7 @@ rules (a firewall reload otherwise leaves probes failing for good, istio#60607).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -164,7 +165,7 @@ def add_pod_here(ips: Iterable[str], uid: str, *, ipv6: bool) -> None:
 
     Each IP's element is read first: a new IP is created, an IP with another pod's UID (reused)
     is overwritten, an IP already right is left alone (an agent restart writes nothing). Only a
-    reused IP pays for a delete: closing the context after a deleting commit waits ~15 ms for
+    reused IP pays for a delete: closing the context after a deleting commit waits for
     RCU (SPEC §12 trap 4). Writing blindly and reacting to "File exists" would cost as much on
     every call: the kernel waits for RCU when it aborts a refused transaction too.
     """
@@ -256,6 +257,11 @@ class HostRules:
 
     async def remove_pod(self, ips: Iterable[str], uid: PodUid) -> list[str]:
         return await self._runner.run(self._netns, remove_pod_here, tuple(ips), uid)
+
+    def installer(self, options: HostOptions, elements: Elements) -> Callable[[], list[Drift]]:
+        """`apply_here` with `options` and `elements`, to run on a worker in the host netns
+        (the Istio host migration installs ours first)."""
+        return functools.partial(apply_here, options, dict(elements), self._forms)
 
     async def remove(self) -> bool:
         return await self._runner.run(self._netns, remove_here)

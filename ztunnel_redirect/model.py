@@ -93,3 +93,18 @@ class Pod:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True)
+class CniAddEvent:
+    """A pod sandbox that the runtime has just set up (the plugin's ADD)."""
+
+    netns: str
+    """Path of the pod's network namespace as the host sees it, normalised."""
+    pod_name: str
+    pod_namespace: str
+    ips: tuple[str, ...]
+    """The pod's addresses from the primary CNI's result, in canonical text form."""
+    pod_uid: PodUid | None = None
+    """The UID the runtime passed (`K8S_POD_UID`); None when it passed none. It tells this pod from
+    an earlier pod of the same name (a StatefulSet pod deleted and recreated)."""

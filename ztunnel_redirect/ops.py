@@ -5,8 +5,8 @@
   and numbers, never label strings. Labels with a known, bounded set of values are created at
   start, so a rate over them is 0 rather than absent on a fresh agent.
 - `Readiness` is a set of named conditions that the agent marks done as it rebuilds its state
-  (lists synced, pods verified, host rules in place, ztunnel server listening); it is ready when
-  all are done.
+  (`ReadinessCondition`: lists synced, host rules in place, ztunnel server listening, pods
+  verified, CNI plugin installed); it is ready when all are done.
 - `OpsServer` serves `/healthz` and `/readyz` on the readiness port and `/metrics` on the metrics
   port, as Istio's CNI agent does (8000 and 15014).
 
@@ -150,7 +150,14 @@ class Metrics:
         )
         self._failures = Counter(
             f"{_PREFIX}_failures",
-            "Reconciles that failed (and will be retried), by class of error.",
+            "Reconciles that failed, by class of error (retried unless counted as given up).",
+            ["reason"],
+            registry=r,
+        )
+        self._given_up = Counter(
+            f"{_PREFIX}_given_up",
+            "Reconciles that failed with an error that cannot heal by itself (bad input or "
+            "settings, a missing capability): not retried until the pod changes, by class.",
             ["reason"],
             registry=r,
         )
@@ -189,6 +196,7 @@ class Metrics:
             self._drift_repairs.labels(reason=drift.value)
         for reason in FailureReason:
             self._failures.labels(reason=reason.value)
+            self._given_up.labels(reason=reason.value)
 
     def set_pods_enrolled(self, count: int) -> None:
         self._pods_enrolled.set(count)
@@ -216,6 +224,10 @@ class Metrics:
         label = reason.value if isinstance(reason, FailureReason) else str(reason)
         self._failures.labels(reason=label).inc()
 
+    def count_given_up(self, error: BaseException) -> None:
+        """Work dropped without retry because of `error` (see `errors.retryable`)."""
+        self._given_up.labels(reason=FailureReason.of(error).value).inc()
+
     def mark_pass(self, at: float | None = None) -> None:
         """A periodic pass checked every pod once in time; `at` is Unix time, default now."""
         self._last_pass.set(time.time() if at is None else at)
@@ -236,16 +248,19 @@ class Metrics:
 
 
 class ReadinessCondition(enum.StrEnum):
-    """What the agent must have done before it is ready, in the order it does them."""
+    """What the agent must have done before it is ready, in the order it does them: the one
+    list of conditions (the agent's `Readiness` is built from it, `/readyz` names them)."""
 
     INITIAL_LISTS = "initial_lists"
     """The first list of pods and namespaces is complete (nothing is written before)."""
-    STARTUP_VERIFICATION = "startup_verification"
-    """Every enrolled pod's rules were read back (and repaired, if so configured)."""
     HOST_RULES = "host_rules"
     """The host's probe SNAT rules and sets are in place."""
     ZTUNNEL_SERVER = "ztunnel_server"
     """The ZDS socket is listening for ztunnel."""
+    STARTUP_VERIFICATION = "startup_verification"
+    """Every pod was handled once: rules read back (and repaired, if so configured)."""
+    CNI = "cni"
+    """The CNI plugin is in the primary CNI's config (done at once without --install-cni)."""
 
 
 def _no_details() -> Mapping[str, object]:

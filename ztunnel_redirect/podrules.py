@@ -23,7 +23,7 @@ from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsId, NetnsRunner, entered_scratch
 from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings, send_batch
-from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
+from ztunnel_redirect.render import Ruleset, pod_ruleset
 
 log = structlog.get_logger(__name__)
 
@@ -370,8 +370,3 @@ class PodRules:
     def forget(self, netns: str) -> None:
         """The netns is gone: drop what we remembered of it."""
         self._verified.pop(netns, None)
-
-    async def kernel_form(self, table: Table) -> TableListing:
-        """How the kernel lists one desired table (for tests and debugging)."""
-        forms = await self._runner.run(None, self._forms.of, Ruleset((table,)))
-        return forms[table.name]

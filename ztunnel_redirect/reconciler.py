@@ -1,9 +1,9 @@
 """The reconciler: one level-triggered function that brings a pod (or the host) to what the API
 says, whatever brought it here (watch event, CNI ADD, periodic drift pass, agent restart).
 
-Event handlers only record what changed (`ClusterState`) and enqueue the pod's key; a worker runs
-`reconcile(key)`, which reads the current desired state, reads the kernel, and writes only what
-differs. Add and remove follow SPEC §6:
+Event handlers only record what changed (`store.ClusterStore`), which enqueues the pod's key;
+a worker of the keyed queue runs `reconcile(key)`, which reads the current desired state, reads
+the kernel, and writes only what differs. Add and remove follow SPEC §6:
 
 add:    netns → pod rules + routing → ztunnel Add (ack) → host set → annotation `enabled`
         (no ztunnel or a nack: annotation `pending`, retried with backoff)
@@ -23,77 +23,41 @@ Every collaborator is an interface, wired in `agent.py`; tests use fakes or the 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, TypeVar
 
 import structlog
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import procscan
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
-from ztunnel_redirect.hostrules import HostRules
-from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
-from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.model import HostOptions, Pod, PodOptions, PodUid
+from ztunnel_redirect.netns import NetnsId
+from ztunnel_redirect.ports import (
+    HostElements,
+    HostRuleWriter,
+    Migration,
+    NetnsLocator,
+    Observer,
+    PodRuleWriter,
+    StatusWriter,
+    Ztunnel,
+)
+from ztunnel_redirect.records import ENABLED, PENDING, Phase, PodRecord, PodRecords, netns_id
+from ztunnel_redirect.store import ClusterStore, Sandbox
 
 log = structlog.get_logger(__name__)
 
 HOST_KEY: Final = "host"
 """The work-queue key of the host rules (pod keys are pod UIDs)."""
 
-ENABLED: Final = "enabled"
-PENDING: Final = "pending"
-
-
-class Ztunnel(Protocol):
-    async def add_workload(
-        self, pod: Pod, netns_path: str, *, identity: NetnsId | None = None
-    ) -> None: ...
-    async def del_workload(self, uid: PodUid) -> None: ...
-
-
-class StatusWriter(Protocol):
-    async def set_redirection_status(self, pod: Pod, value: str | None) -> None: ...
-
-
-class NetnsLocator(Protocol):
-    async def locate(self, pod: Pod) -> str | None:
-        """The path of a running pod's netns (the /proc scan), or None when not found yet."""
-        ...
-
-
-class Migration(Protocol):
-    async def migrate_pod(
-        self, netns: str, options: PodOptions, *, identity: NetnsId | None = None
-    ) -> object:
-        """Ours in place first, then Istio's iptables-backend rules removed (if any)."""
-        ...
-
-
-class Observer(Protocol):
-    """What the reconciler reports (metrics)."""
-
-    def observe_reconcile(self, kind: str, seconds: float) -> None: ...
-    def count_repair(self, reason: str) -> None: ...
-    def count_failure(self, reason: str) -> None: ...
-    def set_pods_enrolled(self, count: int) -> None: ...
+T = TypeVar("T")
 
 
 class NetnsPendingError(RetryableError):
     """The pod's network namespace was not found yet (retried with backoff)."""
-
-
-NetnsId = tuple[int, int]
-"""(st_dev, st_ino) of a network namespace: what a path named when we found it."""
-
-
-def netns_id(path: str) -> NetnsId | None:
-    """The identity of the netns `path` names now (None: nothing there)."""
-    return procscan.netns_key(path)
 
 
 def _why_gone(path: str | None) -> str:
@@ -102,123 +66,15 @@ def _why_gone(path: str | None) -> str:
     return "netns_gone" if path is None or netns_id(path) is None else "replaced"
 
 
-@dataclass
-class PodRecord:
-    """What this agent did for an enrolled pod (the kernel has the details)."""
-
-    pod: Pod
-    netns: str | None = None
-    netns_id: NetnsId | None = None
-    """The identity of the netns `netns` named when it was found: checked before each use."""
-    from_cni: bool = False
-    options: PodOptions | None = None
-    acked: bool = False
-    """ztunnel has accepted the pod (Add acked, or delivered in a snapshot)."""
-    status: str | None = None
-    adopted: bool = False
-    """Enrolled by a previous run of the agent (its rules are verified, never assumed fresh)."""
-    in_host_set: bool = False
-    """Its IPs were added to the host probe sets by this run."""
-    migrated: bool = False
-    """Istio's iptables rules are known to be absent from its netns (removed, or never there)."""
-
-    def netns_current(self) -> bool:
-        """Whether `netns` still names the netns it named when it was found."""
-        return (
-            self.netns is not None
-            and self.netns_id is not None
-            and (netns_id(self.netns) == self.netns_id)
-        )
-
-
-@dataclass
-class _KeyLock:
-    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
-    users: int = 0
-    """Callers running or waiting: the lock is dropped only when none is left."""
-
-
-class ClusterState:
-    """The pods of this node and the namespaces, as the API says. Implements `kube.Store`.
-
-    Handlers record and enqueue; they never touch the kernel.
-    """
-
-    def __init__(self, enqueue: Callable[[str], None]) -> None:
-        self.enqueue = enqueue
-        self.pods: dict[PodUid, Pod] = {}
-        self.namespaces: dict[str, Namespace] = {}
-        self.deleted: dict[PodUid, Pod] = {}
-        """Pods gone from the API whose cleanup has not run yet (keeps their IPs)."""
-
-    def _with_known_ips(self, pod: Pod) -> Pod:
-        """A running pod's IPs do not go away: until the kubelet reports the sandbox's IPs, the
-        API shows none, while the CNI ADD already told us them. Keep what we know."""
-        known = self.pods.get(pod.uid)
-        if pod.ips or known is None or not known.ips:
-            return pod
-        return dataclasses.replace(pod, ips=known.ips)
-
-    def replace_pods(self, pods: Sequence[Pod]) -> None:
-        fresh = {pod.uid: self._with_known_ips(pod) for pod in pods}
-        for uid in self.pods.keys() - fresh.keys():
-            self.deleted[uid] = dataclasses.replace(self.pods[uid], deleted=True)
-            self.enqueue(uid)
-        changed = [uid for uid, pod in fresh.items() if self.pods.get(uid) != pod]
-        self.pods = fresh
-        for uid in changed:
-            self.enqueue(uid)
-
-    def upsert_pod(self, pod: Pod) -> None:
-        pod = self._with_known_ips(pod)
-        if self.pods.get(pod.uid) != pod:
-            self.pods[pod.uid] = pod
-            self.enqueue(pod.uid)
-
-    def delete_pod(self, pod: Pod) -> None:
-        known = self.pods.pop(pod.uid, pod)
-        self.deleted[pod.uid] = dataclasses.replace(known, deleted=True)
-        self.enqueue(pod.uid)
-
-    def _namespace_changed(self, name: str) -> None:
-        for pod in self.pods.values():
-            if pod.namespace == name:
-                self.enqueue(pod.uid)
-
-    def replace_namespaces(self, namespaces: Sequence[Namespace]) -> None:
-        fresh = {ns.name: ns for ns in namespaces}
-        changed = {
-            n
-            for n in fresh.keys() | self.namespaces.keys()
-            if fresh.get(n) != self.namespaces.get(n)
-        }
-        self.namespaces = fresh
-        for name in changed:
-            self._namespace_changed(name)
-
-    def upsert_namespace(self, ns: Namespace) -> None:
-        if self.namespaces.get(ns.name) != ns:
-            self.namespaces[ns.name] = ns
-            self._namespace_changed(ns.name)
-
-    def delete_namespace(self, ns: Namespace) -> None:
-        if self.namespaces.pop(ns.name, None) is not None:
-            self._namespace_changed(ns.name)
-
-    def find(self, namespace: str, name: str) -> Pod | None:
-        return next(
-            (p for p in self.pods.values() if p.namespace == namespace and p.name == name), None
-        )
-
-
 class Reconciler:
     def __init__(
         self,
         *,
-        state: ClusterState,
+        store: ClusterStore,
+        records: PodRecords,
         policy: EnrollmentPolicy,
-        pod_rules: PodRules,
-        host_rules: HostRules,
+        pod_rules: PodRuleWriter,
+        host_rules: HostRuleWriter,
         host_options: HostOptions,
         ztunnel: Ztunnel,
         status: StatusWriter,
@@ -230,7 +86,7 @@ class Reconciler:
         """`repair_on_startup=False` (AMBIENT_RECONCILE_POD_RULES_ON_STARTUP=false): the first
         look at a pod enrolled by a previous run only reports drift; the next periodic pass
         repairs it."""
-        self.state = state
+        self._store = store
         self._policy = policy
         self._pod_rules = pod_rules
         self._host_rules = host_rules
@@ -241,8 +97,7 @@ class Reconciler:
         self._observer = observer
         self._migration = migration
         self._repair_on_startup = repair_on_startup
-        self.records: dict[PodUid, PodRecord] = {}
-        self._locks: dict[str, _KeyLock] = {}
+        self.records = records
         self._host_writes = asyncio.Lock()
         """Host set writes one at a time: a host pass writes the set it computed, and a pod's
         element added or removed meanwhile (on another netns worker) would be undone."""
@@ -250,95 +105,26 @@ class Reconciler:
     # --- entry points ---
 
     async def reconcile(self, key: str) -> None:
-        """Bring one pod (or the host, for HOST_KEY) to its desired state. One run per key at a
-        time, whoever calls (work queue or CNI)."""
-        # A lock is dropped only when no caller runs or waits on it: one released with a waiter
-        # reports itself unlocked until the waiter runs, and a caller arriving meanwhile would
-        # get a new lock and run the same key at the same time.
-        entry = self._locks.setdefault(key, _KeyLock())
-        entry.users += 1
-        try:
-            async with entry.lock:
-                if key == HOST_KEY:
-                    await self._timed("host", self._reconcile_host())
-                else:
-                    await self._reconcile_pod(PodUid(key))
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                self._locks.pop(key, None)
+        """Bring one pod (or the host, for HOST_KEY) to its desired state. The keyed queue is
+        the only caller once it runs: one run per key at a time."""
+        if key == HOST_KEY:
+            await self._timed("host", self._reconcile_host())
+        else:
+            await self._reconcile_pod(PodUid(key))
 
-    async def add_from_cni(self, pod: Pod, netns: str) -> bool:
-        """A new pod's sandbox (CNI ADD): returns False when the pod is not for the mesh, True
-        once its rules are in place and ztunnel acked; raises when that could not be done."""
-        decision = self._policy.decide(pod, self.state.namespaces.get(pod.namespace))
-        if not decision.enrolled:
-            log.debug("cni_add_skipped", pod=pod.key, pod_uid=pod.uid, reason=decision.reason.value)
-            return False
-        record = self.records.get(pod.uid)
-        if record is None or record.netns != netns:
-            if record is not None and record.netns is not None:
-                self._pod_rules.forget(record.netns)  # the pod's previous sandbox
-            self.records[pod.uid] = PodRecord(
-                pod=pod, netns=netns, netns_id=netns_id(netns), from_cni=True
-            )
-        known = self.state.pods.get(pod.uid)
-        if known is None or not known.ips:
-            # The watch has not seen the sandbox's IPs yet: the runtime's are the truth.
-            self.state.pods[pod.uid] = pod
-        await self.reconcile(pod.uid)
-        record = self.records.get(pod.uid)
-        if record is None or not record.acked:
-            raise RetryableError(f"pod {pod.key} is not accepted by ztunnel yet")
-        return True
-
-    def adopt(self, pod: Pod, netns: str | None) -> None:
-        """After a restart: a pod the API says we enrolled (annotation), its netns from the scan.
-        Its rules are then verified (and only repaired where they drifted) by `reconcile`."""
-        status = pod.annotations.get(c.STATUS_ANNOTATION)
-        identity = None if netns is None else netns_id(netns)
-        self.records[pod.uid] = PodRecord(
-            pod=pod,
-            netns=netns if identity is not None else None,
-            netns_id=identity,
-            acked=status == ENABLED,
-            status=status,
-            adopted=True,
-        )
-
-    def workloads(self) -> list[tuple[Pod, str | None, NetnsId | None]]:
-        """Every enrolled pod with its netns path and identity, for the ztunnel snapshot (netns
-        None: sent as Keep).
-
-        A path that no longer names the pod's netns is never sent: the pod goes as Keep and is
-        reconciled at once (which finds out where its netns went)."""
-        out: list[tuple[Pod, str | None, NetnsId | None]] = []
-        for record in self.records.values():
-            netns = record.netns
-            if netns is not None and not record.netns_current():
-                netns = None
-                self.state.enqueue(record.pod.uid)
-            out.append((record.pod, netns, record.netns_id if netns is not None else None))
-        return out
-
-    def snapshot_nacked(self, uid: PodUid) -> None:
-        """ztunnel refused the pod in a snapshot: not accepted any more, retried at once."""
-        record = self.records.get(uid)
-        if record is not None:
-            record.acked = False
-            self.state.enqueue(uid)
-
-    def host_elements(self) -> dict[str, PodUid]:
-        """The desired host set: every IP of every pod that ztunnel accepted (SPEC §6: a pending
-        pod's probes must not pass while its traffic goes nowhere)."""
-        return {ip: r.pod.uid for r in self.records.values() if r.acked for ip in r.pod.ips}
+    async def write_host(self, write: Callable[[HostElements], Awaitable[T]]) -> T:
+        """Run `write` with the desired host set, taken under the host-write lock and held
+        until it returns: no pod's element is added or removed meanwhile, so what `write` puts
+        in the host table cannot undo one (the Istio host migration writes the table too)."""
+        async with self._host_writes:
+            return await write(self.records.host_elements())
 
     # --- pods ---
 
     async def _reconcile_pod(self, uid: PodUid) -> None:
-        pod = self.state.pods.get(uid)
+        pod = self._store.pods.get(uid)
         if pod is None:
-            gone = self.state.deleted.pop(uid, None)
+            gone = self._store.take_deleted(uid)
             record = self.records.get(uid)
             last = record.pod if record is not None else gone
             if last is not None and (
@@ -349,13 +135,16 @@ class Reconciler:
                         "remove", self._remove(uid, last, running=False, reason="deleted")
                     )
             return
-        decision = self._policy.decide(pod, self.state.namespaces.get(pod.namespace))
+        sandbox = self._store.take_sandbox(uid)
+        if sandbox is not None:
+            self._use_sandbox(pod, sandbox)
+        decision = self._policy.decide(pod, self._store.namespace_of(pod))
         if decision.enrolled:
             record = self.records.get(uid)
             # "check": the periodic verification of a pod that is set up; "add": an install.
             set_up = (
                 record is not None
-                and record.acked
+                and record.phase.accepted
                 and (record.options is not None or record.adopted)
             )
             with structlog.contextvars.bound_contextvars(pod=pod.key, pod_uid=uid):
@@ -365,6 +154,17 @@ class Reconciler:
             with structlog.contextvars.bound_contextvars(pod=pod.key, pod_uid=uid):
                 log.info("pod_leaving_mesh", reason=reason)
                 await self._timed("remove", self._remove(uid, pod, running=True, reason=reason))
+
+    def _use_sandbox(self, pod: Pod, sandbox: Sandbox) -> None:
+        """A new sandbox the runtime reported (CNI ADD): its netns is the pod's from now on."""
+        record = self.records.get(pod.uid)
+        if record is not None and record.netns == sandbox.netns:
+            return
+        if record is not None and record.netns is not None:
+            self._pod_rules.forget(record.netns)  # the pod's previous sandbox
+        self.records[pod.uid] = PodRecord(
+            pod=pod, netns=sandbox.netns, netns_id=sandbox.identity, istio_rules_gone=True
+        )
 
     async def _netns_of(self, record: PodRecord, pod: Pod) -> str:
         """The path of the pod's netns, checked to still name the netns it named when found.
@@ -393,20 +193,20 @@ class Reconciler:
     async def _netns_gone(self, record: PodRecord, netns: str | None, *, reason: str) -> None:
         """The pod's netns is gone (its pod object is not): what pointed at it goes, and the pod
         looks for its netns again (a new sandbox is found by CNI ADD or the scan)."""
-        listed = record.acked or record.in_host_set
+        listed = record.phase is not Phase.PENDING
         # Out of the desired host set before anything is awaited: a host pass running meanwhile
         # must not put back the element being removed.
-        record.acked = False
+        record.withdraw()
         removed: list[str] = []
         if listed:
             removed = await self._host_remove(record.pod.ips, record.pod.uid)
-            record.in_host_set = False
+            record.left_host_set()
             await self._ztunnel.del_workload(record.pod.uid)
         if netns is not None:
             self._pod_rules.forget(netns)
         record.netns = record.netns_id = record.options = None
-        record.acked = record.in_host_set = record.adopted = record.migrated = False
-        record.from_cni = False
+        record.phase = Phase.PENDING
+        record.adopted = record.istio_rules_gone = False
         log.info("netns_vanished", netns=netns, reason=reason, host_elements=len(removed))
 
     async def _enroll(self, pod: Pod) -> None:
@@ -436,24 +236,24 @@ class Reconciler:
                 drifts = await self._pod_rules.apply(
                     netns, options, fresh=fresh, identity=record.netns_id
                 )
-            if not record.migrated and not record.from_cni:
-                record.migrated = await self._migrate(netns, options, record.netns_id)
+            if not record.istio_rules_gone:
+                record.istio_rules_gone = await self._migrate(netns, options, record.netns_id)
         except NetnsNotFoundError:
             # The sandbox was replaced (or the pod is going): find its netns again.
             await self._netns_gone(record, netns, reason=_why_gone(netns))
             raise
         self._report(drifts, fresh=fresh, netns=netns, started=started)
         record.options = options
-        if not record.acked:
+        if not record.phase.accepted:
             try:
                 await self._add_to_ztunnel(record, netns)
             except NetnsNotFoundError:
                 await self._netns_gone(record, netns, reason=_why_gone(netns))
                 raise
-        if not record.in_host_set or ips_changed:
+        if not record.phase.in_host_set or ips_changed:
             # Once per pod: the host pass keeps the set right afterwards (a check writes nothing).
             await self._host_add(pod)
-            record.in_host_set = True
+            record.entered_host_set()
         if ips_changed:
             self._enqueue_host_check()
         await self._set_status(record, ENABLED)
@@ -504,14 +304,14 @@ class Reconciler:
             await self._ztunnel.add_workload(record.pod, netns, identity=record.netns_id)
         except RetryableError as exc:
             log.warning("ztunnel_add_failed", reason=str(exc))
-            if record.in_host_set:
+            if record.phase.in_host_set:
                 # Accepted before (e.g. refused in a snapshot since): pending pods are not in
                 # the host set (SPEC §6).
                 await self._host_remove(record.pod.ips, record.pod.uid)
-                record.in_host_set = False
+                record.left_host_set()
             await self._set_status(record, PENDING)
             raise
-        record.acked = True
+        record.accept()
         log.info("ztunnel_accepted_pod", netns=netns)
 
     async def _set_status(self, record: PodRecord, value: str | None) -> None:
@@ -525,7 +325,7 @@ class Reconciler:
         started = time.perf_counter()
         record = self.records.get(uid)
         if record is not None:
-            record.acked = False  # out of the desired host set (see `_netns_gone`)
+            record.withdraw()  # out of the desired host set (see `_netns_gone`)
         ips = record.pod.ips if record else pod.ips
         removed = await self._host_remove(ips, uid)
         netns = record.netns if record is not None else None
@@ -559,7 +359,7 @@ class Reconciler:
     ) -> None:
         """Ours go, and Istio's iptables rules if it had enrolled the pod (or our migration of
         them failed): left alone, they would keep redirecting the pod to ztunnel's ports."""
-        if record is None or not (record.migrated or record.from_cni):
+        if record is None or not record.istio_rules_gone:
             options = record.options if record is not None else None
             if options is None:
                 options, _ = self._policy.pod_options(pod)
@@ -577,12 +377,12 @@ class Reconciler:
             return await self._host_rules.remove_pod(ips, uid)
 
     def _enqueue_host_check(self) -> None:
-        self.state.enqueue(HOST_KEY)
+        self._store.touch(HOST_KEY)
 
     async def _reconcile_host(self) -> None:
         started = time.perf_counter()
         async with self._host_writes:
-            drifts = await self._host_rules.apply(self._host_options, self.host_elements())
+            drifts = await self._host_rules.apply(self._host_options, self.records.host_elements())
         for drift in drifts:
             self._observer.count_repair(drift.kind.value)
         if drifts:

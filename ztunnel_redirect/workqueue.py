@@ -14,6 +14,9 @@ kernel to it. So a key only needs to be handled once more after it changed, neve
 - `handle_once(keys)` is a pass over some keys: it returns once each was handled once more, or
   waits out a backoff (counted as failed, not waited for), so one failing key never holds up a
   periodic pass or start-up.
+- `handle_now(key)` is one key someone waits for (a CNI ADD): it goes first in line, cuts a
+  backoff short, runs under the same one-run-per-key rule as every other run, and its outcome
+  (return or exception) goes back to the caller. So there is one way into the handler.
 - `Periodic` calls `tick()` every jittered period (the drift check / full resync), and at once on
   `trigger()`.
 
@@ -242,9 +245,11 @@ class KeyedQueue(Generic[K]):
         """Running keys enqueued again meanwhile; True if one of those enqueues had `now=True`."""
         self._retries: dict[K, asyncio.Task[None]] = {}
         self._attempts: dict[K, int] = {}
-        self._waiting: dict[K, list[asyncio.Future[bool]]] = {}
-        """`handle_once` callers waiting for the next run of a key that starts; the result is
-        whether the key failed."""
+        self._waiting: dict[K, list[asyncio.Future[Exception | None]]] = {}
+        """`handle_once` and `handle_now` callers waiting for the next run of a key that starts;
+        the result is what that run raised (None: it succeeded)."""
+        self._urgent: set[K] = set()
+        """Keys someone waits for (`handle_now`): their next run goes first in line."""
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -309,8 +314,7 @@ class KeyedQueue(Generic[K]):
         is (up to `backoff.maximum`). Bound the wait with a timeout: nothing is handled while
         `run()` is not running.
         """
-        loop = asyncio.get_running_loop()
-        futures: dict[K, asyncio.Future[bool]] = {}
+        futures: dict[K, asyncio.Future[Exception | None]] = {}
         failed: set[K] = set()
         for key in keys:
             if key in futures or key in failed:
@@ -319,19 +323,45 @@ class KeyedQueue(Generic[K]):
             if key in self._retries:
                 failed.add(key)
                 continue
-            future: asyncio.Future[bool] = loop.create_future()
-            self._waiting.setdefault(key, []).append(future)
-            futures[key] = future
+            futures[key] = self._wait_for_run(key)
         try:
             for key, future in futures.items():
-                if await future:
+                if await future is not None:
                     failed.add(key)
         finally:
             for key, future in futures.items():
-                if not future.done():  # cancelled or timed out: stop waiting for the key
-                    future.cancel()
-                    self._stop_waiting(key, future)
+                self._stop_waiting(key, future)
         return frozenset(failed)
+
+    async def handle_now(self, key: K) -> None:
+        """Have `key` handled once more, first in line, and return when that run ends; raise
+        what it raised.
+
+        The run is an ordinary one: never at the same time as another run of `key`, and its
+        failure is counted and retried as any other (a key waiting out a backoff is run at once,
+        as by `enqueue(key, now=True)`). A key running now is handled again after that run.
+        Bound the wait with a timeout: nothing is handled while `run()` is not running.
+        """
+        self._urgent.add(key)
+        self.enqueue(key, now=True)
+        if key in self._queued:
+            self._queue.remove(key)
+            self._queue.appendleft(key)
+            self._urgent.discard(key)
+        future = self._wait_for_run(key)
+        try:
+            outcome = await future
+        finally:
+            self._stop_waiting(key, future)
+            self._urgent.discard(key)  # its run started (or nobody waits for it any more)
+        if outcome is not None:
+            raise outcome
+
+    def _wait_for_run(self, key: K) -> asyncio.Future[Exception | None]:
+        """A future for the outcome of the next run of `key` that starts."""
+        future: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(key, []).append(future)
+        return future
 
     # --- the workers ---
 
@@ -375,11 +405,13 @@ class KeyedQueue(Generic[K]):
         started = self._clock.now()
         covered = self._waiting.pop(key, [])  # waiting for a run that starts now: this one
         retry: bool | None = None  # None: success; else whether the failure is retried
+        failure: Exception | None = None
         try:
             with structlog.contextvars.bound_contextvars(**{self._log_key: key}):
                 try:
                     await self._handler(key)
                 except Exception as exc:  # one key's failure never stops the others
+                    failure = exc
                     retry = self._fail(key, exc, duration=self._clock.now() - started)
         except BaseException:
             # Cancelled mid-run: put the key back first in line for a later run().
@@ -416,19 +448,25 @@ class KeyedQueue(Generic[K]):
             self._attempts.pop(key, None)
             if dirty:
                 self._push(key)
-        self._settle(key, covered, failed=retry is not None)
+        self._settle(key, covered, failure)
         self._update_idle()
 
-    def _settle(self, key: K, covered: list[asyncio.Future[bool]], *, failed: bool) -> None:
-        """A run of `key` ended: tell the `handle_once` callers that it covered."""
+    def _settle(
+        self, key: K, covered: list[asyncio.Future[Exception | None]], failure: Exception | None
+    ) -> None:
+        """A run of `key` ended: tell the callers waiting for it how it went."""
         if key not in self._queued:
             # Waiting for a retry (or dropped): no run comes for those who waited for the next.
             covered += self._waiting.pop(key, [])
         for future in covered:
             if not future.done():
-                future.set_result(failed)
+                future.set_result(failure)
 
-    def _stop_waiting(self, key: K, future: asyncio.Future[bool]) -> None:
+    def _stop_waiting(self, key: K, future: asyncio.Future[Exception | None]) -> None:
+        """The caller stopped waiting (its run ended, or it was cancelled or timed out)."""
+        if future.done():
+            return
+        future.cancel()
         waiting = self._waiting.get(key, [])
         if future in waiting:
             waiting.remove(future)
@@ -472,7 +510,11 @@ class KeyedQueue(Generic[K]):
 
     def _push(self, key: K) -> None:
         self._queued.add(key)
-        self._queue.append(key)
+        if key in self._urgent:
+            self._urgent.discard(key)
+            self._queue.appendleft(key)
+        else:
+            self._queue.append(key)
         self._idle.clear()
         self._wakeup.set()
 
@@ -496,7 +538,7 @@ class Periodic:
     (`MIN_REST` of a period) that keeps an overloaded agent from passing back to back. The first
     tick comes after one period, or at once if `immediate`.
 
-    `trigger()` runs a tick now (tests, SIGHUP); triggers while a tick runs coalesce into one more
+    `trigger()` runs a tick now (tests); triggers while a tick runs coalesce into one more
     tick right after it, since that tick may have read state before the trigger. A failing tick is
     logged (`periodic_tick_failed`), passed to `on_failure`, and the runner goes on.
     """
