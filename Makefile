@@ -3,8 +3,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 # nftables brings libnftables; util-linux gives nsenter/setpriv (traffic as another uid); iptables
-# and ipset recreate Istio's iptables backend for the migration tests.
-APT_PACKAGES := nftables iproute2 util-linux iptables ipset
+# and ipset recreate Istio's iptables backend for the migration tests; containerd, runc, the
+# reference CNI plugins and busybox-static (the pause image) run tests/test_containerd.py.
+APT_PACKAGES := nftables iproute2 util-linux iptables ipset \
+	containerd runc containernetworking-plugins busybox-static
 
 .PHONY: setup system-packages test lint demo proto bench bench-quick clean
 
@@ -45,10 +47,14 @@ bench: setup system-packages
 bench-quick: setup system-packages
 	$(BIN)/python -m bench.run --quick --out bench/results/quick
 
-# Regenerates the ZDS protobuf code from the .proto file kept in the repo.
+# Regenerates the protobuf code (ZDS; the CRI subset the containerd test speaks) from the .proto
+# files kept in the repo.
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect --python_out=ztunnel_redirect \
 		--pyi_out=ztunnel_redirect ztunnel_redirect/zds.proto
+	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect/testing \
+		--python_out=ztunnel_redirect/testing --pyi_out=ztunnel_redirect/testing \
+		ztunnel_redirect/testing/cri.proto
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
