@@ -55,7 +55,6 @@ APP_PORT: Final = 8080
 EVENT_TIMEOUT: Final = 15.0
 TRAFFIC_TIMEOUT: Final = 5.0
 TIMED_RUNS: Final = 10
-PRIMARY_CONF: Final = "10-zr-bridge.conflist"
 
 
 def measure(name: str, value: str) -> None:
@@ -209,20 +208,10 @@ async def node() -> AsyncIterator[Node]:
             # The plugin runs in containerd's netns, the node's: the API must answer there too.
             sock = listen_in(test_node.lab.node.path)
             node_api_url = await api.serve_on(sock)
-            conf_dir = work / "net.d"
-            conf_dir.mkdir()
-            (conf_dir / PRIMARY_CONF).write_text(json.dumps(ctd.primary_conflist(work / "ipam")))
-            Plugin.prepare(conf_dir, node_api_url)
-            runtime = Containerd(
-                work / "containerd",
-                netns=test_node.lab.node.path,
-                cni_bin_dir=ctd.cni_bin_dir(work / "bin"),
-                cni_conf_dir=conf_dir,
-            )
+            runtime = Containerd.on_node(test_node.lab.node.path, work)
+            Plugin.prepare(runtime.cni_conf_dir, node_api_url)
             stack.callback(runtime.close)
             await asyncio.to_thread(runtime.start)
-            image = await asyncio.to_thread(ctd.build_pause_image, work / "pause.tar")
-            await asyncio.to_thread(runtime.import_image, image)
             test_node.namespace(MESH_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
             test_node.namespace(PLAIN_NS)
             cluster = Node(api, test_node, runtime, work)
@@ -310,7 +299,7 @@ async def test_mesh_sandbox_is_redirected_from_its_first_connection_and_tidied_u
     node: Node,
 ) -> None:
     await node.start_agent()
-    conflist = json.loads((node.containerd.cni_conf_dir / PRIMARY_CONF).read_text())
+    conflist = json.loads(node.containerd.primary_conf.read_text())
     assert [p["type"] for p in conflist["plugins"]] == ["bridge", "ztunnel-redirect-cni"]
     zt = await node.ztunnel()
     server = await node.pod("server", PLAIN_NS)
@@ -323,6 +312,8 @@ async def test_mesh_sandbox_is_redirected_from_its_first_connection_and_tidied_u
     assert len(added) == 1
     assert added[0].netns_inode == inode(web.path)
     assert (added[0].name, added[0].namespace) == ("web-0", MESH_NS)
+    # containerd 1.6 passes K8S_POD_UID in CNI_ARGS: the plugin hands the agent the pod's UID.
+    assert node.agent.find("cni_add_received", pod_uid=web.uid)
     view = kernel_view(netns_of(web))
     assert c.NAT_TABLE in view
     assert f"lookup {c.ROUTE_TABLE}" in view

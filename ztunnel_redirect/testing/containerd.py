@@ -1,9 +1,10 @@
 """A real container runtime for end-to-end tests and the benchmark: Debian's containerd (its CRI
 plugin), runc and the reference CNI plugins, driven over CRI as kubelet drives them.
 
-- `Containerd` starts `containerd` as a child process inside a given network namespace (the test
-  node's) with `nsenter --net=...` (not `ip netns exec`, which also unshares the mount namespace and
-  would hide the pod netns bind mounts under /run/netns from the agent), with a system PATH, its
+- `Containerd` (`Containerd.on_node(netns, work)`) starts `containerd` as a child process inside
+  a given network namespace (the test node's) with `nsenter --net=...` (not `ip netns exec`,
+  which also unshares the mount namespace and would hide the pod netns bind mounts under
+  /run/netns from the agent), with a system PATH, its
   own root, state, socket and config under a work directory, and a CRI section pointing at the
   test's CNI bin and conf dirs and at a pause image built here (`build_pause_image`: busybox-static
   in a one-layer OCI tarball, imported with `ctr -n k8s.io images import`; nothing is pulled).
@@ -48,6 +49,7 @@ from ztunnel_redirect.testing import cri_pb2
 __all__ = [
     "BRIDGE",
     "PAUSE_IMAGE",
+    "PRIMARY_CONF",
     "SUBNET",
     "Containerd",
     "ContainerdError",
@@ -77,6 +79,7 @@ BRIDGE: Final = "zrbr0"
 SUBNET: Final = "10.233.0.0/24"
 """Private, and only inside the test's node netns: no traffic leaves the test's namespaces."""
 NETWORK_NAME: Final = "zr-bridge"
+PRIMARY_CONF: Final = "10-zr-bridge.conflist"
 K8S_NAMESPACE: Final = "k8s.io"
 """containerd namespace of the CRI plugin's images and sandboxes."""
 START_TIMEOUT: Final = 30.0
@@ -416,20 +419,12 @@ disabled_plugins = [
 class Containerd:
     """containerd with its CRI plugin, as a child process in the network namespace `netns`."""
 
-    def __init__(
-        self,
-        work: Path,
-        *,
-        netns: str,
-        cni_bin_dir: Path,
-        cni_conf_dir: Path,
-        sandbox_image: str = PAUSE_IMAGE,
-    ) -> None:
+    def __init__(self, work: Path, *, netns: str, cni_bin_dir: Path, cni_conf_dir: Path) -> None:
+        """containerd's own files go in `work`; `start()` needs the CNI dirs in place."""
         self.work = work
         self.netns = netns
         self.cni_bin_dir = cni_bin_dir
         self.cni_conf_dir = cni_conf_dir
-        self.sandbox_image = sandbox_image
         self.socket = str(work / "containerd.sock")
         self.log_path = work / "containerd.log"
         self.cgroup_parents: set[str] = set()
@@ -442,6 +437,25 @@ class Containerd:
         self._cri: CriClient | None = None
         self._cgroups_before = self._cgroup_dirs()
         self._host_dirs_before = {d for d in HOST_DIRS if d.exists()}
+
+    @classmethod
+    def on_node(cls, netns: str, work: Path) -> Containerd:
+        """containerd for a node netns, with the node's CNI dirs under `work`: the reference
+        plugins linked into `work/bin`, the primary's conflist (`primary_conflist`) in
+        `work/net.d/PRIMARY_CONF`. Not started."""
+        conf_dir = work / "net.d"
+        conf_dir.mkdir(parents=True, exist_ok=True)
+        (conf_dir / PRIMARY_CONF).write_text(json.dumps(primary_conflist(work / "ipam")))
+        return cls(
+            work / "containerd",
+            netns=netns,
+            cni_bin_dir=cni_bin_dir(work / "bin"),
+            cni_conf_dir=conf_dir,
+        )
+
+    @property
+    def primary_conf(self) -> Path:
+        return self.cni_conf_dir / PRIMARY_CONF
 
     @property
     def cri(self) -> CriClient:
@@ -456,7 +470,8 @@ class Containerd:
         return self._proc.pid
 
     def start(self, *, timeout: float = START_TIMEOUT) -> None:
-        """Start containerd; return once it has booted and answers CRI `Version`."""
+        """Start containerd; return once it has booted, answers CRI `Version` and has the pause
+        image (built here, imported)."""
         if self._proc is not None:
             raise ContainerdError("containerd already started")
         self.work.mkdir(parents=True, exist_ok=True)
@@ -466,7 +481,7 @@ class Containerd:
                 self.work,
                 cni_bin_dir=self.cni_bin_dir,
                 cni_conf_dir=self.cni_conf_dir,
-                sandbox_image=self.sandbox_image,
+                sandbox_image=PAUSE_IMAGE,
             )
         )
         self._proc = subprocess.Popen(
@@ -485,6 +500,7 @@ class Containerd:
         self._cri = CriClient(self.socket)
         self._cri.wait_ready(timeout)
         self._cri.version()
+        self.import_image(build_pause_image(self.work / "pause.tar"))
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
         stream = proc.stderr
@@ -577,6 +593,9 @@ class Containerd:
                 os.kill(pid, signal.SIGKILL)
         for mount in self._mounts_under_work():
             subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
+        for sandbox_id, sandbox in self.sandboxes.items():
+            self._forget(sandbox_id, sandbox)
+        self.sandboxes.clear()
         for cgroup in sorted(self._cgroup_dirs() - self._cgroups_before, reverse=True):
             try:
                 cgroup.rmdir()
@@ -588,6 +607,18 @@ class Containerd:
                     directory.rmdir()
         if errors:
             raise ContainerdError("; ".join(errors))
+
+    def _forget(self, sandbox_id: str, sandbox: Sandbox | None) -> None:
+        """What a sandbox containerd could not remove leaves on the host: its netns bind mount,
+        libcni's cached results and its shim's socket (named by a hash of containerd's address,
+        the containerd namespace and the sandbox id)."""
+        if sandbox is not None and Path(sandbox.path).exists():
+            name = Path(sandbox.path).name
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+        for cached in Path("/var/lib/cni/results").glob(f"*-{sandbox_id}-*"):
+            cached.unlink(missing_ok=True)
+        key = f"{self.socket}/{K8S_NAMESPACE}/{sandbox_id}".encode()
+        (Path("/run/containerd/s") / hashlib.sha256(key).hexdigest()).unlink(missing_ok=True)
 
     def _leftover_pids(self) -> list[int]:
         """Shims serving this containerd (their command line names its socket) and processes in
