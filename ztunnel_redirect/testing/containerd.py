@@ -4,13 +4,14 @@ plugin), runc and the reference CNI plugins, driven over CRI as kubelet drives t
 - `Containerd` (`Containerd.on_node(netns, work)`) starts `containerd` as a child process inside
   a given network namespace (the test node's) with `nsenter --net=...` (not `ip netns exec`,
   which also unshares the mount namespace and would hide the pod netns bind mounts under
-  /run/netns from the agent), with a system PATH, its
-  own root, state, socket and config under a work directory, and a CRI section pointing at the
-  test's CNI bin and conf dirs and at a pause image built here (`build_pause_image`: busybox-static
-  in a one-layer OCI tarball, imported with `ctr -n k8s.io images import`; nothing is pulled).
-  `close()` removes every sandbox still there, stops containerd by pid, ends leftover shims of this
-  containerd (matched by its socket address) by pid, and removes the cgroups runc made under the
-  pods' cgroup parents; also after a failure.
+  /run/netns from the agent), with a system PATH, its own root, state, socket and config under a
+  work directory, and a CRI section pointing at the test's CNI bin and conf dirs and at a pause
+  image built here (`build_pause_image`: busybox-static in a one-layer OCI tarball, imported with
+  `ctr -n k8s.io images import`; nothing is pulled). `close()` removes every sandbox still there,
+  stops containerd by pid, ends leftover shims of this containerd (matched by its socket address)
+  and sandbox processes by pid, and removes the cgroups runc made under the pods' cgroup parents
+  and the host directories containerd 1.6 and libcni make whatever their config says
+  (`HOST_DIRS`) when they were not there before; also after a failure.
 - `CriClient` speaks the few `runtime.v1.RuntimeService` methods kubelet uses to run a pod sandbox
   (`cri.proto`), over the Unix socket, with grpcio.
 - `primary_conflist` is a real bridge + host-local chain on a private range, on a bridge of our
@@ -18,7 +19,7 @@ plugin), runc and the reference CNI plugins, driven over CRI as kubelet drives t
   into a directory of the test's (the agent installs ours there, as on a node).
 - `run_pod_sandbox_latency` times `RunPodSandbox` for the benchmark and the tests.
 
-Nothing here touches /etc/cni, /opt/cni, /var/lib/cni or the root network namespace.
+Nothing here touches /etc/cni, /opt/cni or the root network namespace.
 """
 
 from __future__ import annotations
@@ -475,6 +476,7 @@ class Containerd:
         if self._proc is not None:
             raise ContainerdError("containerd already started")
         self.work.mkdir(parents=True, exist_ok=True)
+        self._booted.clear()
         config = self.work / "config.toml"
         config.write_text(
             _config(
