@@ -3,9 +3,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 # nftables brings libnftables; util-linux gives nsenter/setpriv (traffic as another uid); iptables
-# and ipset recreate Istio's iptables backend for the migration tests; podman builds and runs the
-# image (tests/test_image.py), mmdebstrap makes its base where no registry is reachable.
-APT_PACKAGES := nftables iproute2 util-linux iptables ipset podman mmdebstrap
+# and ipset recreate Istio's iptables backend for the migration tests; containerd, runc, the
+# reference CNI plugins and busybox-static (the pause image) run tests/test_containerd.py; podman
+# builds and runs the image (tests/test_image.py), mmdebstrap makes its base where no registry is
+# reachable.
+APT_PACKAGES := nftables iproute2 util-linux iptables ipset \
+	containerd runc containernetworking-plugins busybox-static podman mmdebstrap
 # The CNI plugin: a static executable built offline from cniplugin/ (standard library only), with
 # no paths, VCS stamp or build id in it, so that two builds are byte-identical.
 CNI_PLUGIN ?= build/cni/ztunnel-redirect-cni
@@ -61,10 +64,14 @@ bench-quick: setup system-packages
 image: system-packages
 	tools/build-image
 
-# Regenerates the ZDS protobuf code from the .proto file kept in the repo.
+# Regenerates the protobuf code (ZDS; the CRI subset the containerd test speaks) from the .proto
+# files kept in the repo.
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect --python_out=ztunnel_redirect \
 		--pyi_out=ztunnel_redirect ztunnel_redirect/zds.proto
+	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect/testing \
+		--python_out=ztunnel_redirect/testing --pyi_out=ztunnel_redirect/testing \
+		ztunnel_redirect/testing/cri.proto
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

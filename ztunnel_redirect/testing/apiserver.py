@@ -31,6 +31,7 @@ import json
 import re
 import secrets
 import signal
+import socket
 import sys
 import uuid
 from collections import deque
@@ -397,6 +398,15 @@ class ApiServer:
         port = int(self._runner.addresses[0][1])
         self._port = port
         self.url = f"http://{self._host}:{port}"
+
+    async def serve_on(self, sock: socket.socket) -> str:
+        """Serve on one more listening socket, e.g. one bound inside another network namespace
+        (a node's, where a CNI plugin runs); returns its URL."""
+        if self._runner is None:
+            raise RuntimeError("API server not started")
+        await web.SockSite(self._runner, sock).start()
+        host, port = sock.getsockname()[:2]
+        return f"http://{host}:{port}"
 
     async def close(self) -> None:
         for stream in list(self._streams):
