@@ -38,6 +38,7 @@ from typing import Final
 
 import structlog
 
+from ztunnel_redirect import netlink
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError, RedirectError
 from ztunnel_redirect.model import PodUid
 from ztunnel_redirect.netns import NetnsRunner
@@ -361,45 +362,26 @@ class _Candidate:
     start_time: int
 
 
-# rtnetlink, enough for an RTM_GETADDR dump (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h).
-_NETLINK_ROUTE: Final = 0
-_NLMSG_ERROR: Final = 2
-_NLMSG_DONE: Final = 3
+# rtnetlink, enough for an RTM_GETADDR dump (linux/rtnetlink.h, linux/if_addr.h).
 _RTM_NEWADDR: Final = 20
 _RTM_GETADDR: Final = 22
-_NLM_F_REQUEST: Final = 0x1
-_NLM_F_DUMP: Final = 0x300
-_NLM_F_DUMP_INTR: Final = 0x10
 _IFA_ADDRESS: Final = 1
 _IFA_LOCAL: Final = 2
-_NLMSGHDR: Final = struct.Struct("=IHHII")
 _IFADDRMSG: Final = struct.Struct("=BBBBI")
-_RTATTR: Final = struct.Struct("=HH")
 _RECV_BUFFER: Final = 1 << 17
 _MAX_RECVS: Final = 10_000
 _DUMP_ATTEMPTS: Final = 3
 _TIMEOUT_S: Final = 5.0
 
 
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
 def _parse_addr(data: bytes, start: int, end: int) -> str | None:
     family = data[start]
     local = address = None
-    pos = start + _IFADDRMSG.size
-    while pos + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, pos)
-        if length < _RTATTR.size or pos + length > end:
-            break
-        if kind in (_IFA_LOCAL, _IFA_ADDRESS):
-            payload = data[pos + _RTATTR.size : pos + length]
-            if kind == _IFA_LOCAL:
-                local = payload
-            else:
-                address = payload
-        pos += _align(length)
+    for kind, at, until in netlink.attributes(data, start + _IFADDRMSG.size, end):
+        if kind == _IFA_LOCAL:
+            local = data[at:until]
+        elif kind == _IFA_ADDRESS:
+            address = data[at:until]
     # IFA_LOCAL is the local address; on a point-to-point link IFA_ADDRESS is the peer's.
     raw = local if local is not None else address
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
@@ -411,33 +393,28 @@ def _parse_addr(data: bytes, start: int, end: int) -> str | None:
 
 
 def _dump_addresses(sock: socket.socket, seq: int) -> tuple[set[str], bool]:
-    request = _NLMSGHDR.pack(
-        _NLMSGHDR.size + _IFADDRMSG.size, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0
-    ) + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    request = netlink.message(
+        _RTM_GETADDR,
+        netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+        seq,
+        _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0),
+    )
     sock.send(request)
     addresses: set[str] = set()
     interrupted = False
-    for _ in range(_MAX_RECVS):
-        data = sock.recv(_RECV_BUFFER)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, flags, msg_seq, _ = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > len(data):
-                raise KernelError("malformed rtnetlink message in the address dump")
-            if msg_seq == seq:
-                interrupted = interrupted or bool(flags & _NLM_F_DUMP_INTR)
-                if kind == _NLMSG_DONE:
-                    return addresses, interrupted
-                if kind == _NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                    if error:
-                        raise KernelError(f"address dump failed: {os.strerror(-error)}")
-                elif kind == _RTM_NEWADDR:
-                    addr = _parse_addr(data, offset + _NLMSGHDR.size, offset + length)
-                    if addr is not None:
-                        addresses.add(addr)
-            offset += _align(length)
-    raise KernelError("address dump did not end")
+    for _seq, kind, flags, data, start, end in netlink.answers(
+        sock, (seq,), bufsize=_RECV_BUFFER, max_recvs=_MAX_RECVS, what="address dump"
+    ):
+        interrupted = interrupted or bool(flags & netlink.NLM_F_DUMP_INTR)
+        if kind == netlink.NLMSG_ERROR:
+            error = netlink.error_code(data, start)
+            if error:
+                raise KernelError(f"address dump failed: {os.strerror(error)}")
+        elif kind == _RTM_NEWADDR:
+            addr = _parse_addr(data, start, end)
+            if addr is not None:
+                addresses.add(addr)
+    return addresses, interrupted
 
 
 def netns_addresses() -> set[str]:
@@ -447,10 +424,11 @@ def netns_addresses() -> set[str]:
     `NetnsRunner` worker: `runner.call(path, netns_addresses)`; the socket belongs to the netns
     the thread is in when it is created.
     """
-    with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_ROUTE
-    ) as sock:
-        sock.settimeout(_TIMEOUT_S)
+    try:
+        sock = netlink.open_socket(netlink.NETLINK_ROUTE, timeout=_TIMEOUT_S)
+    except OSError as exc:
+        raise KernelError(f"address dump failed: {exc}") from exc
+    with sock:
         for attempt in range(1, _DUMP_ATTEMPTS + 1):
             try:
                 addresses, interrupted = _dump_addresses(sock, attempt)
