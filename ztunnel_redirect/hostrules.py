@@ -17,11 +17,11 @@ from collections.abc import Callable, Hashable, Iterable, Mapping
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing
+from ztunnel_redirect.dumpproof import element_comment_here
 from ztunnel_redirect.errors import ConfigError, NotFoundError
 from ztunnel_redirect.model import HostOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import element_comment_here
 from ztunnel_redirect.podrules import KernelForms, read_tables, table_drift
 from ztunnel_redirect.render import element_family_set, host_ruleset
 

@@ -23,6 +23,8 @@ __all__ = [
     "NETLINK_NETFILTER",
     "NETLINK_ROUTE",
     "NFGENMSG",
+    "NFNETLINK_V0",
+    "NFNL_SUBSYS_NFTABLES",
     "NLA",
     "NLA_F_NESTED",
     "NLA_F_NET_BYTEORDER",
@@ -51,6 +53,7 @@ __all__ = [
     "get",
     "message",
     "messages",
+    "nft_type",
     "open_socket",
     "pyroute2_bytes",
 ]
@@ -81,6 +84,15 @@ NFGENMSG: Final = struct.Struct("=BBH")
 """nfgenmsg: family, version, res_id (big endian on the wire)."""
 ERRNO: Final = struct.Struct("=i")
 """The negative errno that starts an NLMSG_ERROR payload (0: an ack)."""
+
+# linux/netfilter/nfnetlink.h
+NFNL_SUBSYS_NFTABLES: Final = 10
+NFNETLINK_V0: Final = 0
+
+
+def nft_type(msg: int) -> int:
+    """The netlink message type of nftables message `msg` (NFT_MSG_*)."""
+    return (NFNL_SUBSYS_NFTABLES << 8) | msg
 
 
 class NetlinkError(KernelError):

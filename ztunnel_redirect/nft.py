@@ -106,8 +106,8 @@ class Nft:
         self.close()
 
 
-_NFT_MSG_GETGEN: Final = (10 << 8) | 16  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN
-_NFT_MSG_NEWGEN: Final = (10 << 8) | 15
+_NFT_MSG_GETGEN: Final = netlink.nft_type(16)
+_NFT_MSG_NEWGEN: Final = netlink.nft_type(15)
 _NFTA_GEN_ID: Final = 1
 _GETGEN: Final = netlink.message(
     _NFT_MSG_GETGEN, netlink.NLM_F_REQUEST, 1, netlink.NFGENMSG.pack(0, 0, 0)

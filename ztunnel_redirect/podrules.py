@@ -16,12 +16,13 @@ import structlog
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import routing
+from ztunnel_redirect.batchreplay import Recordings, send_batch
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing, diff_table
+from ztunnel_redirect.dumpproof import ExpectedDumps
 from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsId, NetnsRunner, entered_scratch
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings, send_batch
 from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
 
 log = structlog.get_logger(__name__)
@@ -139,7 +140,7 @@ class Outcome:
 def _replay(ruleset: Ruleset, drifts: list[Drift], recordings: Recordings) -> str | None:
     """Create the missing tables (a new sandbox, or deleted tables) by replaying the netlink
     batch recorded for this ruleset: three tables into a fresh netns cost 0.33 ms p50 instead
-    of 0.73 ms through libnftables here (tests/test_nlbatch.py measures both).
+    of 0.73 ms through libnftables here (tests/test_batchreplay.py measures both).
 
     None when the tables were created; otherwise why the kernel refused the batch (it then
     applied none of it). Nothing is logged here (a netns worker): `PodRules` logs the outcome.
@@ -174,13 +175,13 @@ def sync_tables_here(
     were last verified for this very ruleset, nothing can have changed them, and the listing
     (~0.6 ms for three tables) is skipped. Any commit by anyone bumps the generation.
 
-    Missing tables are created by a replayed netlink batch (`nlbatch`), so a new sandbox needs
+    Missing tables are created by a replayed netlink batch (`batchreplay`), so a new sandbox needs
     no libnftables context at all; listing and other repairs each open their own (~0.02 ms;
     the listing one commits nothing, so closing it never waits for RCU: SPEC §12 trap 4).
 
     Before listing (the first check after a restart, or after anyone's commit), a raw netlink
     dump of our tables, normalised, is compared with the desired ruleset's (~0.1 ms instead of
-    ~0.5 ms; `nlbatch.dump_here` says what it ignores). Only equality is trusted: anything else
+    ~0.5 ms; `dumpproof.dump_here` says what it ignores). Only equality is trusted: anything else
     falls through to the listing, which reports precisely and decides the repair.
     """
     seen = generation()

@@ -21,10 +21,10 @@ from tests.test_render import POD_MATRIX, _pod_name
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import podrules
 from ztunnel_redirect.drift import DriftKind, TableListing
+from ztunnel_redirect.dumpproof import DumpInconsistentError, ExpectedDumps, dump_here, provable
 from ztunnel_redirect.model import HostOptions, PodOptions
 from ztunnel_redirect.netns import NetnsRunner, entered_scratch
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import DumpInconsistentError, ExpectedDumps, dump_here, provable
 from ztunnel_redirect.podrules import KernelForms, PodRules, PodState, sync_tables_here
 from ztunnel_redirect.render import Ruleset, host_ruleset, pod_ruleset
 from ztunnel_redirect.testing.netnslab import Lab, Netns
@@ -332,7 +332,7 @@ class ReceivedBytes:
                 received.append(data)
                 return data
 
-        monkeypatch.setattr(socket, "socket", Spy)  # the module nlbatch opens sockets with
+        monkeypatch.setattr(socket, "socket", Spy)  # the module netlink opens sockets with
 
 
 async def test_the_dump_never_reads_another_table(

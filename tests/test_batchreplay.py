@@ -15,12 +15,12 @@ import pytest
 
 from tests.test_render import POD_MATRIX, _pod_name
 from ztunnel_redirect import constants as c
+from ztunnel_redirect.batchreplay import BatchRejectedError, Recordings, record_here, send_batch
 from ztunnel_redirect.drift import Drift, DriftKind
 from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner, entered_scratch
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import BatchRejectedError, Recordings, record_here, send_batch
 from ztunnel_redirect.podrules import (
     KernelForms,
     PodRules,
