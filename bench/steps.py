@@ -19,8 +19,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from ztunnel_redirect import podrules, routing
 from ztunnel_redirect.drift import TableListing
-from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.podrules import KernelForms, Outcome, PodState, Verified
+from ztunnel_redirect.nft import Nft, Verified, generation
+from ztunnel_redirect.podrules import KernelForms, Outcome, PodState
 
 T = TypeVar("T")
 P = ParamSpec("P")

@@ -18,6 +18,8 @@ import ctypes
 import ctypes.util
 import struct
 import threading
+from collections.abc import Hashable, Sized
+from dataclasses import dataclass
 from typing import Final
 
 from ztunnel_redirect import netlink
@@ -130,6 +132,36 @@ def generation() -> int:
             genid: int = _BE32.unpack_from(data, at)[0]
             return genid
     raise KernelError("NFT_MSG_NEWGEN without NFTA_GEN_ID")
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The nftables generation of a netns at which a desired state was last seen in it."""
+
+    generation: int
+    desired: Hashable
+
+
+@dataclass(frozen=True)
+class GenerationGate:
+    """The generation gate of a check: `GenerationGate(generation(), desired)`, read on a
+    `NetnsRunner` worker in the netns checked.
+
+    Every commit by anyone bumps the generation, so when a check verified this very desired
+    state at this generation, nothing can have changed since and the listing is skipped.
+    """
+
+    generation: int
+    desired: Hashable
+
+    def unchanged(self, verified: Verified | None) -> bool:
+        """Whether `verified` (kept from an earlier check) proves the desired state still."""
+        return verified == Verified(self.generation, self.desired)
+
+    def verified(self, drifts: Sized) -> Verified | None:
+        """What to keep after a check that found `drifts`: after a write (any drift), the next
+        check lists again before it trusts a generation."""
+        return None if drifts else Verified(self.generation, self.desired)
 
 
 def probe() -> None:

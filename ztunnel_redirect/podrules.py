@@ -22,7 +22,7 @@ from ztunnel_redirect.dumpproof import ExpectedDumps
 from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsId, NetnsRunner, entered_scratch
-from ztunnel_redirect.nft import Nft, generation
+from ztunnel_redirect.nft import GenerationGate, Nft, Verified, generation
 from ztunnel_redirect.render import Ruleset, Table, pod_ruleset
 
 log = structlog.get_logger(__name__)
@@ -121,14 +121,6 @@ PRISTINE_GENERATION: Final = 1
 
 
 @dataclass(frozen=True)
-class Verified:
-    """The nftables generation of a netns at which its tables were last seen as desired."""
-
-    generation: int
-    ruleset: Ruleset
-
-
-@dataclass(frozen=True)
 class Outcome:
     drifts: list[Drift]
     """What differed (for apply: what was repaired). Empty: nothing was written."""
@@ -171,9 +163,9 @@ def sync_tables_here(
     """The nftables half: compare our tables with the desired ones and, with `write`, repair
     what differs in one transaction.
 
-    The generation gate: when the netns's nftables generation has not moved since the tables
-    were last verified for this very ruleset, nothing can have changed them, and the listing
-    (~0.6 ms for three tables) is skipped. Any commit by anyone bumps the generation.
+    The generation gate (`nft.GenerationGate`): when the netns's nftables generation has not
+    moved since the tables were last verified for this very ruleset, nothing can have changed
+    them, and the listing (~0.6 ms for three tables) is skipped.
 
     Missing tables are created by a replayed netlink batch (`batchreplay`), so a new sandbox needs
     no libnftables context at all; listing and other repairs each open their own (~0.02 ms;
@@ -184,16 +176,16 @@ def sync_tables_here(
     ~0.5 ms; `dumpproof.dump_here` says what it ignores). Only equality is trusted: anything else
     falls through to the listing, which reports precisely and decides the repair.
     """
-    seen = generation()
-    if verified == Verified(seen, state.ruleset):
+    gate = GenerationGate(generation(), state.ruleset)
+    if gate.unchanged(verified):
         return Outcome([], verified)
     names = _names(state.ruleset)
-    if seen == PRISTINE_GENERATION:
+    if gate.generation == PRISTINE_GENERATION:
         # A netns starts at generation 1: still there, nothing was ever committed in it (a new
         # sandbox), so there is nothing to list.
         actual: dict[str, TableListing | None] = dict.fromkeys(names)
-    elif dumps.identical(state.ruleset, generation=seen):
-        return Outcome([], Verified(seen, state.ruleset))
+    elif dumps.identical(state.ruleset, generation=gate.generation):
+        return Outcome([], gate.verified([]))
     else:
         with Nft() as nft:
             actual = read_tables(nft, names)
@@ -208,8 +200,7 @@ def sync_tables_here(
         if not replayed or refused is not None:
             with Nft() as nft:
                 nft.run(repair_script(state.ruleset, drifts))
-    # After a write, the next check lists again before it trusts a generation.
-    return Outcome(drifts, None if drifts else Verified(seen, state.ruleset), refused)
+    return Outcome(drifts, gate.verified(drifts), refused)
 
 
 def sync_routing_here(state: PodState, *, write: bool, fresh: bool = False) -> list[Drift]:
