@@ -17,16 +17,15 @@ import pytest
 from structlog.testing import capture_logs
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import procscan
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
 from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
+from ztunnel_redirect.netns import NetnsId, netns_id
 from ztunnel_redirect.reconciler import (
     ENABLED,
     HOST_KEY,
     PENDING,
     ClusterState,
-    NetnsId,
     NetnsPendingError,
     Reconciler,
 )
@@ -62,7 +61,7 @@ def opened(calls: Calls, who: str, netns: str, identity: NetnsId | None) -> None
     hook = calls.before_open.pop(who, None)
     if hook is not None:
         hook()
-    if identity is not None and procscan.netns_key(netns) != identity:
+    if identity is not None and netns_id(netns) != identity:
         raise NetnsNotFoundError(f"{netns} no longer names {identity}")
 
 

@@ -34,7 +34,7 @@ from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.kube import ApiClient, KubeClient, Watcher, load_client
 from ztunnel_redirect.migration import IptablesMigration
 from ztunnel_redirect.model import HostOptions, Pod, PodUid
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.netns import NetnsRunner, netns_id
 from ztunnel_redirect.ops import Metrics, OpsServer, Readiness
 from ztunnel_redirect.podrules import KernelForms, PodRules
 from ztunnel_redirect.reconciler import (
@@ -97,7 +97,7 @@ class ProcLocator:
 
 def _same_process(match: procscan.NetnsMatch) -> bool:
     """Whether the process a scan found is still there, unchanged (same start time, same netns)."""
-    key = procscan.netns_key(match.path)
+    key = netns_id(match.path)
     try:
         stat = (Path(match.path).parent.parent / "stat").read_text()
     except OSError:

@@ -33,7 +33,6 @@ import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Set
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import structlog
@@ -41,7 +40,7 @@ import structlog
 from ztunnel_redirect import netlink
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError, RedirectError
 from ztunnel_redirect.model import PodUid
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.netns import NetnsId, NetnsRunner, netns_id
 
 __all__ = [
     "KUBELET_PROCESSES",
@@ -51,7 +50,6 @@ __all__ = [
     "NetnsMatch",
     "kubelet_uid",
     "netns_addresses",
-    "netns_key",
     "parse_start_time",
     "pod_uid_from_cgroup",
     "runner_addresses",
@@ -131,20 +129,6 @@ def _read(path: str) -> bytes | None:
 def _read_text(path: str) -> str | None:
     data = _read(path)
     return None if data is None else data.decode("utf-8", "replace")
-
-
-def netns_key(path: str) -> tuple[int, int] | None:
-    """The identity `(st_dev, st_ino)` of the netns `path` names now; None when nothing is there.
-
-    A `/proc/<pid>/ns/net` path names whatever netns that pid is in at the time of the call: the
-    process may exit and its pid be reused. Whoever keeps such a path compares this identity with
-    the one it recorded before each use.
-    """
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def pids(proc_root: str, max_processes: int) -> Iterator[int]:
@@ -247,8 +231,8 @@ class NetnsFinder:
         self._proc_root = proc_root
         self._max_processes = max_processes
 
-    def _host_netns(self) -> frozenset[tuple[int, int]]:
-        keys = {netns_key(f"{self._proc_root}/{who}/ns/net") for who in ("1", "self")}
+    def _host_netns(self) -> frozenset[NetnsId]:
+        keys = {netns_id(f"{self._proc_root}/{who}/ns/net") for who in ("1", "self")}
         keys.discard(None)
         if not keys:
             raise NetnsNotFoundError(
@@ -272,7 +256,7 @@ class NetnsFinder:
         started = time.monotonic()
         host = self._host_netns()
         found: dict[PodUid, NetnsMatch] = {}
-        verified: dict[tuple[int, int], frozenset[str]] = {}
+        verified: dict[NetnsId, frozenset[str]] = {}
         scanned = 0
         for pid in pids(self._proc_root, self._max_processes):
             scanned += 1
@@ -315,12 +299,12 @@ class NetnsFinder:
         self,
         pid: int,
         wanted: Mapping[PodUid, frozenset[str]],
-        host: frozenset[tuple[int, int]],
+        host: frozenset[NetnsId],
         found: Mapping[PodUid, NetnsMatch],
     ) -> _Candidate | None:
         base = f"{self._proc_root}/{pid}"
         path = f"{base}/ns/net"
-        key = netns_key(path)
+        key = netns_id(path)
         if key is None or key in host:
             return None
         cgroup = _read_text(f"{base}/cgroup")
@@ -338,7 +322,7 @@ class NetnsFinder:
             uid=PodUid(uid), path=path, dev=key[0], inode=key[1], start_time=start_time
         )
 
-    def _verify(self, path: str, key: tuple[int, int]) -> frozenset[str] | None:
+    def _verify(self, path: str, key: NetnsId) -> frozenset[str] | None:
         """The addresses in the netns at `path`; empty when unreadable (fail closed).
 
         None when the pid no longer names the netns we examined (it exited, maybe was reused).
@@ -348,7 +332,7 @@ class NetnsFinder:
         except (RedirectError, OSError) as exc:
             log.warning("netns_unverifiable", netns=path, error=str(exc))
             addresses = frozenset()
-        if netns_key(path) != key:
+        if netns_id(path) != key:
             return None
         return addresses
 

@@ -32,12 +32,12 @@ from typing import Final, Protocol
 import structlog
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import procscan
 from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
+from ztunnel_redirect.netns import NetnsId, netns_id
 from ztunnel_redirect.podrules import PodRules
 
 log = structlog.get_logger(__name__)
@@ -85,15 +85,6 @@ class Observer(Protocol):
 
 class NetnsPendingError(RetryableError):
     """The pod's network namespace was not found yet (retried with backoff)."""
-
-
-NetnsId = tuple[int, int]
-"""(st_dev, st_ino) of a network namespace: what a path named when we found it."""
-
-
-def netns_id(path: str) -> NetnsId | None:
-    """The identity of the netns `path` names now (None: nothing there)."""
-    return procscan.netns_key(path)
 
 
 def _why_gone(path: str | None) -> str:
