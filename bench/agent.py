@@ -50,7 +50,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
 from pyroute2.netlink.rtnl import RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE
 from pyroute2.netlink.rtnl.fibmsg import FR_ACT_TO_TBL, fibmsg
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
@@ -63,6 +62,13 @@ from bench.summary import Latency
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.errors import RedirectError
 from ztunnel_redirect.model import PodOptions
+from ztunnel_redirect.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    pyroute2_bytes,
+)
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.routing import Rtnl
 from ztunnel_redirect.testing.agentprocess import (
@@ -124,13 +130,8 @@ class AgentConfig:
 
 
 def _encode(msg: Any, kind: int, *, create: bool = True) -> bytes:
-    msg["header"]["type"] = kind
-    msg["header"]["flags"] = (
-        NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if create else 0)
-    )
-    msg.encode()
-    data: bytes = msg.data
-    return data
+    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if create else 0)
+    return pyroute2_bytes(msg, kind, flags)
 
 
 def _veth_message() -> bytes:

@@ -28,10 +28,11 @@ from typing import Final
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import routing
+from ztunnel_redirect.batchreplay import Recordings
 from ztunnel_redirect.drift import Drift
+from ztunnel_redirect.dumpproof import ExpectedDumps
 from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings
 from ztunnel_redirect.podrules import KernelForms, PodState, sync_routing_here, sync_tables_here
 from ztunnel_redirect.render import Ruleset
 

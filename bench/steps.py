@@ -12,7 +12,8 @@ from collections.abc import Callable
 from types import TracebackType
 
 from ztunnel_redirect import podrules
-from ztunnel_redirect.podrules import KernelForms, Outcome, PodState, Verified
+from ztunnel_redirect.nft import Verified
+from ztunnel_redirect.podrules import KernelForms, Outcome, PodState
 
 
 class StepClock:

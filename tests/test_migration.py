@@ -44,9 +44,8 @@ from ztunnel_redirect.migration import (
     remove_pod_iptables_here,
 )
 from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.netns import NetnsRunner, netns_id
 from ztunnel_redirect.podrules import KernelForms, PodState
-from ztunnel_redirect.procscan import netns_key
 from ztunnel_redirect.routing import Family
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
@@ -506,7 +505,7 @@ async def test_a_netns_that_is_no_longer_the_pods_is_not_migrated(lab: Lab) -> N
     pod = lab.add_pod("istio")
     install_istio_pod(pod, Flavour.NFT)
     before = all_saves(pod.path)
-    key = netns_key(pod.path)
+    key = netns_id(pod.path)
     assert key is not None
     with NetnsRunner(workers=1) as runner:
         migration = IptablesMigration(runner)

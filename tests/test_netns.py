@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from ztunnel_redirect.errors import NetnsNotFoundError
-from ztunnel_redirect.netns import NetnsRunner, open_netns
-from ztunnel_redirect.procscan import netns_key
+from ztunnel_redirect.netns import NetnsId, NetnsRunner, netns_id, open_netns
 from ztunnel_redirect.testing.netnslab import Lab
 
 pytestmark = pytest.mark.kernel
@@ -26,13 +25,13 @@ def test_open_netns_refuses_a_path_naming_another_netns_and_keeps_no_fd(lab: Lab
     before = open_fds()
 
     with pytest.raises(NetnsNotFoundError):
-        open_netns(SELF_NETNS, expect=netns_key(other.path))
+        open_netns(SELF_NETNS, expect=netns_id(other.path))
     assert open_fds() == before
 
-    fd = open_netns(other.path, expect=netns_key(other.path))
+    fd = open_netns(other.path, expect=netns_id(other.path))
     try:
         st = os.fstat(fd)
-        assert (st.st_dev, st.st_ino) == netns_key(other.path)
+        assert (st.st_dev, st.st_ino) == netns_id(other.path)
     finally:
         os.close(fd)
 
@@ -41,14 +40,14 @@ async def test_run_expecting_never_runs_the_function_in_another_netns(
     runner: NetnsRunner, lab: Lab
 ) -> None:
     pod, other = lab.add_pod("p"), lab.add_pod("other")
-    ran: list[tuple[int, int] | None] = []
+    ran: list[NetnsId | None] = []
 
     def here() -> None:
-        ran.append(netns_key("/proc/thread-self/ns/net"))
+        ran.append(netns_id("/proc/thread-self/ns/net"))
 
     with pytest.raises(NetnsNotFoundError):
-        await runner.run_expecting(pod.path, netns_key(other.path), here)
+        await runner.run_expecting(pod.path, netns_id(other.path), here)
     assert ran == []
 
-    await runner.run_expecting(pod.path, netns_key(pod.path), here)
-    assert ran == [netns_key(pod.path)]
+    await runner.run_expecting(pod.path, netns_id(pod.path), here)
+    assert ran == [netns_id(pod.path)]

@@ -16,10 +16,9 @@ from ztunnel_redirect import podrules, routing
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError
 from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.netns import NetnsRunner, netns_id
 from ztunnel_redirect.nft import Nft, generation
 from ztunnel_redirect.podrules import PodRules, repair_script
-from ztunnel_redirect.procscan import netns_key
 from ztunnel_redirect.render import Rule, Ruleset, Table, pod_ruleset
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 
@@ -58,14 +57,14 @@ async def test_a_path_naming_another_netns_than_expected_is_never_entered(
     another netns than the one the caller found."""
     other = lab.add_pod("other")
     rules = PodRules(runner)
-    wrong = netns_key(other.path)
+    wrong = netns_id(other.path)
 
     with pytest.raises(NetnsNotFoundError):
         await rules.apply(pod.path, V4, identity=wrong)
     assert pod.netns.exec("nft", "list", "ruleset") == ""
     assert "lookup 100" not in pod.netns.ip("rule")
 
-    assert await rules.apply(pod.path, V4, identity=netns_key(pod.path)) != []
+    assert await rules.apply(pod.path, V4, identity=netns_id(pod.path)) != []
     before = kernel_state(pod)
     with pytest.raises(NetnsNotFoundError):
         await rules.check(pod.path, V4, identity=wrong)

@@ -18,11 +18,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import procscan
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
 from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsId
+from ztunnel_redirect.netns import NetnsId, netns_id
 from ztunnel_redirect.reconciler import HOST_KEY, NetnsPendingError, Reconciler
 from ztunnel_redirect.records import ENABLED, PENDING, Phase, PodRecords
 from ztunnel_redirect.store import ClusterStore, Sandbox
@@ -57,7 +56,7 @@ class FakeZtunnel:
         hook, self.calls.before_add = self.calls.before_add, None
         if hook is not None:
             hook()
-        if identity is not None and procscan.netns_key(netns_path) != identity:
+        if identity is not None and netns_id(netns_path) != identity:
             raise NetnsNotFoundError(f"{netns_path} no longer names {identity}")
         if self.calls.nack:
             self.calls.log.append("ztunnel_nack")
@@ -264,7 +263,7 @@ async def test_a_deleted_pod_is_forgotten_everywhere(w: World, calls: Calls, net
 async def test_the_cni_ips_survive_a_pod_update_without_ips(
     w: World, calls: Calls, netns: str
 ) -> None:
-    w.store.add_sandbox(pod(), Sandbox(netns, procscan.netns_key(netns)))
+    w.store.add_sandbox(pod(), Sandbox(netns, netns_id(netns)))
     await w.reconcile(UID)
     w.store.upsert_pod(Pod(uid=PodUid("uid-a"), name="a", namespace="demo", node_name="n"))
     calls.log.clear()

@@ -17,7 +17,7 @@ from ztunnel_redirect import zds_pb2
 from ztunnel_redirect.constants import HBONE_PORT
 from ztunnel_redirect.errors import ConfigError, NetnsNotFoundError, RetryableError
 from ztunnel_redirect.model import Pod, PodUid
-from ztunnel_redirect.procscan import netns_key
+from ztunnel_redirect.netns import netns_id
 from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 from ztunnel_redirect.testing.standin import HBONE_REPLY
@@ -304,9 +304,9 @@ async def test_add_of_a_path_naming_another_netns_than_expected_sends_nothing(
 
     with pytest.raises(NetnsNotFoundError):
         async with asyncio.timeout(WAIT):
-            await server.add_workload(make_pod("p"), SELF_NETNS, identity=netns_key(lab_pod.path))
+            await server.add_workload(make_pod("p"), SELF_NETNS, identity=netns_id(lab_pod.path))
     async with asyncio.timeout(WAIT):
-        await server.add_workload(make_pod("q"), lab_pod.path, identity=netns_key(lab_pod.path))
+        await server.add_workload(make_pod("q"), lab_pod.path, identity=netns_id(lab_pod.path))
 
     assert kinds(fake)[-1] == (RequestKind.ADD, "uid-q")
     assert set(fake.workloads) == {"uid-q"}  # nothing was sent for p
@@ -317,7 +317,7 @@ async def test_snapshot_path_naming_another_netns_than_expected_is_sent_as_keep(
     make_server: ServerFactory, make_fake: Callable[..., Any], lab_pod: LabPod
 ) -> None:
     pod = make_pod("reused")
-    await make_server([Workload(pod, SELF_NETNS, netns_key(lab_pod.path))])
+    await make_server([Workload(pod, SELF_NETNS, netns_id(lab_pod.path))])
 
     fake = await make_fake()
 

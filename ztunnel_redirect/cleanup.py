@@ -20,10 +20,10 @@ from ztunnel_redirect import constants as c
 from ztunnel_redirect.cniinstall import CniInstaller
 from ztunnel_redirect.errors import NetnsNotFoundError
 from ztunnel_redirect.hostrules import HostRules
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.netns import NetnsRunner, netns_id
 from ztunnel_redirect.nft import Nft
 from ztunnel_redirect.podrules import remove_here
-from ztunnel_redirect.procscan import MAX_PROCESSES, netns_key, pids
+from ztunnel_redirect.procscan import MAX_PROCESSES, pids
 
 
 @dataclass
@@ -43,12 +43,12 @@ class CleanupReport:
 
 def candidate_netns(*, proc_root: str, netns_dirs: Iterable[str], host_netns: str) -> list[str]:
     """One path per distinct network namespace on the node, the host's excluded."""
-    seen = {k for k in (netns_key(host_netns),) if k is not None}
+    seen = {k for k in (netns_id(host_netns),) if k is not None}
     paths: list[str] = []
     entries = [str(p) for d in netns_dirs if Path(d).is_dir() for p in sorted(Path(d).iterdir())]
     entries += [f"{proc_root}/{pid}/ns/net" for pid in pids(proc_root, MAX_PROCESSES)]
     for path in entries:
-        key = netns_key(path)
+        key = netns_id(path)
         if key is not None and key not in seen:
             seen.add(key)
             paths.append(path)

@@ -14,11 +14,11 @@ from collections.abc import Callable
 
 import structlog
 
-from ztunnel_redirect import procscan
 from ztunnel_redirect.constants import MIRROR_ANNOTATION
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import RetryableError
 from ztunnel_redirect.model import CniAddEvent, Pod
+from ztunnel_redirect.netns import netns_id
 from ztunnel_redirect.ports import PodReader
 from ztunnel_redirect.records import PodRecords
 from ztunnel_redirect.store import ClusterStore, Sandbox
@@ -76,7 +76,7 @@ class CniAdd:
         if not decision.enrolled:
             log.debug("cni_add_skipped", pod=pod.key, pod_uid=pod.uid, reason=decision.reason.value)
             return
-        self._store.add_sandbox(pod, Sandbox(event.netns, procscan.netns_key(event.netns)))
+        self._store.add_sandbox(pod, Sandbox(event.netns, netns_id(event.netns)))
         await self._queue.handle_now(pod.uid)
         if not self._records.accepted(pod.uid):
             raise RetryableError(f"pod {pod.key} is not accepted by ztunnel yet")

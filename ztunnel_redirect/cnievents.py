@@ -41,7 +41,7 @@ from aiohttp import web
 from ztunnel_redirect import constants, unixsocket
 from ztunnel_redirect.errors import ConfigError, RedirectError
 from ztunnel_redirect.model import CniAddEvent, PodUid
-from ztunnel_redirect.procscan import netns_key
+from ztunnel_redirect.netns import NetnsId, netns_id
 
 __all__ = [
     "DEFAULT_SOCKET_PATH",
@@ -116,10 +116,10 @@ def _parse_pod_uid(payload: Mapping[str, Any]) -> PodUid | None:
     return PodUid(value)
 
 
-def _refuse_host_netns(path: str, host_netns: frozenset[tuple[int, int]]) -> None:
+def _refuse_host_netns(path: str, host_netns: frozenset[NetnsId]) -> None:
     """The host's netns is refused by identity, whatever path names it (`/proc/<pid>/ns/net` of
     any host process, a bind mount). A path that cannot be read passes: the work on it fails."""
-    if netns_key(path) in host_netns:
+    if netns_id(path) in host_netns:
         raise InvalidCniEventError(
             f"Netns {path!r} is the host's network namespace, not a pod's; refusing it"
         )
@@ -180,7 +180,7 @@ class CniEventServer:
         self.socket_path = socket_path
         self._allowed = _normalise_dirs(allowed_netns_dirs)
         self._host_netns_paths = (_OWN_NETNS,) if host_netns is None else (_OWN_NETNS, host_netns)
-        self._host_netns: frozenset[tuple[int, int]] = frozenset()
+        self._host_netns: frozenset[NetnsId] = frozenset()
         self._budget = budget
         self._max_body = max_body
         self._runner: web.AppRunner | None = None
@@ -218,10 +218,10 @@ class CniEventServer:
         self._socket_file = socket_file
         log.info("cni_event_server_started", socket=self.socket_path)
 
-    def _identify_host_netns(self) -> frozenset[tuple[int, int]]:
-        keys: set[tuple[int, int]] = set()
+    def _identify_host_netns(self) -> frozenset[NetnsId]:
+        keys: set[NetnsId] = set()
         for path in self._host_netns_paths:
-            key = netns_key(path)
+            key = netns_id(path)
             if key is None:
                 log.warning("host_netns_unreadable", netns=path)
             else:

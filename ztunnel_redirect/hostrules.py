@@ -14,15 +14,15 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing
+from ztunnel_redirect.dumpproof import element_comment_here
 from ztunnel_redirect.errors import ConfigError, NotFoundError
 from ztunnel_redirect.model import HostOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import element_comment_here
+from ztunnel_redirect.nft import GenerationGate, Nft, Verified, generation
 from ztunnel_redirect.podrules import KernelForms, read_tables, table_drift
 from ztunnel_redirect.render import element_family_set, host_ruleset
 
@@ -208,8 +208,6 @@ def remove_here() -> bool:
 
 
 _Sync = Callable[[HostOptions, Elements | None, KernelForms], list[Drift]]
-Verified = tuple[int, Hashable]
-"""(nftables generation, desired state) at which the host table was last seen as desired."""
 
 
 def _gated_here(
@@ -221,12 +219,13 @@ def _gated_here(
 ) -> tuple[list[Drift], Verified | None]:
     """Skip the listing (the set may hold thousands of elements) while the host netns's
     nftables generation has not moved since the same desired state was verified."""
-    desired = (options, None if elements is None else frozenset(elements.items()))
-    seen = generation()
-    if verified == (seen, desired):
+    gate = GenerationGate(
+        generation(), (options, None if elements is None else frozenset(elements.items()))
+    )
+    if gate.unchanged(verified):
         return [], verified
     drifts = sync(options, elements, forms)
-    return drifts, None if drifts else (seen, desired)
+    return drifts, gate.verified(drifts)
 
 
 class HostRules:

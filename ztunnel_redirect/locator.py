@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ztunnel_redirect import procscan
 from ztunnel_redirect.model import Pod, PodUid
+from ztunnel_redirect.netns import netns_id
 
 __all__ = ["ProcLocator"]
 
@@ -58,7 +59,7 @@ class ProcLocator:
 
 def _same_process(match: procscan.NetnsMatch) -> bool:
     """Whether the process a scan found is still there, unchanged (same start time, same netns)."""
-    key = procscan.netns_key(match.path)
+    key = netns_id(match.path)
     try:
         stat = (Path(match.path).parent.parent / "stat").read_text()
     except OSError:

@@ -22,6 +22,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Final, ParamSpec, TypeVar
 
 from ztunnel_redirect.errors import CapabilityError, NetnsNotFoundError
@@ -74,7 +75,21 @@ def _return_to(fd: int) -> None:
 
 
 NetnsId = tuple[int, int]
-"""(st_dev, st_ino) of a network namespace."""
+"""(st_dev, st_ino) of a network namespace: what a path named when we found it."""
+
+
+def netns_id(path: str) -> NetnsId | None:
+    """The identity of the netns `path` names now; None when nothing is there.
+
+    A `/proc/<pid>/ns/net` path names whatever netns that pid is in at the time of the call: the
+    process may exit and its pid be reused. Whoever keeps such a path compares this identity with
+    the one it recorded before each use.
+    """
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def open_netns(path: str, *, expect: NetnsId | None = None) -> int:

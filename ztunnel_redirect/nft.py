@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import socket
 import struct
 import threading
+from collections.abc import Hashable, Sized
+from dataclasses import dataclass
 from typing import Final
 
+from ztunnel_redirect import netlink
 from ztunnel_redirect.errors import CapabilityError, KernelError, NotFoundError
 from ztunnel_redirect.model import HostOptions, PodOptions
 from ztunnel_redirect.render import host_ruleset, pod_ruleset
@@ -106,13 +108,13 @@ class Nft:
         self.close()
 
 
-_NETLINK_NETFILTER: Final = 12
-_NFT_MSG_GETGEN: Final = (10 << 8) | 16  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN
-_NFT_MSG_NEWGEN: Final = (10 << 8) | 15
+_NFT_MSG_GETGEN: Final = netlink.nft_type(16)
+_NFT_MSG_NEWGEN: Final = netlink.nft_type(15)
 _NFTA_GEN_ID: Final = 1
-_NLMSG: Final = struct.Struct("=IHHII")
-_NLA: Final = struct.Struct("=HH")
-_GETGEN: Final = _NLMSG.pack(_NLMSG.size + 4, _NFT_MSG_GETGEN, 1, 1, 0) + bytes(4)
+_GETGEN: Final = netlink.message(
+    _NFT_MSG_GETGEN, netlink.NLM_F_REQUEST, 1, netlink.NFGENMSG.pack(0, 0, 0)
+)
+_BE32: Final = struct.Struct("!I")
 
 
 def generation() -> int:
@@ -121,22 +123,45 @@ def generation() -> int:
     Every committed nftables change in the netns bumps it, whoever makes it; reads do not. So an
     unchanged id since a verified check proves that no table can have drifted meanwhile.
     """
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, _NETLINK_NETFILTER) as sock:
-        sock.settimeout(5.0)
-        sock.bind((0, 0))
-        sock.send(_GETGEN)
-        data = sock.recv(65536)
-    length, kind, _, _, _ = _NLMSG.unpack_from(data)
+    with netlink.open_socket(netlink.NETLINK_NETFILTER) as sock:
+        kind, data, start, end = netlink.get(sock, _GETGEN, what="NFT_MSG_GETGEN")
     if kind != _NFT_MSG_NEWGEN:
         raise KernelError(f"NFT_MSG_GETGEN answered with message type {kind}")
-    offset = _NLMSG.size + 4  # nlmsghdr + nfgenmsg
-    while offset + _NLA.size <= length:
-        size, attr = _NLA.unpack_from(data, offset)
-        if attr & 0x7FFF == _NFTA_GEN_ID:
-            genid: int = struct.unpack_from("!I", data, offset + _NLA.size)[0]
+    for attr, at, _end in netlink.attributes(data, start + netlink.NFGENMSG.size, end):
+        if attr & netlink.NLA_TYPE_MASK == _NFTA_GEN_ID:
+            genid: int = _BE32.unpack_from(data, at)[0]
             return genid
-        offset += (size + 3) & ~3
     raise KernelError("NFT_MSG_NEWGEN without NFTA_GEN_ID")
+
+
+@dataclass(frozen=True)
+class Verified:
+    """The nftables generation of a netns at which a desired state was last seen in it."""
+
+    generation: int
+    desired: Hashable
+
+
+@dataclass(frozen=True)
+class GenerationGate:
+    """The generation gate of a check: `GenerationGate(generation(), desired)`, read on a
+    `NetnsRunner` worker in the netns checked.
+
+    Every commit by anyone bumps the generation, so when a check verified this very desired
+    state at this generation, nothing can have changed since and the listing is skipped.
+    """
+
+    generation: int
+    desired: Hashable
+
+    def unchanged(self, verified: Verified | None) -> bool:
+        """Whether `verified` (kept from an earlier check) proves the desired state still."""
+        return verified == Verified(self.generation, self.desired)
+
+    def verified(self, drifts: Sized) -> Verified | None:
+        """What to keep after a check that found `drifts`: after a write (any drift), the next
+        check lists again before it trusts a generation."""
+        return None if drifts else Verified(self.generation, self.desired)
 
 
 def probe() -> None:

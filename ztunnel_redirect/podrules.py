@@ -17,12 +17,13 @@ import structlog
 
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import routing
+from ztunnel_redirect.batchreplay import Recordings, send_batch
 from ztunnel_redirect.drift import Drift, DriftKind, TableListing, diff_table
+from ztunnel_redirect.dumpproof import ExpectedDumps
 from ztunnel_redirect.errors import KernelError
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsId, NetnsRunner, entered_scratch
-from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import ExpectedDumps, Recordings, send_batch
+from ztunnel_redirect.nft import GenerationGate, Nft, Verified, generation
 from ztunnel_redirect.render import Ruleset, pod_ruleset
 
 log = structlog.get_logger(__name__)
@@ -143,14 +144,6 @@ PRISTINE_GENERATION: Final = 1
 
 
 @dataclass(frozen=True)
-class Verified:
-    """The nftables generation of a netns at which its tables were last seen as desired."""
-
-    generation: int
-    ruleset: Ruleset
-
-
-@dataclass(frozen=True)
 class Outcome:
     drifts: list[Drift]
     """What differed (for apply: what was repaired). Empty: nothing was written."""
@@ -194,35 +187,35 @@ def sync_tables_here(
     """The nftables half: compare our tables with the desired ones and, with `write`, repair
     what differs in one transaction.
 
-    The generation gate: when the netns's nftables generation has not moved since the tables
-    were last verified for this very ruleset, nothing can have changed them, and the listing
-    (~0.6 ms for three tables) is skipped. Any commit by anyone bumps the generation.
+    The generation gate (`nft.GenerationGate`): when the netns's nftables generation has not
+    moved since the tables were last verified for this very ruleset, nothing can have changed
+    them, and the listing (~0.6 ms for three tables) is skipped.
 
-    Missing tables are created by a replayed netlink batch (`nlbatch`), so a new sandbox needs
+    Missing tables are created by a replayed netlink batch (`batchreplay`), so a new sandbox needs
     no libnftables context at all; listing and other repairs each open their own (~0.02 ms;
     the listing one commits nothing, so closing it never waits for RCU: SPEC §12 trap 4).
 
     Before listing (the first check after a restart, or after anyone's commit), a raw netlink
     dump of our tables, normalised, is compared with the desired ruleset's (~0.1 ms instead of
-    ~0.5 ms; `nlbatch.dump_here` says what it ignores). Only equality is trusted: anything else
+    ~0.5 ms; `dumpproof.dump_here` says what it ignores). Only equality is trusted: anything else
     falls through to the listing, which reports precisely and decides the repair.
 
     `steps` times each named step (the benchmark's profile); the default times nothing.
     """
     with steps.step("nft_generation"):
-        seen = generation()
-    if verified == Verified(seen, state.ruleset):
+        gate = GenerationGate(generation(), state.ruleset)
+    if gate.unchanged(verified):
         return Outcome([], verified)
     names = _names(state.ruleset)
-    if seen == PRISTINE_GENERATION:
+    if gate.generation == PRISTINE_GENERATION:
         # A netns starts at generation 1: still there, nothing was ever committed in it (a new
         # sandbox), so there is nothing to list.
         actual: dict[str, TableListing | None] = dict.fromkeys(names)
     else:
         with steps.step("dump_proof"):
-            proven = dumps.identical(state.ruleset, generation=seen)
+            proven = dumps.identical(state.ruleset, generation=gate.generation)
         if proven:
-            return Outcome([], Verified(seen, state.ruleset))
+            return Outcome([], gate.verified([]))
         with steps.step("list_tables"), Nft() as nft:
             actual = read_tables(nft, names)
     with steps.step("kernel_forms_lookup"):
@@ -240,8 +233,7 @@ def sync_tables_here(
         if not replayed or refused is not None:
             with steps.step("nft_repair"), Nft() as nft:
                 nft.run(repair_script(state.ruleset, drifts))
-    # After a write, the next check lists again before it trusts a generation.
-    return Outcome(drifts, None if drifts else Verified(seen, state.ruleset), refused)
+    return Outcome(drifts, gate.verified(drifts), refused)
 
 
 def sync_routing_here(

@@ -33,15 +33,14 @@ import struct
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Set
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final
 
 import structlog
 
-from ztunnel_redirect import constants
+from ztunnel_redirect import constants, netlink
 from ztunnel_redirect.errors import KernelError, NetnsNotFoundError, RedirectError
 from ztunnel_redirect.model import PodUid
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.netns import NetnsId, NetnsRunner, netns_id
 
 __all__ = [
     "KUBELET_PROCESSES",
@@ -51,7 +50,6 @@ __all__ = [
     "NetnsMatch",
     "kubelet_uid",
     "netns_addresses",
-    "netns_key",
     "parse_start_time",
     "pod_uid_from_cgroup",
     "runner_addresses",
@@ -131,20 +129,6 @@ def _read(path: str) -> bytes | None:
 def _read_text(path: str) -> str | None:
     data = _read(path)
     return None if data is None else data.decode("utf-8", "replace")
-
-
-def netns_key(path: str) -> tuple[int, int] | None:
-    """The identity `(st_dev, st_ino)` of the netns `path` names now; None when nothing is there.
-
-    A `/proc/<pid>/ns/net` path names whatever netns that pid is in at the time of the call: the
-    process may exit and its pid be reused. Whoever keeps such a path compares this identity with
-    the one it recorded before each use.
-    """
-    try:
-        st = Path(path).stat()
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
 
 
 def pids(proc_root: str, max_processes: int) -> Iterator[int]:
@@ -249,8 +233,8 @@ class NetnsFinder:
         self._proc_root = proc_root
         self._max_processes = max_processes
 
-    def _host_netns(self) -> frozenset[tuple[int, int]]:
-        keys = {netns_key(f"{self._proc_root}/{who}/ns/net") for who in ("1", "self")}
+    def _host_netns(self) -> frozenset[NetnsId]:
+        keys = {netns_id(f"{self._proc_root}/{who}/ns/net") for who in ("1", "self")}
         keys.discard(None)
         if not keys:
             raise NetnsNotFoundError(
@@ -274,7 +258,7 @@ class NetnsFinder:
         started = time.monotonic()
         host = self._host_netns()
         found: dict[PodUid, NetnsMatch] = {}
-        verified: dict[tuple[int, int], frozenset[str]] = {}
+        verified: dict[NetnsId, frozenset[str]] = {}
         scanned = 0
         for pid in pids(self._proc_root, self._max_processes):
             scanned += 1
@@ -317,12 +301,12 @@ class NetnsFinder:
         self,
         pid: int,
         wanted: Mapping[PodUid, frozenset[str]],
-        host: frozenset[tuple[int, int]],
+        host: frozenset[NetnsId],
         found: Mapping[PodUid, NetnsMatch],
     ) -> _Candidate | None:
         base = f"{self._proc_root}/{pid}"
         path = f"{base}/ns/net"
-        key = netns_key(path)
+        key = netns_id(path)
         if key is None or key in host:
             return None
         cgroup = _read_text(f"{base}/cgroup")
@@ -340,7 +324,7 @@ class NetnsFinder:
             uid=PodUid(uid), path=path, dev=key[0], inode=key[1], start_time=start_time
         )
 
-    def _verify(self, path: str, key: tuple[int, int]) -> frozenset[str] | None:
+    def _verify(self, path: str, key: NetnsId) -> frozenset[str] | None:
         """The addresses in the netns at `path`; empty when unreadable (fail closed).
 
         None when the pid no longer names the netns we examined (it exited, maybe was reused).
@@ -350,7 +334,7 @@ class NetnsFinder:
         except (RedirectError, OSError) as exc:
             log.warning("netns_unverifiable", netns=path, error=str(exc))
             addresses = frozenset()
-        if netns_key(path) != key:
+        if netns_id(path) != key:
             return None
         return addresses
 
@@ -364,45 +348,26 @@ class _Candidate:
     start_time: int
 
 
-# rtnetlink, enough for an RTM_GETADDR dump (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h).
-_NETLINK_ROUTE: Final = 0
-_NLMSG_ERROR: Final = 2
-_NLMSG_DONE: Final = 3
+# rtnetlink, enough for an RTM_GETADDR dump (linux/rtnetlink.h, linux/if_addr.h).
 _RTM_NEWADDR: Final = 20
 _RTM_GETADDR: Final = 22
-_NLM_F_REQUEST: Final = 0x1
-_NLM_F_DUMP: Final = 0x300
-_NLM_F_DUMP_INTR: Final = 0x10
 _IFA_ADDRESS: Final = 1
 _IFA_LOCAL: Final = 2
-_NLMSGHDR: Final = struct.Struct("=IHHII")
 _IFADDRMSG: Final = struct.Struct("=BBBBI")
-_RTATTR: Final = struct.Struct("=HH")
 _RECV_BUFFER: Final = 1 << 17
 _MAX_RECVS: Final = 10_000
 _DUMP_ATTEMPTS: Final = 3
 _TIMEOUT_S: Final = 5.0
 
 
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
 def _parse_addr(data: bytes, start: int, end: int) -> str | None:
     family = data[start]
     local = address = None
-    pos = start + _IFADDRMSG.size
-    while pos + _RTATTR.size <= end:
-        length, kind = _RTATTR.unpack_from(data, pos)
-        if length < _RTATTR.size or pos + length > end:
-            break
-        if kind in (_IFA_LOCAL, _IFA_ADDRESS):
-            payload = data[pos + _RTATTR.size : pos + length]
-            if kind == _IFA_LOCAL:
-                local = payload
-            else:
-                address = payload
-        pos += _align(length)
+    for kind, at, until in netlink.attributes(data, start + _IFADDRMSG.size, end):
+        if kind == _IFA_LOCAL:
+            local = data[at:until]
+        elif kind == _IFA_ADDRESS:
+            address = data[at:until]
     # IFA_LOCAL is the local address; on a point-to-point link IFA_ADDRESS is the peer's.
     raw = local if local is not None else address
     if raw is None or family not in (socket.AF_INET, socket.AF_INET6):
@@ -414,33 +379,28 @@ def _parse_addr(data: bytes, start: int, end: int) -> str | None:
 
 
 def _dump_addresses(sock: socket.socket, seq: int) -> tuple[set[str], bool]:
-    request = _NLMSGHDR.pack(
-        _NLMSGHDR.size + _IFADDRMSG.size, _RTM_GETADDR, _NLM_F_REQUEST | _NLM_F_DUMP, seq, 0
-    ) + _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    request = netlink.message(
+        _RTM_GETADDR,
+        netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+        seq,
+        _IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0),
+    )
     sock.send(request)
     addresses: set[str] = set()
     interrupted = False
-    for _ in range(_MAX_RECVS):
-        data = sock.recv(_RECV_BUFFER)
-        offset = 0
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, flags, msg_seq, _ = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > len(data):
-                raise KernelError("malformed rtnetlink message in the address dump")
-            if msg_seq == seq:
-                interrupted = interrupted or bool(flags & _NLM_F_DUMP_INTR)
-                if kind == _NLMSG_DONE:
-                    return addresses, interrupted
-                if kind == _NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", data, offset + _NLMSGHDR.size)
-                    if error:
-                        raise KernelError(f"address dump failed: {os.strerror(-error)}")
-                elif kind == _RTM_NEWADDR:
-                    addr = _parse_addr(data, offset + _NLMSGHDR.size, offset + length)
-                    if addr is not None:
-                        addresses.add(addr)
-            offset += _align(length)
-    raise KernelError("address dump did not end")
+    for _seq, kind, flags, data, start, end in netlink.answers(
+        sock, (seq,), bufsize=_RECV_BUFFER, max_recvs=_MAX_RECVS, what="address dump"
+    ):
+        interrupted = interrupted or bool(flags & netlink.NLM_F_DUMP_INTR)
+        if kind == netlink.NLMSG_ERROR:
+            error = netlink.error_code(data, start)
+            if error:
+                raise KernelError(f"address dump failed: {os.strerror(error)}")
+        elif kind == _RTM_NEWADDR:
+            addr = _parse_addr(data, start, end)
+            if addr is not None:
+                addresses.add(addr)
+    return addresses, interrupted
 
 
 def netns_addresses() -> set[str]:
@@ -450,10 +410,11 @@ def netns_addresses() -> set[str]:
     `NetnsRunner` worker: `runner.call(path, netns_addresses)`; the socket belongs to the netns
     the thread is in when it is created.
     """
-    with socket.socket(
-        socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, _NETLINK_ROUTE
-    ) as sock:
-        sock.settimeout(_TIMEOUT_S)
+    try:
+        sock = netlink.open_socket(netlink.NETLINK_ROUTE, timeout=_TIMEOUT_S)
+    except OSError as exc:
+        raise KernelError(f"address dump failed: {exc}") from exc
+    with sock:
         for attempt in range(1, _DUMP_ATTEMPTS + 1):
             try:
                 addresses, interrupted = _dump_addresses(sock, attempt)

@@ -34,7 +34,7 @@ from ztunnel_redirect.drift import Drift
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
 from ztunnel_redirect.model import HostOptions, Pod, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsId
+from ztunnel_redirect.netns import NetnsId, netns_id
 from ztunnel_redirect.ports import (
     HostElements,
     HostRuleWriter,
@@ -45,7 +45,7 @@ from ztunnel_redirect.ports import (
     StatusWriter,
     Ztunnel,
 )
-from ztunnel_redirect.records import ENABLED, PENDING, Phase, PodRecord, PodRecords, netns_id
+from ztunnel_redirect.records import ENABLED, PENDING, Phase, PodRecord, PodRecords
 from ztunnel_redirect.store import ClusterStore, Sandbox
 
 log = structlog.get_logger(__name__)

@@ -14,22 +14,16 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect import procscan
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.model import Pod, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsId
+from ztunnel_redirect.netns import NetnsId, netns_id
 from ztunnel_redirect.store import ClusterStore
 
-__all__ = ["ENABLED", "PENDING", "Phase", "PodRecord", "PodRecords", "netns_id"]
+__all__ = ["ENABLED", "PENDING", "Phase", "PodRecord", "PodRecords"]
 
 ENABLED = "enabled"
 PENDING = "pending"
 """The values of the pod's status annotation."""
-
-
-def netns_id(path: str) -> NetnsId | None:
-    """The identity of the netns `path` names now (None: nothing there)."""
-    return procscan.netns_key(path)
 
 
 class Phase(enum.Enum):

@@ -20,14 +20,6 @@ from enum import Enum
 from functools import cache
 from typing import Any, Final
 
-from pyroute2.netlink import (
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_DUMP,
-    NLM_F_EXCL,
-    NLM_F_REPLACE,
-    NLM_F_REQUEST,
-)
 from pyroute2.netlink.rtnl import (
     RTM_DELROUTE,
     RTM_DELRULE,
@@ -42,11 +34,17 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect.errors import KernelError
+from ztunnel_redirect import netlink
+from ztunnel_redirect.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+)
 
-_NLMSG_ERROR: Final = 2
-_NLMSG_DONE: Final = 3
-_HEADER = struct.Struct("=IHHII")
+_HEADER: Final = netlink.NLMSG
 _RTPROT_BOOT: Final = 3
 _RT_SCOPE_HOST: Final = 254
 _RTN_LOCAL: Final = 2
@@ -79,14 +77,6 @@ class RoutingItem:
         return f"ip {v}route local {dst} dev lo table {c.ROUTE_TABLE}"
 
 
-def _encode(msg: Any, kind: int, flags: int) -> bytes:
-    msg["header"]["type"] = kind
-    msg["header"]["flags"] = flags
-    msg.encode()
-    data: bytes = msg.data
-    return data
-
-
 @cache
 def _rule_msg(family: Family, kind: int, flags: int) -> bytes:
     msg = fibmsg()
@@ -99,7 +89,7 @@ def _rule_msg(family: Family, kind: int, flags: int) -> bytes:
         ("FRA_FWMASK", c.CONNMARK_MASK),
         ("FRA_TABLE", c.ROUTE_TABLE),
     ]
-    return _encode(msg, kind, flags)
+    return netlink.pyroute2_bytes(msg, kind, flags)
 
 
 @cache
@@ -112,7 +102,7 @@ def _route_msg(family: Family, kind: int, flags: int) -> bytes:
     msg["scope"] = _RT_SCOPE_HOST
     msg["type"] = _RTN_LOCAL
     msg["attrs"] = [("RTA_TABLE", c.ROUTE_TABLE), ("RTA_OIF", _LO_INDEX)]
-    return _encode(msg, kind, flags)
+    return netlink.pyroute2_bytes(msg, kind, flags)
 
 
 @cache
@@ -120,24 +110,14 @@ def _dump_msg(cls: Any, kind: int) -> bytes:
     """A dump of both families at once (family AF_UNSPEC): one round trip instead of two."""
     msg = cls()
     msg["family"] = socket.AF_UNSPEC
-    return _encode(msg, kind, NLM_F_REQUEST | NLM_F_DUMP)
-
-
-def _messages(data: bytes) -> Iterator[tuple[int, bytes]]:
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, kind, _flags, _seq, _pid = _HEADER.unpack_from(data, offset)
-        yield kind, data[offset : offset + length]
-        offset += (length + 3) & ~3
+    return netlink.pyroute2_bytes(msg, kind, NLM_F_REQUEST | NLM_F_DUMP)
 
 
 class Rtnl:
     """A blocking rtnetlink socket in the current netns (create it on a worker in the netns)."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-        self._sock.settimeout(5.0)
-        self._sock.bind((0, 0))
+        self._sock = netlink.open_socket(netlink.NETLINK_ROUTE)
 
     def close(self) -> None:
         self._sock.close()
@@ -150,37 +130,18 @@ class Rtnl:
 
     def request(self, messages: list[bytes], *, ok: frozenset[int] = frozenset()) -> None:
         """Send requests in one write; each gets an ack. Errnos in `ok` count as success."""
-        self._sock.send(b"".join(messages))
-        pending = len(messages)
-        while pending:
-            for kind, msg in _messages(self._sock.recv(65536)):
-                if kind != _NLMSG_ERROR:
-                    continue
-                pending -= 1
-                (err,) = struct.unpack_from("=i", msg, _HEADER.size)
-                if err and -err not in ok:
-                    raise KernelError(f"rtnetlink: {errno.errorcode.get(-err, -err)}")
+        netlink.acks(self._sock, b"".join(messages), len(messages), ok=ok, what="rtnetlink")
 
     def get(self, request: bytes) -> bytes:
         """The one message answering a request that is not a dump."""
-        self._sock.send(request)
-        for kind, msg in _messages(self._sock.recv(1 << 16)):
-            if kind == _NLMSG_ERROR:
-                (err,) = struct.unpack_from("=i", msg, _HEADER.size)
-                raise KernelError(f"rtnetlink: {errno.errorcode.get(-err, -err)}")
-            return msg
-        raise KernelError("rtnetlink: empty answer")
+        _kind, data, start, end = netlink.get(self._sock, request, what="rtnetlink")
+        return data[start - _HEADER.size : end]
 
     def dump(self, request: bytes) -> Iterator[bytes]:
-        self._sock.send(request)
-        while True:
-            for kind, msg in _messages(self._sock.recv(1 << 16)):
-                if kind == _NLMSG_DONE:
-                    return
-                if kind == _NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", msg, _HEADER.size)
-                    raise KernelError(f"rtnetlink dump: {errno.errorcode.get(-err, -err)}")
-                yield msg
+        for _kind, _flags, data, start, end in netlink.dump(
+            self._sock, request, what="rtnetlink dump"
+        ):
+            yield data[start - _HEADER.size : end]
 
 
 # Loopback's IPv6 settings in an RTM_NEWLINK message (linux/if_link.h, linux/ipv6.h): after
@@ -199,20 +160,15 @@ def _getlink_lo_msg() -> bytes:
     msg["family"] = socket.AF_UNSPEC
     msg["index"] = _LO_INDEX
     msg["attrs"] = [("IFLA_EXT_MASK", _RTEXT_FILTER_SKIP_STATS)]  # no counters: a smaller answer
-    return _encode(msg, RTM_GETLINK, NLM_F_REQUEST)
+    return netlink.pyroute2_bytes(msg, RTM_GETLINK, NLM_F_REQUEST)
 
 
-def _attrs(data: bytes) -> dict[int, bytes]:
-    """The attributes in `data` (a run of netlink attributes), payloads by type."""
-    found = {}
-    offset = 0
-    while offset + _ATTR.size <= len(data):
-        length, kind = _ATTR.unpack_from(data, offset)
-        if length < _ATTR.size:
-            break
-        found[kind & 0x3FFF] = data[offset + _ATTR.size : offset + length]
-        offset += (length + 3) & ~3
-    return found
+def _attrs(data: bytes, start: int, end: int) -> dict[int, tuple[int, int]]:
+    """The attributes in data[start:end], (payload offset, payload end) by type."""
+    return {
+        kind & netlink.NLA_TYPE_MASK: (at, until)
+        for kind, at, until in netlink.attributes(data, start, end)
+    }
 
 
 def ipv6_usable(*, rtnl: Rtnl | None = None) -> bool:
@@ -228,11 +184,13 @@ def ipv6_usable(*, rtnl: Rtnl | None = None) -> bool:
         with Rtnl() as own:
             return ipv6_usable(rtnl=own)
     link = rtnl.get(_getlink_lo_msg())
-    spec = _attrs(link[_HEADER.size + _IFINFOMSG_SIZE :]).get(_IFLA_AF_SPEC, b"")
-    conf = _attrs(_attrs(spec).get(socket.AF_INET6, b"")).get(_IFLA_INET6_CONF, b"")
-    if len(conf) < _S32.size * (_DEVCONF_DISABLE_IPV6 + 1):
+    none = (0, 0)
+    spec = _attrs(link, _HEADER.size + _IFINFOMSG_SIZE, len(link)).get(_IFLA_AF_SPEC, none)
+    inet6 = _attrs(link, *spec).get(socket.AF_INET6, none)
+    start, end = _attrs(link, *inet6).get(_IFLA_INET6_CONF, none)
+    if end - start < _S32.size * (_DEVCONF_DISABLE_IPV6 + 1):
         return False
-    disabled: int = _S32.unpack_from(conf, _S32.size * _DEVCONF_DISABLE_IPV6)[0]
+    disabled: int = _S32.unpack_from(link, start + _S32.size * _DEVCONF_DISABLE_IPV6)[0]
     return disabled != 1
 
 
@@ -248,23 +206,17 @@ _FAMILIES: dict[int, Family] = {int(f.value): f for f in Family}
 
 # Attribute types read back (linux/fib_rules.h, linux/rtnetlink.h); all are u32.
 _FRA_PRIORITY, _FRA_FWMARK, _FRA_FWMASK, _RTA_OIF = 6, 10, 16, 4
-_ATTR = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _FIXED_HEADER = 12  # fib_rule_hdr and rtmsg are both 12 bytes
 
 
 def _u32_attrs(msg: bytes) -> dict[int, int]:
     """The 4-byte attributes of a dumped rule or route message, by type."""
-    attrs = {}
-    offset = _HEADER.size + _FIXED_HEADER
-    while offset + _ATTR.size <= len(msg):
-        length, kind = _ATTR.unpack_from(msg, offset)
-        if length < _ATTR.size:
-            break
-        if length == _ATTR.size + _U32.size:
-            attrs[kind & 0x3FFF] = _U32.unpack_from(msg, offset + _ATTR.size)[0]
-        offset += (length + 3) & ~3
-    return attrs
+    return {
+        kind & netlink.NLA_TYPE_MASK: _U32.unpack_from(msg, at)[0]
+        for kind, at, end in netlink.attributes(msg, _HEADER.size + _FIXED_HEADER, len(msg))
+        if end - at == _U32.size
+    }
 
 
 def present(rtnl: Rtnl) -> set[RoutingItem]:

@@ -22,9 +22,8 @@ from ztunnel_redirect import constants as c
 from ztunnel_redirect.drift import Drift, DriftKind
 from ztunnel_redirect.errors import NetnsNotFoundError
 from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsId
+from ztunnel_redirect.netns import NetnsId, netns_id
 from ztunnel_redirect.ports import HostElements
-from ztunnel_redirect.procscan import netns_key
 
 __all__ = ["FakeKernel", "Hold", "Operation"]
 
@@ -109,7 +108,7 @@ class FakeKernel:
         holds = self._holds.get(operation)
         if holds:
             await holds.pop(0).wait()
-        if netns is not None and identity is not None and netns_key(netns) != identity:
+        if netns is not None and identity is not None and netns_id(netns) != identity:
             raise NetnsNotFoundError(f"{netns} no longer names the netns {identity}")
         failures = self._failures.get(operation)
         if failures:

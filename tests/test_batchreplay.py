@@ -13,11 +13,11 @@ import pytest
 
 from tests.matrix import POD_MATRIX, pod_name
 from ztunnel_redirect import constants as c
+from ztunnel_redirect.batchreplay import BatchRejectedError, Recordings, record_here, send_batch
 from ztunnel_redirect.drift import Drift, DriftKind
 from ztunnel_redirect.model import PodOptions
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import generation
-from ztunnel_redirect.nlbatch import BatchRejectedError, Recordings, record_here, send_batch
 from ztunnel_redirect.podrules import (
     KernelForms,
     PodRules,

@@ -19,10 +19,10 @@ from tests.matrix import POD_MATRIX, pod_name
 from ztunnel_redirect import constants as c
 from ztunnel_redirect import podrules
 from ztunnel_redirect.drift import DriftKind, TableListing
+from ztunnel_redirect.dumpproof import DumpInconsistentError, ExpectedDumps, dump_here, provable
 from ztunnel_redirect.model import HostOptions, PodOptions
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.nlbatch import DumpInconsistentError, ExpectedDumps, dump_here, provable
 from ztunnel_redirect.podrules import KernelForms, PodRules, PodState, sync_tables_here
 from ztunnel_redirect.render import host_ruleset, pod_ruleset
 from ztunnel_redirect.testing.netnslab import Lab, Netns
@@ -277,7 +277,7 @@ class ReceivedBytes:
                 received.append(data)
                 return data
 
-        monkeypatch.setattr(socket, "socket", Spy)  # the module nlbatch opens sockets with
+        monkeypatch.setattr(socket, "socket", Spy)  # the module netlink opens sockets with
 
 
 async def test_the_dump_never_reads_another_table(
