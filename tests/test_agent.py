@@ -411,6 +411,42 @@ async def test_unlabelling_namespace_removes_all(
     assert metric(await agent.metrics(), f"{PREFIX}_pods_enrolled") == 0
 
 
+CUSTOM_SELECTORS = """\
+- namespaceSelector:
+    matchLabels: {team: web}
+  podSelector:
+    matchExpressions:
+    - {key: legacy, operator: DoesNotExist}
+"""
+
+
+async def test_custom_enablement_selectors_decide_on_other_labels(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+    netns_runner: NetnsRunner,
+) -> None:
+    """AMBIENT_ENABLEMENT_SELECTOR reaches the agent's policy, and a relabel of the namespace or a
+    pod on labels other than istio.io/dataplane-mode enrolls or removes running pods."""
+    a, b = pods
+    await agents.start("--enablement-selectors", CUSTOM_SELECTORS)
+    ztunnel = await ztunnels.connect()
+
+    node.api.set_namespace_labels(NS, {"team": "web"})
+    for pod in (a, b):
+        await annotated(node.api, pod, "enabled")
+        assert await rules_drift(netns_runner, pod) == []
+
+    node.api.set_pod_labels(NS, a.name, {"legacy": "yes"})
+    await assert_removed(node, ztunnel, netns_runner, a)
+    assert status_annotation(node.api, b) == "enabled"
+
+    node.api.set_namespace_labels(NS, {"team": "db"})
+    await assert_removed(node, ztunnel, netns_runner, b)
+    assert ztunnel.workloads == {}
+
+
 async def test_deleting_pod_cleans_host_set_and_sends_del(
     node: TestNode,
     pods: tuple[NodePod, NodePod],

@@ -77,6 +77,7 @@ class Agent:
             ipv6=s.ipv6,
             probe_snat_v4=s.probe_snat_v4,
             probe_snat_v6=s.probe_snat_v6,
+            enablement_selectors=s.enablement_selectors,
         )
 
     def _kubelet_uid(self) -> int:
