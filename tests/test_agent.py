@@ -995,6 +995,7 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
 
     # Everything but the CNI entry goes on: not ready for that alone, pods are enrolled.
     assert await agent.readyz() == (503, "not ready, pending:\ncni\n")
+    assert metric(await agent.metrics(), "istio_cni_install_ready") == 0
     await ztunnels.connect()
     await enroll(node, a, b)
     assert agent.returncode is None
@@ -1004,6 +1005,12 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
 
     ready = await agent.wait_ready()
     assert ready["pods_enrolled"] == 2
+    samples = await agent.metrics()
+    assert metric(samples, "istio_cni_install_ready") == 1
+    assert metric(samples, "istio_cni_installs_total", result="SUCCESS") == 1
+    # Istio's informer event count: the listed pods and namespaces, then the relabels.
+    assert metric(samples, "nodeagent_reconcile_events_total", type="add") >= 2
+    assert metric(samples, "nodeagent_reconcile_events_total", type="update") >= 1
     assert plugin_types(conflist)[-1] == PLUGIN_NAME
     assert len(agent.find("cni_primary_config_waiting")) == 1
     assert len(agent.find("agent_ready")) == 1
