@@ -1,5 +1,5 @@
-"""Enrollment rules (SPEC §5) with the default and custom enablement selectors, and per-pod
-options (SPEC §2), table-driven."""
+"""Enrollment rules (SPEC §5) and per-pod options (SPEC §2), table-driven; the rules with the
+default enablement selectors and with custom ones."""
 
 from __future__ import annotations
 
