@@ -546,3 +546,16 @@ def test_a_pod_selector_alone_enrolls_every_namespace() -> None:
     )
     assert policy.enrolls_unlabelled_pods(ns())
     assert not policy.enrolls_unlabelled_pods(ns("kube-system"))
+
+
+def test_an_unknown_namespace_matches_no_namespace_selector() -> None:
+    """Not even one that an unlabelled namespace would match: the namespace's labels are not
+    known yet, and its arrival re-decides."""
+    policy = EnrollmentPolicy(
+        node_name=NODE,
+        enablement_selectors=parse_enablement_selectors(
+            "- namespaceSelector: {matchExpressions: [{key: legacy, operator: DoesNotExist}]}"
+        ),
+    )
+    assert policy.decide(pod(), None) == Decision(enrolled=False, reason=Reason.NOT_LABELLED)
+    assert policy.decide(pod(), ns()) == Decision(enrolled=True, reason=Reason.NAMESPACE_LABEL)
