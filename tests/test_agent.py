@@ -430,8 +430,10 @@ async def test_custom_enablement_selectors_decide_on_other_labels(
     """AMBIENT_ENABLEMENT_SELECTOR reaches the agent's policy, and a relabel of the namespace or a
     pod on labels other than istio.io/dataplane-mode enrolls or removes running pods."""
     a, b = pods
-    await agents.start("--enablement-selectors", CUSTOM_SELECTORS)
+    agent = await agents.start("--enablement-selectors", CUSTOM_SELECTORS)
     ztunnel = await ztunnels.connect()
+    # The test node runs without CNI install (installed by someone else): not reported missing.
+    assert metric(await agent.metrics(), "istio_cni_install_ready") == 1
 
     node.api.set_namespace_labels(NS, {"team": "web"})
     for pod in (a, b):

@@ -270,6 +270,8 @@ class Agent:
         await parts.cni.start()
         if parts.installer is None:
             self.readiness.done(ReadinessCondition.CNI)
+            # Installed by someone else (INSTALL_CNI=false): not the agent's to report missing.
+            self.metrics.cni_install_verified(installed=False)
         else:
             keeper = CniKeeper(
                 parts.installer,
