@@ -411,6 +411,44 @@ async def test_unlabelling_namespace_removes_all(
     assert metric(await agent.metrics(), f"{PREFIX}_pods_enrolled") == 0
 
 
+CUSTOM_SELECTORS = """\
+- namespaceSelector:
+    matchLabels: {team: web}
+  podSelector:
+    matchExpressions:
+    - {key: legacy, operator: DoesNotExist}
+"""
+
+
+async def test_custom_enablement_selectors_decide_on_other_labels(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agents: Agents,
+    ztunnels: Ztunnels,
+    netns_runner: NetnsRunner,
+) -> None:
+    """AMBIENT_ENABLEMENT_SELECTOR reaches the agent's policy, and a relabel of the namespace or a
+    pod on labels other than istio.io/dataplane-mode enrolls or removes running pods."""
+    a, b = pods
+    agent = await agents.start("--enablement-selectors", CUSTOM_SELECTORS)
+    ztunnel = await ztunnels.connect()
+    # The test node runs without CNI install (installed by someone else): not reported missing.
+    assert metric(await agent.metrics(), "istio_cni_install_ready") == 1
+
+    node.api.set_namespace_labels(NS, {"team": "web"})
+    for pod in (a, b):
+        await annotated(node.api, pod, "enabled")
+        assert await rules_drift(netns_runner, pod) == []
+
+    node.api.set_pod_labels(NS, a.name, {"legacy": "yes"})
+    await assert_removed(node, ztunnel, netns_runner, a)
+    assert status_annotation(node.api, b) == "enabled"
+
+    node.api.set_namespace_labels(NS, {"team": "db"})
+    await assert_removed(node, ztunnel, netns_runner, b)
+    assert ztunnel.workloads == {}
+
+
 async def test_deleting_pod_cleans_host_set_and_sends_del(
     node: TestNode,
     pods: tuple[NodePod, NodePod],
@@ -959,6 +997,7 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
 
     # Everything but the CNI entry goes on: not ready for that alone, pods are enrolled.
     assert await agent.readyz() == (503, "not ready, pending:\ncni\n")
+    assert metric(await agent.metrics(), "istio_cni_install_ready") == 0
     await ztunnels.connect()
     await enroll(node, a, b)
     assert agent.returncode is None
@@ -968,6 +1007,12 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
 
     ready = await agent.wait_ready()
     assert ready["pods_enrolled"] == 2
+    samples = await agent.metrics()
+    assert metric(samples, "istio_cni_install_ready") == 1
+    assert metric(samples, "istio_cni_installs_total", result="SUCCESS") == 1
+    # Istio's informer event count: the listed pods and namespaces, then the relabels.
+    assert metric(samples, "nodeagent_reconcile_events_total", type="add") >= 2
+    assert metric(samples, "nodeagent_reconcile_events_total", type="update") >= 1
     assert plugin_types(conflist)[-1] == PLUGIN_NAME
     assert len(agent.find("cni_primary_config_waiting")) == 1
     assert len(agent.find("agent_ready")) == 1

@@ -86,6 +86,14 @@ def pod(lab: Lab) -> LabPod:
         ["render", "host", "--kubelet-uid", "-5"],
         ["render", "host", "--kubelet-uid", "4294967296"],
         ["render", "pod", "--virtual-interfaces", "tun0,a:b"],
+        ["agent", "--node-name", "n", "--enablement-selectors", "- podSelector: {matchLabels: ["],
+        [
+            "agent",
+            "--node-name",
+            "n",
+            "--enablement-selectors",
+            "[{podSelector: {matchLabels: 1}}]",
+        ],
     ],
     ids=[
         "nothing",
@@ -101,6 +109,8 @@ def pod(lab: Lab) -> LabPod:
         "negative-uid",
         "uid-too-large",
         "bad-interface-name",
+        "enablement-selector-not-yaml",
+        "enablement-selector-invalid",
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv: list[str]) -> None:

@@ -234,6 +234,9 @@ async def test_add_hands_the_pod_to_ztunnel_before_returning_and_traffic_is_redi
     assert (added.name, added.namespace) == ("web-0", MESH_NS)
     after_sum, after_count = await cni_add_seconds(cluster)
     assert after_count == before_count + 1
+    samples = await cluster.agent.metrics()
+    assert metric(samples, "istio_cni_plugin_requests_total", response_code="200") == 1
+    assert metric(samples, "ztunnel_connected") == 1
     measure("cni_add_plugin_process", outcome.seconds * 1e3)
     measure("cni_add_agent_part", (after_sum - before_sum) * 1e3)
 

@@ -333,3 +333,24 @@ def test_parse_honours_configured_directories() -> None:
 def test_relative_allowed_directory_is_a_config_error() -> None:
     with pytest.raises(ConfigError):
         CniEventServer(FakeReconciler().on_add, allowed_netns_dirs=["run/netns"])
+
+
+async def test_every_answer_to_an_add_is_reported_with_its_status(
+    run_dir: Path, fake: FakeReconciler
+) -> None:
+    """What `istio_cni_plugin_requests_total{response_code}` counts."""
+    statuses: list[int] = []
+    srv = CniEventServer(
+        fake.on_add, socket_path=str(run_dir / "r.sock"), on_response=statuses.append
+    )
+    async with srv:
+        connector = aiohttp.UnixConnector(path=srv.socket_path)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            assert (await post(session, GOOD))[0] == 200
+            assert (await post(session, b"not json"))[0] == 400
+            assert (await post(session, _with(PodName="x" * (70 * 1024))))[0] == 413
+            fake.fail_with = RedirectError("no netns")
+            assert (await post(session, GOOD))[0] == 500
+            async with session.get("http://agent/cmdadd") as resp:
+                assert resp.status == 405  # not an add event: not reported
+    assert statuses == [200, 400, 413, 500]

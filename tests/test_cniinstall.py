@@ -431,6 +431,7 @@ class Kept:
     clock: FakeClock
     installed: int = 0
     failures: list[Exception] = field(default_factory=list)
+    ensured: list[bool] = field(default_factory=list)
 
     async def look(self) -> None:
         """Let the keeper take one more look at the directory: past its poll, until it sleeps
@@ -445,6 +446,7 @@ async def keeping(installer: CniInstaller) -> AsyncIterator[Kept]:
     at the directory is done when the body starts."""
     clock = FakeClock()
     failures: list[Exception] = []
+    ensured: list[bool] = []
 
     def installed() -> None:
         kept.installed += 1
@@ -455,8 +457,9 @@ async def keeping(installer: CniInstaller) -> AsyncIterator[Kept]:
         clock=clock,
         on_installed=installed,
         on_failure=failures.append,
+        on_ensured=ensured.append,
     )
-    kept = Kept(keeper, clock, failures=failures)
+    kept = Kept(keeper, clock, failures=failures, ensured=ensured)
     task = asyncio.create_task(keeper.run(), name="test-cni-keeper")
     try:
         await asyncio.wait_for(clock.wait_sleeping(), TIMEOUT)
@@ -519,3 +522,23 @@ async def test_keeper_survives_a_config_it_cannot_update(node: Node) -> None:
 
         assert kept.installed == 1
         assert load(path)["plugins"][-1] == our_entry(installer)
+
+
+async def test_keeper_reports_every_look_that_leaves_our_entry_in_place(node: Node) -> None:
+    """What `istio_cni_install_ready` and `istio_cni_installs_total` follow: True for an install
+    (the first look, or one that wrote), False for a look that found everything in place."""
+    path = node.add("10-calico.conflist")
+    installer = node.installer()
+    installer.ensure()  # a previous agent installed it: the first look writes nothing
+    async with keeping(installer) as kept:
+        assert kept.ensured == [True]
+        shutil.copyfile(DATA / "10-calico.conflist", path)
+        await kept.look()
+        assert kept.ensured == [True, True]
+        await kept.look()  # our own write showed as a change: a look that finds it in place
+        assert kept.ensured == [True, True, False]
+
+        path.write_text('{"name": "k8s-pod-network", "plugins": [')
+        await kept.look()
+        assert kept.ensured == [True, True, False], "a failure is not ensured"
+        assert [type(exc) for exc in kept.failures] == [CniConfigError]

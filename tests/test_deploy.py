@@ -29,7 +29,7 @@ import pytest
 import yaml
 from kubernetes_asyncio.client import CoreV1Api
 
-from ztunnel_redirect import cli, cni_plugin, constants, enrollment, settings
+from ztunnel_redirect import cli, cni_plugin, constants, enrollment, labelselector, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -353,6 +353,7 @@ def test_the_settings_parse_as_intended(rendered: dict[Path, list[Obj]], directo
     assert agent.probe_snat_v4 == constants.PROBE_SNAT_V4
     assert agent.probe_snat_v6 == constants.PROBE_SNAT_V6
     assert agent.exclude_namespaces == frozenset(constants.EXCLUDE_NAMESPACES)
+    assert agent.enablement_selectors == labelselector.DEFAULT_ENABLEMENT_SELECTORS
     assert agent.system_namespace == constants.SYSTEM_NAMESPACE
     assert agent.install_cni is True
     assert agent.kubeconfig is None

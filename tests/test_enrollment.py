@@ -1,4 +1,5 @@
-"""Enrollment rules (SPEC §5) and per-pod options (SPEC §2), table-driven."""
+"""Enrollment rules (SPEC §5) and per-pod options (SPEC §2), table-driven; the rules with the
+default enablement selectors and with custom ones."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ztunnel_redirect.enrollment import (
     Reason,
     parse_bool,
 )
+from ztunnel_redirect.labelselector import EnablementSelector, parse_enablement_selectors
 from ztunnel_redirect.model import Namespace, Pod, PodOptions, PodUid, valid_interface_name
 
 NODE = "node-a"
@@ -363,3 +365,197 @@ def test_all_options_together() -> None:
     assert options == dataclasses.replace(
         PodOptions(), bypass_inbound=True, dns_capture=False, virtual_interfaces=("tun0", "net1")
     )
+
+
+# --- custom enablement selectors (AMBIENT_ENABLEMENT_SELECTOR) -----------------------------------
+
+# Pods labelled mesh=on in any namespace; every pod of a namespace of team web or api, unless the
+# pod has legacy (any value); nothing on istio.io/dataplane-mode.
+CUSTOM = parse_enablement_selectors(
+    """\
+- podSelector:
+    matchLabels: {mesh: "on"}
+- namespaceSelector:
+    matchExpressions:
+    - {key: team, operator: In, values: [web, api]}
+  podSelector:
+    matchExpressions:
+    - {key: legacy, operator: DoesNotExist}
+"""
+)
+CUSTOM_POLICY = EnrollmentPolicy(node_name=NODE, enablement_selectors=CUSTOM)
+MESH_ON = {"mesh": "on"}
+WEB = {"team": "web"}
+
+SELECTED = [
+    ("pod selector", pod(labels=MESH_ON), ns(), True, Reason.POD_LABEL),
+    ("pod selector, namespace unknown", pod(labels=MESH_ON), None, True, Reason.POD_LABEL),
+    ("pod selector, other value", pod(labels={"mesh": "off"}), ns(), False, Reason.NOT_LABELLED),
+    ("namespace selector", pod(), ns(labels=WEB), True, Reason.NAMESPACE_LABEL),
+    ("namespace selector, In", pod(), ns(labels={"team": "api"}), True, Reason.NAMESPACE_LABEL),
+    ("namespace not selected", pod(), ns(labels={"team": "db"}), False, Reason.NOT_LABELLED),
+    ("namespace unknown", pod(), None, False, Reason.NOT_LABELLED),
+    (
+        "pod excluded by DoesNotExist",
+        pod(labels={"legacy": ""}),
+        ns(labels=WEB),
+        False,
+        Reason.OPTED_OUT,
+    ),
+    (
+        "pod selector wins over the namespace's exclusion",
+        pod(labels={"legacy": "1", **MESH_ON}),
+        ns(labels=WEB),
+        True,
+        Reason.POD_LABEL,
+    ),
+    (
+        "istio.io/dataplane-mode=ambient means nothing here",
+        pod(labels=AMBIENT),
+        ns(labels=AMBIENT),
+        False,
+        Reason.NOT_LABELLED,
+    ),
+    (
+        "istio.io/dataplane-mode=none means nothing here",
+        pod(labels=NONE),
+        ns(labels=WEB),
+        True,
+        Reason.NAMESPACE_LABEL,
+    ),
+    (
+        "host network never matches",
+        pod(labels=MESH_ON, host_network=True),
+        ns(labels=WEB),
+        False,
+        Reason.HOST_NETWORK,
+    ),
+    (
+        "sidecar never matches",
+        pod(labels=MESH_ON, annotations={constants.SIDECAR_STATUS_ANNOTATION: "{}"}),
+        ns(labels=WEB),
+        False,
+        Reason.SIDECAR,
+    ),
+    (
+        "excluded namespace",
+        pod(namespace="kube-system", labels=MESH_ON),
+        ns("kube-system", labels=WEB),
+        False,
+        Reason.EXCLUDED_NAMESPACE,
+    ),
+    (
+        "ztunnel pod",
+        pod(namespace="istio-system", labels={"app": "ztunnel", **MESH_ON}),
+        ns("istio-system", labels=WEB),
+        False,
+        Reason.ZTUNNEL_POD,
+    ),
+    ("no IP yet", pod(labels=MESH_ON, ips=()), ns(), False, Reason.NO_IP),
+]
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "namespace", "enrolled", "reason"),
+    [case[1:] for case in SELECTED],
+    ids=[case[0] for case in SELECTED],
+)
+def test_decide_with_custom_selectors(
+    the_pod: Pod, namespace: Namespace | None, enrolled: bool, reason: Reason
+) -> None:
+    assert CUSTOM_POLICY.decide(the_pod, namespace) == Decision(enrolled=enrolled, reason=reason)
+
+
+@pytest.mark.parametrize(
+    ("the_pod", "namespace", "enrolled"),
+    [
+        (pod(), ns(), True),
+        (pod(labels={"any": "thing"}), None, True),
+        (pod(labels=NONE), ns(labels=AMBIENT), True),
+        (pod(host_network=True), ns(), False),
+        (pod(annotations={constants.SIDECAR_STATUS_ANNOTATION: "{}"}), ns(), False),
+        (pod(namespace="kube-system"), ns("kube-system"), False),
+    ],
+)
+def test_an_empty_entry_selects_every_eligible_pod(
+    the_pod: Pod, namespace: Namespace | None, enrolled: bool
+) -> None:
+    policy = EnrollmentPolicy(node_name=NODE, enablement_selectors=(EnablementSelector(),))
+    assert policy.decide(the_pod, namespace).enrolled is enrolled
+
+
+def test_no_entry_selects_no_pod() -> None:
+    policy = EnrollmentPolicy(node_name=NODE, enablement_selectors=())
+    assert policy.decide(pod(labels=AMBIENT), ns(labels=AMBIENT)) == Decision(
+        enrolled=False, reason=Reason.NOT_LABELLED
+    )
+
+
+def test_the_default_selectors_are_the_charts() -> None:
+    assert POLICY.enablement_selectors == parse_enablement_selectors(
+        """\
+- podSelector: {matchLabels: {istio.io/dataplane-mode: ambient}}
+- podSelector: {matchExpressions: [{key: istio.io/dataplane-mode, operator: NotIn, values: [none]}]}
+  namespaceSelector: {matchLabels: {istio.io/dataplane-mode: ambient}}
+"""
+    )
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "enrolled"),
+    [
+        ((pod(), ns()), (pod(), ns(labels=WEB)), (False, True)),
+        ((pod(), ns(labels=WEB)), (pod(), ns(labels={"team": "db"})), (True, False)),
+        ((pod(), ns(labels=WEB)), (pod(labels={"legacy": "y"}), ns(labels=WEB)), (True, False)),
+        ((pod(), ns()), (pod(labels=MESH_ON), ns()), (False, True)),
+    ],
+    ids=["namespace relabelled in", "namespace relabelled out", "pod opts out", "pod opts in"],
+)
+def test_relabels_on_other_labels(before: State, after: State, enrolled: tuple[bool, bool]) -> None:
+    assert CUSTOM_POLICY.decide(*before).enrolled is enrolled[0]
+    assert CUSTOM_POLICY.decide(*after).enrolled is enrolled[1]
+
+
+# namespace, (default policy, custom policy): does a pod without labels get enrolled there?
+ENROLLED_NAMESPACES = [
+    (ns(), (False, False)),
+    (ns(labels=AMBIENT), (True, False)),
+    (ns(labels=NONE), (False, False)),
+    (ns(labels=WEB), (False, True)),
+    (ns(labels={**WEB, **AMBIENT}), (True, True)),
+    (ns("kube-system", labels={**WEB, **AMBIENT}), (False, False)),
+]
+
+
+@pytest.mark.parametrize(("namespace", "expected"), ENROLLED_NAMESPACES)
+def test_enrolls_unlabelled_pods(namespace: Namespace, expected: tuple[bool, bool]) -> None:
+    assert POLICY.enrolls_unlabelled_pods(namespace) is expected[0]
+    assert CUSTOM_POLICY.enrolls_unlabelled_pods(namespace) is expected[1]
+    # It is what decide says for such a pod.
+    for policy, answer in zip((POLICY, CUSTOM_POLICY), expected, strict=True):
+        unlabelled = pod(namespace=namespace.name)
+        assert policy.decide(unlabelled, namespace).enrolled is answer
+
+
+def test_a_pod_selector_alone_enrolls_every_namespace() -> None:
+    policy = EnrollmentPolicy(
+        node_name=NODE,
+        enablement_selectors=parse_enablement_selectors(
+            "- podSelector: {matchExpressions: [{key: opt-out, operator: DoesNotExist}]}"
+        ),
+    )
+    assert policy.enrolls_unlabelled_pods(ns())
+    assert not policy.enrolls_unlabelled_pods(ns("kube-system"))
+
+
+def test_an_unknown_namespace_matches_no_namespace_selector() -> None:
+    """Not even one that an unlabelled namespace would match: the namespace's labels are not
+    known yet, and its arrival re-decides."""
+    policy = EnrollmentPolicy(
+        node_name=NODE,
+        enablement_selectors=parse_enablement_selectors(
+            "- namespaceSelector: {matchExpressions: [{key: legacy, operator: DoesNotExist}]}"
+        ),
+    )
+    assert policy.decide(pod(), None) == Decision(enrolled=False, reason=Reason.NOT_LABELLED)
+    assert policy.decide(pod(), ns()) == Decision(enrolled=True, reason=Reason.NAMESPACE_LABEL)

@@ -112,6 +112,7 @@ class Harness:
     watcher: Watcher
     sleeps: list[float]
     restarts: list[tuple[str, str]]
+    events: list[tuple[str, str]]
 
     def list_requests(self, path: str = "/api/v1/pods") -> int:
         return sum(1 for r in self.server.requests if r.path == path and not r.watch)
@@ -141,6 +142,7 @@ async def running(server: ApiServer, api: Any) -> AsyncIterator[Harness]:
     store = RecordingStore()
     sleeps: list[float] = []
     restarts: list[tuple[str, str]] = []
+    events: list[tuple[str, str]] = []
 
     async def sleep(delay: float) -> None:
         sleeps.append(delay)
@@ -154,11 +156,12 @@ async def running(server: ApiServer, api: Any) -> AsyncIterator[Harness]:
         rng=random.Random(7),  # noqa: S311 - reproducible jitter, not cryptography
         sleep=sleep,
         on_restart=lambda resource, reason: restarts.append((resource, reason)),
+        on_event=lambda resource, event_type: events.append((resource, event_type)),
         min_watch_duration=0.0,
     )
     task = asyncio.create_task(watcher.run(), name="test-kube-watcher")
     try:
-        yield Harness(server, api, store, watcher, sleeps, restarts)
+        yield Harness(server, api, store, watcher, sleeps, restarts, events)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -247,6 +250,32 @@ async def test_events_are_delivered_in_order(harness: Harness) -> None:
     assert upserts[1].labels == {"istio.io/dataplane-mode": "ambient"}
     deleted = next(arg for name, arg in store.calls if name == "delete_pod")
     assert deleted.deleted is True
+
+
+async def test_events_are_counted_with_istios_informer_types(harness: Harness) -> None:
+    """What `nodeagent_reconcile_events_total{type}` counts: listed objects are adds (updates
+    when re-listed), watch events by their type, bookmarks not at all."""
+    server, store = harness.server, harness.store
+    assert sorted(harness.events) == [("namespaces", "add")] * 2 + [("pods", "add")]
+    harness.events.clear()
+    server.create_pod(pod("a"))
+    server.set_pod_labels("default", "a", {"team": "web"})
+    server.set_namespace_labels("default", {"team": "web"})
+    server.delete_pod("default", "a")
+    await store.wait_for(lambda: ("delete_pod", "a") in store.pod_calls())
+    await store.wait_for(lambda: bool(store.names("upsert_namespace")))
+    assert sorted(harness.events) == [
+        ("namespaces", "update"),
+        ("pods", "add"),
+        ("pods", "delete"),
+        ("pods", "update"),
+    ]
+    harness.events.clear()
+    server.drop_watches()
+    server.create_pod(pod("b"))
+    server.compact()
+    await store.wait_for(lambda: len(store.names("replace_pods")) == 2)
+    assert [e for e in harness.events if e[0] == "pods"] == [("pods", "update")] * 2
 
 
 async def test_namespace_events_reach_the_store(harness: Harness) -> None:

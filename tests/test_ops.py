@@ -29,12 +29,14 @@ from ztunnel_redirect.errors import (
 )
 from ztunnel_redirect.kube import KubeApiError, RestartReason
 from ztunnel_redirect.ops import (
+    CniInstallResult,
     FailureReason,
     Metrics,
     OpsServer,
     Readiness,
     ReadinessCondition,
     ReconcileKind,
+    WatchEventType,
 )
 from ztunnel_redirect.settings import Settings
 
@@ -232,8 +234,99 @@ async def test_every_metric_is_exposed_from_the_start(ops: Ops) -> None:
         "ztunnel_redirect_ztunnel_connections",
         "ztunnel_redirect_cni_add_duration_seconds_bucket",
         "ztunnel_redirect_batch_replays_refused_total",
+        "istio_cni_install_ready",
+        "istio_cni_installs_total",
+        "istio_cni_plugin_requests_total",
+        "nodeagent_reconcile_events_total",
+        "ztunnel_connected",
     ):
         assert name in names, name
+
+
+async def test_istios_metrics_have_istios_names_labels_and_meanings(ops: Ops) -> None:
+    m = ops.metrics
+    s = await ops.scrape()
+    assert value(s, "istio_cni_install_ready") == 0, "not ready before the first install"
+    for result in CniInstallResult:
+        assert value(s, "istio_cni_installs_total", result=result.value) == 0
+    for code in ("200", "400", "413", "500", "503"):
+        assert value(s, "istio_cni_plugin_requests_total", response_code=code) == 0
+    for event_type in ("add", "update", "delete"):
+        assert value(s, "nodeagent_reconcile_events_total", type=event_type) == 0
+
+    m.cni_install_verified(installed=True)
+    m.cni_install_verified(installed=False)
+    s = await ops.scrape()
+    assert value(s, "istio_cni_install_ready") == 1
+    assert value(s, "istio_cni_installs_total", result="SUCCESS") == 1
+
+    m.cni_install_failed(CniInstallResult.CREATE_CNI_CONFIG_FAILURE)
+    m.count_plugin_request(200)
+    m.count_plugin_request(200)
+    m.count_plugin_request(503)
+    m.count_watch_event("pods", WatchEventType.ADD)
+    m.count_watch_event("namespaces", "update")
+    m.count_watch_event("pods", "update")
+    m.count_watch_event("pods", "delete")
+    m.set_ztunnel_connections(2)
+    s = await ops.scrape()
+    assert value(s, "istio_cni_install_ready") == 0
+    assert value(s, "istio_cni_installs_total", result="CREATE_CNI_CONFIG_FAILURE") == 1
+    assert value(s, "istio_cni_installs_total", result="SUCCESS") == 1
+    assert value(s, "istio_cni_plugin_requests_total", response_code="200") == 2
+    assert value(s, "istio_cni_plugin_requests_total", response_code="503") == 1
+    assert value(s, "nodeagent_reconcile_events_total", type="add") == 1
+    assert value(s, "nodeagent_reconcile_events_total", type="update") == 2
+    assert value(s, "nodeagent_reconcile_events_total", type="delete") == 1
+    assert value(s, "ztunnel_connected") == 2
+    assert value(s, "ztunnel_redirect_ztunnel_connections") == 2
+    with pytest.raises(ValueError, match="resync"):
+        m.count_watch_event("pods", "resync")
+
+
+async def test_ztunnel_gauges_can_follow_the_live_count(ops: Ops) -> None:
+    live = [1]
+    ops.metrics.follow_ztunnel_connections(lambda: live[0])
+    s = await ops.scrape()
+    assert (value(s, "ztunnel_connected"), value(s, "ztunnel_redirect_ztunnel_connections")) == (
+        1,
+        1,
+    )
+    live[0] = 0
+    ops.metrics.set_ztunnel_connections(5)  # a pass's figure no longer counts
+    s = await ops.scrape()
+    assert value(s, "ztunnel_connected") == 0
+    assert value(s, "ztunnel_redirect_ztunnel_connections") == 0
+
+
+@pytest.mark.parametrize(
+    ("error", "result"),
+    [
+        (PermissionError(13, "denied", "/host/opt/cni/bin/.tmp-x"), "COPY_BINARIES_FAILURE"),
+        (
+            OSError(28, "no space", "/host/opt/cni/bin/ztunnel-redirect-cni"),
+            "COPY_BINARIES_FAILURE",
+        ),
+        (FileNotFoundError(2, "gone", "/var/run/secrets/sa/token"), "READ_SERVICE_ACCOUNT_FAILURE"),
+        (OSError(30, "read-only", "/host/etc/cni/net.d/kubeconfig"), "CREATE_KUBECONFIG_FAILURE"),
+        (
+            OSError(30, "read-only", "/host/etc/cni/net.d/10-calico.conflist"),
+            "CREATE_CNI_CONFIG_FAILURE",
+        ),
+        (ConfigError("10-calico.conflist: not valid JSON"), "CREATE_CNI_CONFIG_FAILURE"),
+        (RetryableError("CNI config kept changing"), "CREATE_CNI_CONFIG_FAILURE"),
+        (OSError(5, "I/O error"), "CREATE_CNI_CONFIG_FAILURE"),
+    ],
+)
+def test_an_install_failure_is_classified_by_the_file_it_names(
+    error: BaseException, result: str
+) -> None:
+    paths = {
+        "bin_dir": "/host/opt/cni/bin/",
+        "kubeconfig": "/host/etc/cni/net.d/kubeconfig",
+        "service_account_dir": "/var/run/secrets/sa",
+    }
+    assert CniInstallResult.of(error, **paths).value == result
 
 
 async def test_pass_timestamp_defaults_to_now(ops: Ops) -> None:

@@ -9,6 +9,13 @@ import pytest
 
 from ztunnel_redirect import constants
 from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.labelselector import (
+    DEFAULT_ENABLEMENT_SELECTORS,
+    EnablementSelector,
+    LabelSelector,
+    Operator,
+    Requirement,
+)
 from ztunnel_redirect.settings import (
     SETTINGS,
     LogFormat,
@@ -24,6 +31,7 @@ ENV_NAMES = (
     "AMBIENT_IPV6",
     "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP",
     "EXCLUDE_NAMESPACES",
+    "AMBIENT_ENABLEMENT_SELECTOR",
     "ZTUNNEL_UDS_ADDRESS",
     "CNI_AGENT_RUN_DIR",
     "HOST_PROBE_SNAT_IP",
@@ -71,6 +79,7 @@ def test_defaults_follow_the_spec() -> None:
     assert s.ipv6 is True
     assert s.reconcile_on_startup is True
     assert s.exclude_namespaces == frozenset({"kube-system"})
+    assert s.enablement_selectors == DEFAULT_ENABLEMENT_SELECTORS
     assert s.ztunnel_uds == "/var/run/ztunnel/ztunnel.sock"
     assert s.run_dir == "/var/run/istio-cni"
     assert s.plugin_event_socket == "/var/run/istio-cni/pluginevent.sock"
@@ -136,6 +145,7 @@ def test_every_setting_is_read_from_its_environment_variable() -> None:
         "AMBIENT_IPV6": "0",
         "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP": "F",
         "EXCLUDE_NAMESPACES": "kube-system, istio-system ,,monitoring",
+        "AMBIENT_ENABLEMENT_SELECTOR": "- namespaceSelector:\n    matchLabels: {team: web}\n",
         "ZTUNNEL_UDS_ADDRESS": "/run/zt/zt.sock",
         "CNI_AGENT_RUN_DIR": "/run/cni-agent",
         "HOST_PROBE_SNAT_IP": "169.254.7.1",
@@ -167,6 +177,11 @@ def test_every_setting_is_read_from_its_environment_variable() -> None:
         ipv6=False,
         reconcile_on_startup=False,
         exclude_namespaces=frozenset({"kube-system", "istio-system", "monitoring"}),
+        enablement_selectors=(
+            EnablementSelector(
+                namespace=LabelSelector((Requirement("team", Operator.IN, frozenset({"web"})),))
+            ),
+        ),
         ztunnel_uds="/run/zt/zt.sock",
         run_dir="/run/cni-agent",
         probe_snat_v4="169.254.7.1",
@@ -200,6 +215,7 @@ def test_flags_override_environment() -> None:
         "AMBIENT_DNS_CAPTURE": "true",
         "AMBIENT_IPV6": "false",
         "EXCLUDE_NAMESPACES": "a,b",
+        "AMBIENT_ENABLEMENT_SELECTOR": "- podSelector: {matchLabels: {a: b}}",
         "READINESS_PORT": "18000",
         "RECONCILE_PERIOD": "30",
         "KUBECONFIG": "/env/kubeconfig",
@@ -220,6 +236,8 @@ def test_flags_override_environment() -> None:
             "0.5",
             "--kubeconfig",
             "/flag/kubeconfig",
+            "--enablement-selectors",
+            "[]",
         ],
         env,
     )
@@ -230,6 +248,7 @@ def test_flags_override_environment() -> None:
     assert (s.readiness_port, s.metrics_port) == (0, 0)
     assert s.reconcile_period == 0.5
     assert s.kubeconfig == "/flag/kubeconfig"
+    assert s.enablement_selectors == ()
 
 
 def test_environment_used_where_no_flag_is_given() -> None:
@@ -318,6 +337,22 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
         ([], {"ALLOWED_NETNS_DIRS": "netns"}, "ALLOWED_NETNS_DIRS"),
         (["--allowed-netns-dirs", ","], {}, "--allowed-netns-dirs"),
         ([], {"EXCLUDE_NAMESPACES": "a b,c"}, "EXCLUDE_NAMESPACES"),
+        ([], {"AMBIENT_ENABLEMENT_SELECTOR": "- podSelector: {"}, "is not valid YAML"),
+        ([], {"AMBIENT_ENABLEMENT_SELECTOR": "podSelector: {}"}, "AMBIENT_ENABLEMENT_SELECTOR"),
+        ([], {"AMBIENT_ENABLEMENT_SELECTOR": "null"}, "must be a YAML list"),
+        (
+            [],
+            {"AMBIENT_ENABLEMENT_SELECTOR": "- podSelector:\n    matchExpression: []\n"},
+            "unknown key 'matchExpression'",
+        ),
+        (
+            [
+                "--enablement-selectors",
+                "- podSelector: {matchExpressions: [{key: a, operator: in}]}",
+            ],
+            {},
+            "--enablement-selectors has an invalid enablement selector (entry 0",
+        ),
         ([], {"SYSTEM_NAMESPACE": "istio system"}, "SYSTEM_NAMESPACE"),
         ([], {"POD_NAME": "a b"}, "POD_NAME"),
         (["--kubeconfig", ""], {}, "KUBECONFIG"),

@@ -25,7 +25,7 @@ import structlog
 from ztunnel_redirect import nft, procscan
 from ztunnel_redirect.cniadd import CniAdd
 from ztunnel_redirect.cnievents import CniEventServer
-from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
+from ztunnel_redirect.cniinstall import SERVICE_ACCOUNT_DIR, CniInstaller, CniKeeper
 from ztunnel_redirect.driftpass import DriftPass
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import ConfigError, retryable
@@ -36,7 +36,13 @@ from ztunnel_redirect.locator import ProcLocator
 from ztunnel_redirect.migration import IptablesMigration
 from ztunnel_redirect.model import HostOptions
 from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.ops import Metrics, OpsServer, Readiness, ReadinessCondition
+from ztunnel_redirect.ops import (
+    CniInstallResult,
+    Metrics,
+    OpsServer,
+    Readiness,
+    ReadinessCondition,
+)
 from ztunnel_redirect.podrules import PodRules
 from ztunnel_redirect.reconciler import HOST_KEY, Reconciler
 from ztunnel_redirect.records import PodRecords
@@ -77,6 +83,7 @@ class Agent:
             ipv6=s.ipv6,
             probe_snat_v4=s.probe_snat_v4,
             probe_snat_v6=s.probe_snat_v6,
+            enablement_selectors=s.enablement_selectors,
         )
 
     def _kubelet_uid(self) -> int:
@@ -153,6 +160,7 @@ class Agent:
             snapshot=functools.partial(_snapshot, records),
             on_snapshot_nack=lambda uid, _error: records.snapshot_nacked(uid),
         )
+        self.metrics.follow_ztunnel_connections(lambda: zds.live_connections)
         kube = KubeClient(api)
         migration = IptablesMigration(runner)
         host_rules = HostRules(runner, netns=s.host_netns)
@@ -210,6 +218,7 @@ class Agent:
                 node_name=s.node_name,
                 store=store,
                 on_restart=self.metrics.count_watch_restart,
+                on_event=self.metrics.count_watch_event,
             ),
             zds=zds,
             cni=CniEventServer(
@@ -217,6 +226,7 @@ class Agent:
                 socket_path=s.plugin_event_socket,
                 allowed_netns_dirs=s.allowed_netns_dirs,
                 host_netns=s.host_netns,
+                on_response=self.metrics.count_plugin_request,
             ),
             installer=self._installer(),
             startup=Startup(store=store, records=records, locator=locator, queue=queue),
@@ -260,12 +270,15 @@ class Agent:
         await parts.cni.start()
         if parts.installer is None:
             self.readiness.done(ReadinessCondition.CNI)
+            # Installed by someone else (INSTALL_CNI=false): not the agent's to report missing.
+            self.metrics.cni_install_verified(installed=False)
         else:
             keeper = CniKeeper(
                 parts.installer,
                 period=self.settings.reconcile_period,
                 on_installed=functools.partial(self.readiness.done, ReadinessCondition.CNI),
-                on_failure=lambda _exc: self.metrics.count_failure("cni_config"),
+                on_failure=functools.partial(self._cni_install_failed, parts.installer),
+                on_ensured=lambda installed: self.metrics.cni_install_verified(installed=installed),
             )
             tasks.create_task(keeper.run(), name="cni-install")
 
@@ -276,6 +289,17 @@ class Agent:
             name="drift-pass",
         )
         tasks.create_task(periodic.run(), name="drift-pass")
+
+    def _cni_install_failed(self, installer: CniInstaller, exc: Exception) -> None:
+        self.metrics.count_failure("cni_config")
+        self.metrics.cni_install_failed(
+            CniInstallResult.of(
+                exc,
+                bin_dir=str(installer.bin_dir),
+                kubeconfig=str(installer.kubeconfig_path),
+                service_account_dir=SERVICE_ACCOUNT_DIR,
+            )
+        )
 
     def _installer(self) -> CniInstaller | None:
         s = self.settings

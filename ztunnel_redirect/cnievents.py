@@ -161,6 +161,10 @@ def parse_add_event(
     )
 
 
+def _ignore_status(_status: int) -> None:
+    """No one counts the answers."""
+
+
 class CniEventServer:
     """Serves `POST /cmdadd` on a Unix socket (mode 0600) and hands each event to `on_add`."""
 
@@ -173,10 +177,13 @@ class CniEventServer:
         host_netns: str | None = None,
         budget: float = DEFAULT_BUDGET_S,
         max_body: int = DEFAULT_MAX_BODY,
+        on_response: Callable[[int], None] = _ignore_status,
     ) -> None:
         """`host_netns`: the host's network namespace (the agent's `host_netns` setting); it is
-        refused as a pod's netns, and so is the agent's own netns."""
+        refused as a pod's netns, and so is the agent's own netns. `on_response(status)`: each
+        answer to a `/cmdadd` request (a metric)."""
         self._on_add = on_add
+        self._on_response = on_response
         self.socket_path = socket_path
         self._allowed = _normalise_dirs(allowed_netns_dirs)
         self._host_netns_paths = (_OWN_NETNS,) if host_netns is None else (_OWN_NETNS, host_netns)
@@ -242,6 +249,15 @@ class CniEventServer:
             self._socket_file = None
 
     async def _handle_add(self, request: web.Request) -> web.Response:
+        try:
+            response = await self._answer_add(request)
+        except web.HTTPException as exc:
+            self._on_response(exc.status)
+            raise
+        self._on_response(response.status)
+        return response
+
+    async def _answer_add(self, request: web.Request) -> web.Response:
         body = await request.read()  # raises 413 above client_max_size
         try:
             event = parse_add_event(body, allowed_netns_dirs=self._allowed)

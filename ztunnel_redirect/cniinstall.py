@@ -384,6 +384,10 @@ def _nothing() -> None:
     pass
 
 
+def _ignore_ensured(_installed: bool) -> None:
+    pass
+
+
 def _ignore(_exc: Exception) -> None:
     pass
 
@@ -408,8 +412,11 @@ class CniKeeper:
         clock: Clock = MONOTONIC,
         on_installed: Callable[[], None] = _nothing,
         on_failure: Callable[[Exception], None] = _ignore,
+        on_ensured: Callable[[bool], None] = _ignore_ensured,
     ) -> None:
-        """`on_installed` is called once, when our entry is first in place."""
+        """`on_installed` is called once, when our entry is first in place; `on_ensured` after
+        every look that leaves it in place, with True when that look wrote something or was the
+        first (an install, as Istio's installer counts them)."""
         if period <= 0 or poll <= 0:
             raise ConfigError(f"CNI keeper: period and poll must be positive, got {period}, {poll}")
         self._installer = installer
@@ -418,6 +425,7 @@ class CniKeeper:
         self._clock = clock
         self._on_installed = on_installed
         self._on_failure = on_failure
+        self._on_ensured = on_ensured
         self.installed = False
         """Our entry was in place at least once."""
         self._waiting = False
@@ -459,6 +467,7 @@ class CniKeeper:
                 log.exception("failure_hook_failed", conf_dir=conf_dir)
             return
         self._waiting = False
+        self._on_ensured(changed or not self.installed)
         if not self.installed:
             self.installed = True
             log.info("cni_plugin_installed", conf_dir=conf_dir, changed=changed)

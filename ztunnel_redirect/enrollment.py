@@ -4,6 +4,13 @@ Pure: no I/O, no asyncio. The reconciler asks `EnrollmentPolicy.decide` for ever
 logs/counts the `Reason`; `EnrollmentPolicy.pod_options` turns the pod's annotations into the
 `PodOptions` that shape its ruleset.
 
+Which labels enroll a pod is Istio's enablement selectors (`AMBIENT_ENABLEMENT_SELECTOR`,
+`labelselector`): a pod is enrolled when some entry's pod selector matches its labels and the
+same entry's namespace selector matches its namespace's labels. The default is Istio's chart
+default, which is the built-in rule (`istio.io/dataplane-mode=ambient` on the pod, or on its
+namespace unless the pod has `istio.io/dataplane-mode=none`). The exclusions come first whatever
+the selectors say (host network, sidecar, excluded namespaces, ztunnel and agent pods, ...).
+
 The agent's own pods are recognised by a label selector (`agent_labels`, default
 `app=ztunnel-redirect`) that only counts in the agent's namespace (`agent_namespace`, default the
 system namespace). A name would change with every rollout of the DaemonSet, and a selector that
@@ -19,6 +26,7 @@ from types import MappingProxyType
 from typing import Final
 
 from ztunnel_redirect import constants
+from ztunnel_redirect.labelselector import DEFAULT_ENABLEMENT_SELECTORS, EnablementSelector
 from ztunnel_redirect.model import Namespace, Pod, PodOptions, valid_interface_name
 
 __all__ = [
@@ -44,14 +52,18 @@ _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 class Reason(enum.Enum):
     """Why a pod is or is not enrolled. Logged and counted: each value names one rule."""
 
+    # The four below come from the enablement selectors; each says what it means by default.
     POD_LABEL = "pod_label"
-    """Enrolled: the pod has `istio.io/dataplane-mode=ambient`."""
+    """Enrolled by an entry without a namespace selector (default: the pod has
+    `istio.io/dataplane-mode=ambient`)."""
     NAMESPACE_LABEL = "namespace_label"
-    """Enrolled: its namespace has `istio.io/dataplane-mode=ambient`."""
+    """Enrolled by an entry with a namespace selector (default: its namespace has
+    `istio.io/dataplane-mode=ambient`)."""
     OPTED_OUT = "opted_out"
-    """The namespace is ambient but the pod has `istio.io/dataplane-mode=none`."""
+    """Some entry's namespace selector matches its namespace, but no entry selects the pod
+    (default: the namespace is ambient but the pod has `istio.io/dataplane-mode=none`)."""
     NOT_LABELLED = "not_labelled"
-    """Neither the pod nor its namespace asks for ambient."""
+    """No entry selects the pod or its namespace (default: neither asks for ambient)."""
     HOST_NETWORK = "host_network"
     SIDECAR = "sidecar"
     """A sidecar was injected (`sidecar.istio.io/status`)."""
@@ -112,10 +124,13 @@ class EnrollmentPolicy:
     ipv6: bool = True
     probe_snat_v4: str = constants.PROBE_SNAT_V4
     probe_snat_v6: str = constants.PROBE_SNAT_V6
+    enablement_selectors: tuple[EnablementSelector, ...] = DEFAULT_ENABLEMENT_SELECTORS
+    """Istio's `AMBIENT_ENABLEMENT_SELECTOR`; the default is the built-in rule."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "agent_labels", _frozen(self.agent_labels))
         object.__setattr__(self, "exclude_namespaces", frozenset(self.exclude_namespaces))
+        object.__setattr__(self, "enablement_selectors", tuple(self.enablement_selectors))
 
     def is_ztunnel_pod(self, pod: Pod) -> bool:
         return pod.namespace == self.system_namespace and _has_labels(pod.labels, ZTUNNEL_LABELS)
@@ -129,17 +144,27 @@ class EnrollmentPolicy:
         )
 
     def decide(self, pod: Pod, namespace: Namespace | None) -> Decision:
-        """Whether `pod` must be enrolled now. `namespace` None: not known (yet), unlabelled.
+        """Whether `pod` must be enrolled now. `namespace` None: not known (yet); only entries
+        without a namespace selector can select the pod until it is (its arrival re-decides).
 
         Rules that never change while the pod lives come first, so that a pod that is never
         eligible is reported for that rule rather than for its labels.
         """
         reason = self._exclusion(pod)
         if reason is None:
-            reason = self._labelling(pod, namespace)
+            reason = self._selection(pod.labels, namespace)
         if reason in _ENROLLING and not pod.ips:
             reason = Reason.NO_IP
         return Decision(enrolled=reason in _ENROLLING, reason=reason)
+
+    def enrolls_unlabelled_pods(self, namespace: Namespace) -> bool:
+        """Whether a pod with no labels or annotations of its own is enrolled in `namespace`:
+        the namespace is enrolled as a whole (the CNI plugin's decision file lists these, for the
+        pods it does not know yet). By default: the namespace has `istio.io/dataplane-mode=ambient`
+        and is not excluded."""
+        if namespace.name in self.exclude_namespaces:
+            return False
+        return self._selection({}, namespace) in _ENROLLING
 
     def _exclusion(self, pod: Pod) -> Reason | None:
         # Ordered by what an operator would look at first; the first rule that applies is reported.
@@ -155,17 +180,19 @@ class EnrollmentPolicy:
         )
         return next((reason for applies, reason in checks if applies), None)
 
-    @staticmethod
-    def _labelling(pod: Pod, namespace: Namespace | None) -> Reason:
-        pod_mode = pod.labels.get(constants.ENROLL_LABEL)
-        if pod_mode == constants.ENROLL_VALUE:
-            return Reason.POD_LABEL
-        ns_mode = namespace.labels.get(constants.ENROLL_LABEL) if namespace else None
-        if ns_mode != constants.ENROLL_VALUE:
-            return Reason.NOT_LABELLED
-        if pod_mode == constants.OPT_OUT_VALUE:
-            return Reason.OPTED_OUT
-        return Reason.NAMESPACE_LABEL
+    def _selection(self, labels: Mapping[str, str], namespace: Namespace | None) -> Reason:
+        """What the enablement selectors say; the first entry that selects the pod names the
+        reason (with the default, the pod's own label comes first)."""
+        namespace_selected = False
+        for entry in self.enablement_selectors:
+            if entry.namespace.empty:
+                if entry.pod.matches(labels):
+                    return Reason.POD_LABEL
+            elif namespace is not None and entry.namespace.matches(namespace.labels):
+                if entry.pod.matches(labels):
+                    return Reason.NAMESPACE_LABEL
+                namespace_selected = True
+        return Reason.OPTED_OUT if namespace_selected else Reason.NOT_LABELLED
 
     def pod_options(self, pod: Pod) -> tuple[PodOptions, list[str]]:
         """The options of `pod`'s ruleset, and a warning for each annotation value ignored.

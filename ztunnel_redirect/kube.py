@@ -223,6 +223,10 @@ class RestartReason(Enum):
     """The connection broke or timed out: back off, then resume."""
 
 
+_EVENT_TYPES: Final = {"ADDED": "add", "MODIFIED": "update", "DELETED": "delete"}
+"""Watch event types as Istio's informer names them (`on_event`)."""
+
+
 @dataclass(frozen=True)
 class _Kind:
     name: str
@@ -257,6 +261,7 @@ class Watcher:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         on_restart: Callable[[str, str], None] | None = None,
+        on_event: Callable[[str, str], None] | None = None,
         watch_timeout: int = 300,
         request_timeout: float = 30.0,
         min_watch_duration: float = 1.0,
@@ -271,6 +276,9 @@ class Watcher:
         self._sleep = sleep
         self._clock = clock
         self._on_restart = on_restart
+        self._on_event = on_event
+        """`(resource, type)` for each object delivered, with the types of Istio's informer:
+        "add" (ADDED, or in the first list), "update" (MODIFIED, or in a re-list), "delete"."""
         self._watch_timeout = watch_timeout
         self._request_timeout = request_timeout
         self._min_watch_duration = min_watch_duration
@@ -381,6 +389,10 @@ class Watcher:
             body = await _read(response, what)
         items = body.get("items") or []
         kind.replace(items)
+        if self._on_event is not None:
+            event_type = "update" if kind.name in self._listed else "add"
+            for _item in items:
+                self._on_event(kind.name, event_type)
         cursor.resource_version = str(body.get("metadata", {}).get("resourceVersion") or "0")
         log.info(
             "resource_listed",
@@ -440,6 +452,9 @@ class Watcher:
         elif event_type != "BOOKMARK":
             log.warning("watch_event_unknown", resource=kind.name, type=event_type)
             return
+        counted = _EVENT_TYPES.get(str(event_type))
+        if counted is not None and self._on_event is not None:
+            self._on_event(kind.name, counted)
         if resource_version:
             cursor.resource_version = str(resource_version)
 

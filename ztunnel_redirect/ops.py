@@ -10,6 +10,12 @@
 - `OpsServer` serves `/healthz` and `/readyz` on the readiness port and `/metrics` on the metrics
   port, as Istio's CNI agent does (8000 and 15014).
 
+Besides ours (`ztunnel_redirect_*`), `Metrics` exports Istio's CNI agent metrics under Istio's
+names, labels and meanings, so that an operator's dashboards and alerts keep working:
+`istio_cni_install_ready`, `istio_cni_installs_total{result}`,
+`istio_cni_plugin_requests_total{response_code}`, `nodeagent_reconcile_events_total{type}` and
+`ztunnel_connected`.
+
 `/healthz` answers 200 while `healthy()` says the agent's root tasks run, else 503: the kubelet's
 liveness probe restarts an agent whose loop is wedged. `/readyz` answers 200 `ready` once every
 condition is done, else 503 with the pending conditions, one per line.
@@ -42,12 +48,15 @@ from ztunnel_redirect.errors import (
 
 __all__ = [
     "DURATION_BUCKETS",
+    "PLUGIN_RESPONSE_CODES",
+    "CniInstallResult",
     "FailureReason",
     "Metrics",
     "OpsServer",
     "Readiness",
     "ReadinessCondition",
     "ReconcileKind",
+    "WatchEventType",
 ]
 
 log = structlog.get_logger(__name__)
@@ -124,6 +133,47 @@ _REASON_BY_ERROR: Final[dict[type[BaseException], FailureReason]] = {
 }
 
 
+class CniInstallResult(enum.Enum):
+    """The `result` label of `istio_cni_installs_total`: Istio's values."""
+
+    SUCCESS = "SUCCESS"
+    COPY_BINARIES_FAILURE = "COPY_BINARIES_FAILURE"
+    READ_SERVICE_ACCOUNT_FAILURE = "READ_SERVICE_ACCOUNT_FAILURE"
+    CREATE_KUBECONFIG_FAILURE = "CREATE_KUBECONFIG_FAILURE"
+    CREATE_CNI_CONFIG_FAILURE = "CREATE_CNI_CONFIG_FAILURE"
+
+    @classmethod
+    def of(
+        cls, error: BaseException, *, bin_dir: str, kubeconfig: str, service_account_dir: str
+    ) -> CniInstallResult:
+        """The install step that `error` failed, by the file it names: the plugin binary's
+        directory, the service account's, the plugin's kubeconfig; anything else (an unusable
+        primary config, one that kept changing, a write in the config directory) is the config."""
+        filename = getattr(error, "filename", None)
+        if isinstance(filename, str):
+            if filename == kubeconfig:
+                return cls.CREATE_KUBECONFIG_FAILURE
+            for directory, result in (
+                (bin_dir, cls.COPY_BINARIES_FAILURE),
+                (service_account_dir, cls.READ_SERVICE_ACCOUNT_FAILURE),
+            ):
+                if filename.startswith(directory.rstrip("/") + "/"):
+                    return result
+        return cls.CREATE_CNI_CONFIG_FAILURE
+
+
+class WatchEventType(enum.Enum):
+    """The `type` label of `nodeagent_reconcile_events_total`: Istio's informer event types."""
+
+    ADD = "add"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
+PLUGIN_RESPONSE_CODES: Final = (200, 400, 413, 500, 503)
+"""What the CNI event server answers the plugin (`cnievents`); created at start."""
+
+
 class Metrics:
     """The agent's Prometheus metrics, on a registry of their own."""
 
@@ -197,6 +247,42 @@ class Metrics:
         for reason in FailureReason:
             self._failures.labels(reason=reason.value)
             self._given_up.labels(reason=reason.value)
+        self._istio_metrics(r)
+
+    def _istio_metrics(self, r: CollectorRegistry) -> None:
+        """Istio's CNI agent metrics: its names, labels, help and meanings."""
+        self._cni_install_ready = Gauge(
+            "istio_cni_install_ready",
+            "Whether the CNI plugin installation is ready or not",
+            registry=r,
+        )
+        self._cni_installs = Counter(
+            "istio_cni_installs",
+            "Total number of CNI plugins installed by the Istio CNI installer",
+            ["result"],
+            registry=r,
+        )
+        self._plugin_requests = Counter(
+            "istio_cni_plugin_requests",
+            "CNI plugin add-event requests handled by the node agent, by HTTP response code",
+            ["response_code"],
+            registry=r,
+        )
+        self._reconcile_events = Counter(
+            "nodeagent_reconcile_events",
+            "The total number of node agent reconcile events.",
+            ["type"],
+            registry=r,
+        )
+        self._ztunnel_connected = Gauge(
+            "ztunnel_connected", "number of connections to ztunnel", registry=r
+        )
+        for result in CniInstallResult:
+            self._cni_installs.labels(result=result.value)
+        for code in PLUGIN_RESPONSE_CODES:
+            self._plugin_requests.labels(response_code=str(code))
+        for event_type in WatchEventType:
+            self._reconcile_events.labels(type=event_type.value)
 
     def set_pods_enrolled(self, count: int) -> None:
         self._pods_enrolled.set(count)
@@ -238,13 +324,41 @@ class Metrics:
         self._watch_restarts.labels(resource=resource, reason=str(label)).inc()
 
     def set_ztunnel_connections(self, count: int) -> None:
+        """Ours and Istio's `ztunnel_connected` (both read `live` instead once it is followed)."""
         self._ztunnel_connections.set(count)
+        self._ztunnel_connected.set(count)
+
+    def follow_ztunnel_connections(self, live: Callable[[], int]) -> None:
+        """Both ztunnel gauges read `live()` at each scrape from now on: a ztunnel that
+        disconnects shows at the next scrape, as Istio's gauge does, not at the next pass."""
+        self._ztunnel_connections.set_function(live)
+        self._ztunnel_connected.set_function(live)
 
     def count_replay_refused(self) -> None:
         self._replays_refused.inc()
 
     def observe_cni_add(self, seconds: float) -> None:
         self._cni_add_duration.observe(seconds)
+
+    def count_plugin_request(self, status: int) -> None:
+        """The agent answered a CNI plugin's add event with HTTP `status`."""
+        self._plugin_requests.labels(response_code=str(status)).inc()
+
+    def count_watch_event(self, _resource: str, event_type: WatchEventType | str) -> None:
+        """One pod or namespace event reached the store (what Istio's informer queue counts);
+        the resource is not a label there, so not here either."""
+        self._reconcile_events.labels(type=WatchEventType(event_type).value).inc()
+
+    def cni_install_verified(self, *, installed: bool) -> None:
+        """Our plugin is in place; `installed`: this check (re)installed it or was the first."""
+        self._cni_install_ready.set(1)
+        if installed:
+            self._cni_installs.labels(result=CniInstallResult.SUCCESS.value).inc()
+
+    def cni_install_failed(self, result: CniInstallResult) -> None:
+        """Installing the plugin failed at the step `result` names; not ready until it works."""
+        self._cni_install_ready.set(0)
+        self._cni_installs.labels(result=result.value).inc()
 
 
 class ReadinessCondition(enum.StrEnum):

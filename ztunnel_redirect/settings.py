@@ -36,6 +36,11 @@ from typing import Any, Final, TypeVar
 from ztunnel_redirect import constants
 from ztunnel_redirect.enrollment import parse_bool
 from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.labelselector import (
+    DEFAULT_ENABLEMENT_SELECTORS,
+    EnablementSelector,
+    parse_enablement_selectors,
+)
 from ztunnel_redirect.model import MAX_UID
 
 __all__ = [
@@ -230,6 +235,23 @@ class Settings:
             "Comma-separated namespaces whose pods are never enrolled.",
             check=_check_names,
             metavar="NS,...",
+        ),
+    )
+    enablement_selectors: tuple[EnablementSelector, ...] = field(
+        default=DEFAULT_ENABLEMENT_SELECTORS,
+        metadata=_setting(
+            "--enablement-selectors",
+            "AMBIENT_ENABLEMENT_SELECTOR",
+            "Which pods are enrolled, as Istio's chart value ambient.enablementSelectors renders "
+            "it: a YAML list of {podSelector, namespaceSelector} Kubernetes label selectors; a "
+            "pod is enrolled when some entry's podSelector matches its labels and the same "
+            "entry's namespaceSelector its namespace's (an empty selector matches everything). "
+            "Host-network pods, sidecar pods and excluded namespaces never are.",
+            metavar="YAML",
+            default_text=(
+                "Istio's chart default: pods labelled istio.io/dataplane-mode=ambient, and the "
+                "pods of namespaces so labelled unless the pod has istio.io/dataplane-mode=none"
+            ),
         ),
     )
     ztunnel_uds: str = field(
@@ -548,6 +570,7 @@ _PARSERS: Final[Mapping[object, Callable[[str], Any]]] = {
     float: _parse_float,
     frozenset[str]: _parse_set,
     tuple[str, ...]: _parse_tuple,
+    tuple[EnablementSelector, ...]: parse_enablement_selectors,
 }
 
 
