@@ -28,6 +28,7 @@ from ztunnel_redirect import hostrules, nft, procscan
 from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
 from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
 from ztunnel_redirect.constants import MIRROR_ANNOTATION
+from ztunnel_redirect.decisions import DecisionFile, DecisionKeeper, agent_pods_of
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import ConfigError, RedirectError, RetryableError
 from ztunnel_redirect.hostrules import HostRules
@@ -212,10 +213,22 @@ class Agent:
         # An API change is a real change: it cuts a scheduled retry short (a pod in backoff that
         # leaves the mesh or is deleted is acted on at once, not after up to 30 s). The drift
         # pass enqueues without `now`, so failing pods keep their backoff.
-        state = ClusterState(lambda key: queue.enqueue(key, now=True))
-        kube = KubeClient(api)
-
         policy = self.policy()
+        decisions = DecisionKeeper(
+            DecisionFile(
+                Path(s.decision_file),
+                policy,
+                agent_pods=agent_pods_of(s.agent_namespace, s.pod_name),
+            ),
+            lambda: (state.pods, state.namespaces),
+        )
+
+        def changed(key: str) -> None:
+            queue.enqueue(key, now=True)
+            decisions.changed()
+
+        state = ClusterState(changed)
+        kube = KubeClient(api)
 
         def unlocated() -> dict[PodUid, tuple[str, ...]]:
             """Pods to enroll whose netns is not known yet (looked for in one scan)."""
@@ -280,12 +293,14 @@ class Agent:
             migration,
             host_options,
             policy,
+            decisions,
         )
 
     async def _start(self, parts: _Parts, tasks: asyncio.TaskGroup) -> None:
         await parts.watcher.synced.wait()
         self.readiness.done("initial_lists")
         log.info("initial_lists_synced", pods=len(parts.state.pods))
+        parts.decisions.start()  # the CNI plugin's fallback, from a complete view only
 
         await self._adopt(parts.state, parts.reconciler, parts.finder)
         await parts.reconciler.reconcile(HOST_KEY)
@@ -434,11 +449,14 @@ class Agent:
         return CniInstaller(
             bin_dir=s.cni_bin_dir,
             conf_dir=s.cni_conf_dir,
+            plugin_source=s.cni_plugin_binary,
             plugin_config={
                 "plugin_event_socket": s.plugin_event_socket,
                 "exclude_namespaces": sorted(s.exclude_namespaces),
-                "system_namespace": s.system_namespace,
             },
+            conf_name=s.cni_conf_name,
+            chained=s.chained_cni_plugin,
+            owned_conf_name=s.istio_owned_cni_conf_filename if s.istio_owned_cni_config else None,
         )
 
 
@@ -477,6 +495,7 @@ class _Parts:
     migration: IptablesMigration
     host_options: HostOptions
     policy: EnrollmentPolicy
+    decisions: DecisionKeeper
 
 
 async def run(settings: Settings) -> None:
