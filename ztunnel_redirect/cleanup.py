@@ -63,6 +63,14 @@ def _remove_if_ours() -> list[str]:
     return remove_here() if ours else []
 
 
+def _remove(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 async def cleanup(
     runner: NetnsRunner,
     *,
@@ -77,10 +85,8 @@ async def cleanup(
         # First, so that no new pod is sent to an agent that is going away.
         report.cni = installer.binary_path.exists()
         await asyncio.to_thread(installer.uninstall)
-    if decision_file is not None:
-        with contextlib.suppress(FileNotFoundError):
-            decision_file.unlink()
-            report.cni = True
+    if decision_file is not None and await asyncio.to_thread(_remove, decision_file):
+        report.cni = True
     paths = candidate_netns(proc_root=proc_root, netns_dirs=netns_dirs, host_netns=host_netns)
     for path in paths:
         with contextlib.suppress(NetnsNotFoundError):  # the process exited meanwhile
