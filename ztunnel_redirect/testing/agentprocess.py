@@ -500,13 +500,23 @@ class CniRuntime:
             "prevResult": prev_result(pod),
         }
 
-    async def run(self, command: str, pod: NodePod, *, stdin: bytes | None = None) -> PluginRun:
-        """One run of the plugin for `pod` (`stdin`: these bytes instead of its network config)."""
+    async def run(
+        self,
+        command: str,
+        pod: NodePod,
+        *,
+        stdin: bytes | None = None,
+        netns: str | None = None,
+        argv: Sequence[str] = (),
+    ) -> PluginRun:
+        """One run of the plugin for `pod` (`stdin`: these bytes instead of its network config;
+        `netns`: this `CNI_NETNS` instead of the pod's; `argv`: run this instead of the plugin,
+        e.g. the plugin in a chroot)."""
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": pod.uid.replace("-", "") + "0" * 32,
-            "CNI_NETNS": pod.path,
+            "CNI_NETNS": netns or pod.path,
             "CNI_IFNAME": "eth0",
             "CNI_ARGS": (
                 f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
@@ -517,7 +527,7 @@ class CniRuntime:
         data = json.dumps(self.conf(pod)).encode() if stdin is None else stdin
         started = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            str(self.plugin),
+            *(argv or (str(self.plugin),)),
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
