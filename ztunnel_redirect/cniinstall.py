@@ -313,6 +313,7 @@ class CniInstaller:
         path = self.binary_path
         if _read_bytes(path) == data and (path.stat().st_mode & 0o777) == 0o755:
             return False
+        path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(path, data, mode=0o755)
         log.info("cni_binary_installed", file=str(path), source=str(self.plugin_source))
         return True
