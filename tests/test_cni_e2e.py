@@ -540,6 +540,47 @@ async def test_decision_file_follows_a_namespace_relabel(cluster: Cluster) -> No
     )
 
 
+# --- installing: never chain a plugin that cannot run ------------------------------------------
+
+
+async def test_an_executable_that_cannot_run_keeps_the_agent_not_ready_with_the_reason(
+    cluster: Cluster,
+) -> None:
+    """The agent installs the plugin itself here (the other tests run it with --no-install-cni):
+    an executable whose interpreter this host lacks is never chained, and /readyz says why."""
+    bin_dir, conf_dir = cluster.work / "cni-bin", cluster.work / "net.d"
+    conf_dir.mkdir()
+    primary = conf_dir / "10-calico.conflist"
+    primary.write_text(json.dumps({"cniVersion": "0.3.1", "name": "k8s-pod-network",
+                                   "plugins": [{"type": "calico"}]}))  # fmt: skip
+    before = primary.read_bytes()
+    broken = cluster.work / "broken-plugin"
+    broken.write_bytes(b"#!/nonexistent/python3\n")
+    agent = AgentProcess.for_node(
+        cluster.node, "--install-cni", "--cni-bin-dir", str(bin_dir),
+        "--cni-conf-dir", str(conf_dir), "--cni-plugin-binary", str(broken),
+        log_path=cluster.work / "agent-install.log",
+    )  # fmt: skip
+    cluster.agents.append(agent)
+    await agent.start(ready=False)
+
+    await agent.wait_event("cni_config_update_failed", reason="PluginUnusableError")
+    status, text = await agent.readyz()
+    assert status == 503
+    assert "cni: CNI plugin" in text
+    assert "cannot run on this host" in text
+    assert primary.read_bytes() == before  # the primary conflist untouched
+
+    # The right executable arrives; any change in the conf dir makes the agent look again.
+    shutil.copyfile(cluster.runtime.source, broken)
+    primary.chmod(0o640)
+    await agent.wait_ready()
+    assert await agent.readyz() == (200, "ready\n")
+    assert json.loads(primary.read_text())["plugins"][-1]["type"] == "ztunnel-redirect-cni"
+    assert primary.stat().st_mode & 0o777 == 0o640  # the primary's mode kept
+    assert (bin_dir / "ztunnel-redirect-cni").read_bytes() == cluster.runtime.source.read_bytes()
+
+
 # --- the plugin needs nothing on the node ------------------------------------------------------
 
 

@@ -324,7 +324,7 @@ class Agent:
                 parts.installer,
                 period=self.settings.reconcile_period,
                 on_installed=lambda: self.readiness.done("cni"),
-                on_failure=lambda _exc: self.metrics.count_failure("cni_config"),
+                on_failure=self._cni_failed,
             )
             tasks.create_task(keeper.run(), name="cni-install")
 
@@ -335,6 +335,11 @@ class Agent:
             name="drift-pass",
         )
         tasks.create_task(periodic.run(), name="drift-pass")
+
+    def _cni_failed(self, exc: Exception) -> None:
+        """Our CNI config could not be put in place: counted, and /readyz says why."""
+        self.metrics.count_failure("cni_config")
+        self.readiness.blocked("cni", str(exc))
 
     async def _verify_at_startup(self, parts: _Parts) -> None:
         """Every pod the initial lists brought and every adopted one, handled once."""

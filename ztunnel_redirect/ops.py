@@ -266,6 +266,8 @@ class Readiness:
         details: Callable[[], Mapping[str, object]] = _no_details,
     ) -> None:
         self._done: dict[str, bool] = dict.fromkeys((str(c) for c in conditions), False)
+        self._why: dict[str, str] = {}
+        """Why a pending condition cannot be met yet, where the agent knows (shown by /readyz)."""
         self._details = details
         self._ready = asyncio.Event()
         if not self._done:
@@ -283,6 +285,7 @@ class Readiness:
         if self._done[name]:
             return
         self._done[name] = True
+        self._why.pop(name, None)
         log.info("readiness_condition_done", condition=name)
         if all(self._done.values()):
             self._ready.set()
@@ -296,6 +299,17 @@ class Readiness:
         self._done[name] = False
         self._ready.clear()
         log.warning("readiness_condition_lost", condition=name)
+
+    def blocked(self, condition: str, reason: str) -> None:
+        """`condition` is pending for `reason` (e.g. the CNI plugin cannot run on this host),
+        until it is done."""
+        name = self._check(condition)
+        if not self._done[name]:
+            self._why[name] = reason
+
+    def reason(self, condition: str) -> str | None:
+        """Why `condition` is pending, if the agent said."""
+        return self._why.get(self._check(condition))
 
     @property
     def ready(self) -> bool:
@@ -422,7 +436,10 @@ class OpsServer:
         pending = self._readiness.pending()
         if not pending:
             return web.Response(text="ready\n")
-        body = "not ready, pending:\n" + "".join(f"{name}\n" for name in pending)
+        body = "not ready, pending:\n" + "".join(
+            f"{name}: {why}\n" if (why := self._readiness.reason(name)) else f"{name}\n"
+            for name in pending
+        )
         return web.Response(status=503, text=body)
 
     async def _scrape(self, request: web.Request) -> web.Response:
