@@ -75,6 +75,7 @@ from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     CniRuntime,
     Event,
+    built_plugin,
     connect_ztunnel,
     metric,
     standin_of,
@@ -353,7 +354,7 @@ class AgentBench:
         self.config = config
         self.work = work
         self.node = BenchNode(api, runner, factory, ipv6=config.options.ipv6)
-        self.runtime = CniRuntime.for_node(self.node, work / "bin")
+        self.runtime = CniRuntime.for_node(self.node, work / "bin", built_plugin())
         self.planes = SampledDataPlanes(ipv6=config.options.ipv6)
         self.agent: AgentProcess | None = None
         self.fake: FakeZtunnel | None = None

@@ -32,6 +32,7 @@ from ztunnel_redirect.testing.agentprocess import (
     PLUGIN_NAME,
     AgentProcess,
     Event,
+    built_plugin,
     connect_ztunnel,
     metric,
     standin_of,
@@ -986,9 +987,10 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
     conf_dir.mkdir()
     bin_dir.mkdir()
     # A long period: the entry must come back without waiting for a drift pass.
+    plugin = await asyncio.to_thread(built_plugin)
     agent = agents.create(
         *("--install-cni", "--cni-conf-dir", str(conf_dir), "--cni-bin-dir", str(bin_dir)),
-        *("--reconcile-period", "30"),
+        *("--cni-plugin-binary", str(plugin), "--reconcile-period", "30"),
     )
     # Node boot: the primary CNI has not written its config yet.
     await agent.start(ready=False)

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect.cniinstall import CniInstaller
+from ztunnel_redirect.cniinstall import LEGACY_KUBECONFIG_NAME, CniInstaller
 from ztunnel_redirect.hostrules import HostRules
 from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
 from ztunnel_redirect.netns import NetnsRunner
 from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.testing.agentprocess import built_plugin
 from ztunnel_redirect.testing.netnslab import Lab
 
 pytestmark = pytest.mark.kernel
@@ -43,6 +44,8 @@ def run_cleanup(tmp_path: Path, lab: Lab) -> subprocess.CompletedProcess[str]:
             str(tmp_path / "bin"),
             "--cni-conf-dir",
             str(tmp_path / "conf"),
+            "--run-dir",
+            str(tmp_path / "run"),
         ],
         capture_output=True,
         text=True,
@@ -72,8 +75,19 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     (tmp_path / "bin").mkdir()
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "10-calico.conflist").write_text(json.dumps(CALICO))
-    installer = CniInstaller(bin_dir=str(tmp_path / "bin"), conf_dir=str(tmp_path / "conf"))
+    installer = CniInstaller(
+        bin_dir=str(tmp_path / "bin"),
+        conf_dir=str(tmp_path / "conf"),
+        plugin_source=str(built_plugin()),
+    )
     installer.install()
+    # What an older version left: a kubeconfig with a token in the conf dir. And the decision
+    # file the agent keeps in its run dir (kept while the agent is away, gone on uninstall).
+    legacy = tmp_path / "conf" / LEGACY_KUBECONFIG_NAME
+    legacy.write_text('{"users": [{"user": {"token": "t"}}]}')
+    decisions = tmp_path / "run" / c.DECISION_FILE
+    decisions.parent.mkdir()
+    decisions.write_text('{"version": 1}')
 
     first = run_cleanup(tmp_path, lab)
 
@@ -90,6 +104,9 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     assert "istio-ambient" not in lab.node.exec("nft", "list", "tables")
     assert "cni: removed" in first.stdout
     assert not installer.binary_path.exists()
+    assert not legacy.exists()
+    assert not decisions.exists()
+    assert sorted(p.name for p in (tmp_path / "conf").iterdir()) == ["10-calico.conflist"]
     conflist = json.loads((tmp_path / "conf" / "10-calico.conflist").read_text())
     assert [p["type"] for p in conflist["plugins"]] == ["calico", "portmap"]
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import socket
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -28,11 +30,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ztunnel_redirect import cni_plugin
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     CniRuntime,
+    built_plugin,
     connect_ztunnel,
     metric,
     prev_result,
@@ -55,6 +57,11 @@ APP_PORT = 8080
 EVENT_TIMEOUT = 15.0
 TRAFFIC_TIMEOUT = 5.0
 
+# CNI error codes of the plugin (cniplugin/README.md).
+CODE_INVALID_CONFIG = 7
+CODE_TRY_AGAIN_LATER = 11
+CODE_PLUGIN = 999
+
 
 def measure(name: str, value: float, unit: str = "ms") -> None:
     """One `MEASURE:` line on stdout (`pytest -s` shows them)."""
@@ -75,9 +82,9 @@ class Cluster:
     ztunnels: list[FakeZtunnel] = field(default_factory=list)
     apps: list[App] = field(default_factory=list)
 
-    async def start_agent(self) -> AgentProcess:
+    async def start_agent(self, *flags: str) -> AgentProcess:
         agent = AgentProcess.for_node(
-            self.node, "--log-level", "debug", "--reconcile-period", "2",
+            self.node, "--log-level", "debug", "--reconcile-period", "2", *flags,
             log_path=self.work / f"agent-{len(self.agents)}.log",
         )  # fmt: skip
         self.agents.append(agent)
@@ -131,14 +138,19 @@ class Cluster:
             raise errors[0]
 
 
+@pytest.fixture(scope="session")
+def plugin() -> Path:
+    return built_plugin()
+
+
 @pytest.fixture
-async def cluster() -> AsyncIterator[Cluster]:
+async def cluster(plugin: Path) -> AsyncIterator[Cluster]:
     work = Path(tempfile.mkdtemp(prefix="zr-e2e-"))
     try:
         async with contextlib.AsyncExitStack() as stack:
             api = await stack.enter_async_context(ApiServer())
             node = stack.enter_context(TestNode(api))
-            runtime = CniRuntime.for_node(node, work / "bin")
+            runtime = CniRuntime.for_node(node, work / "bin", plugin)
             runtime.install()  # as the installer does: the file in the CNI bin dir
             node.namespace(MESH_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
             node.namespace(PLAIN_NS)
@@ -313,7 +325,7 @@ async def test_mesh_pod_without_ztunnel_fails_closed(cluster: Cluster) -> None:
 
     assert outcome.rc != 0
     error = outcome.json
-    assert error["code"] == cni_plugin.CODE_PLUGIN
+    assert error["code"] == CODE_PLUGIN
     assert "no ztunnel connected" in error["msg"]
 
 
@@ -326,11 +338,12 @@ async def test_agent_down_fails_the_add_and_the_retry_succeeds_once_it_is_up(
 
     assert down.rc != 0
     error = down.json
-    assert error["code"] == cni_plugin.CODE_TRY_AGAIN_LATER
+    assert error["code"] == CODE_TRY_AGAIN_LATER
     # What an operator must check: the socket, the agent's DaemonSet, and why it matters.
     assert cluster.runtime.event_socket in error["msg"]
     assert "DaemonSet" in error["msg"]
-    assert f"pod {MESH_NS}/web-0 is in the ambient mesh" in error["msg"]
+    # An agent that never ran left no decision file: the plugin cannot tell.
+    assert f"cannot tell whether pod {MESH_NS}/web-0 is in the ambient mesh" in error["msg"]
 
     await cluster.start_agent()
     zt = await cluster.ztunnel()
@@ -338,6 +351,282 @@ async def test_agent_down_fails_the_add_and_the_retry_succeeds_once_it_is_up(
 
     assert retried.rc == 0, retried.stdout + retried.stderr
     assert retried.json == prev_result(pod)
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        added = await zt.wait_request(RequestKind.ADD, pod.uid)
+    assert added.netns_inode == inode(pod.path)
+
+
+# --- the agent stopped: the plugin decides from the file the real agent wrote -----------------
+# One test per row of the decision table (cniplugin/README.md); each runs the real agent until
+# its decision file holds what the row needs, stops it, and runs the plugin as the runtime does.
+
+AGENT_NS = "istio-system"
+AGENT_POD = "ztunnel-redirect-a1b2c"
+"""The agent's own pod name (POD_NAME): its DaemonSet's pods are `ztunnel-redirect-<suffix>`."""
+
+
+def decision_file(cluster: Cluster) -> Path:
+    return Path(cluster.node.run_dir) / c.DECISION_FILE
+
+
+def decided(cluster: Cluster) -> dict[str, Any]:
+    try:
+        content: dict[str, Any] = json.loads(decision_file(cluster).read_bytes())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return content
+
+
+async def run_then_stop_agent(
+    cluster: Cluster, *known: NodePod, flags: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The agent runs until its decision file knows `known` and the mesh namespace, then stops
+    (SIGTERM: the file stays, that is when it is read); the file as it left it."""
+    agent = await cluster.start_agent("--pod-name", AGENT_POD, "--pod-namespace", AGENT_NS, *flags)
+
+    def holds() -> bool:
+        content = decided(cluster)
+        return MESH_NS in content.get("enrolled_namespaces", ()) and all(
+            p.uid in content.get("pods", {}) for p in known
+        )
+
+    await agent.wait_until(holds, what="the decision file knows the pods")
+    assert await agent.stop() == 0
+    assert decision_file(cluster).exists()
+    st = decision_file(cluster).stat()
+    assert (st.st_mode & 0o777, st.st_uid) == (0o600, 0)
+    return decided(cluster)
+
+
+def assert_passes(outcome: Any, pod: NodePod, why: str | None) -> None:
+    """`why`: the row that applied, in the runtime's log (None: decided before asking the
+    agent, by the entry's excluded namespaces, so nothing to say)."""
+    assert outcome.rc == 0, outcome.stdout + outcome.stderr
+    assert outcome.json == prev_result(pod)
+    if why is not None:
+        assert why in outcome.stderr
+
+
+def assert_fails_closed(outcome: Any, cluster: Cluster, why: str) -> None:
+    assert outcome.rc != 0
+    error = outcome.json
+    assert error["code"] == CODE_TRY_AGAIN_LATER
+    assert cluster.runtime.event_socket in error["msg"]
+    assert "DaemonSet" in error["msg"]
+    assert why in error["msg"]
+
+
+async def test_agent_down_excluded_namespace_passes(cluster: Cluster) -> None:
+    # kube-system is in the conflist entry too (known without the file); monitoring only in the
+    # agent's settings, so only in its file.
+    flags = ("--exclude-namespaces", "kube-system,monitoring")
+    content = await run_then_stop_agent(cluster, flags=flags)
+    assert content["exclude_namespaces"] == ["kube-system", "monitoring"]
+    system = await cluster.new_pod("coredns-1", "kube-system")
+    monitoring = await cluster.new_pod("prometheus-0", "monitoring")
+
+    assert_passes(await cluster.runtime.add(system), system, None)
+    outcome = await cluster.runtime.add(monitoring)
+    assert_passes(outcome, monitoring, "namespace monitoring is excluded")
+
+
+async def test_agent_down_host_network_passes(cluster: Cluster) -> None:
+    await run_then_stop_agent(cluster)
+    pod = await cluster.new_pod("node-exporter-1")  # in the mesh namespace, yet host network
+
+    outcome = await cluster.runtime.run("ADD", pod, netns=f"/proc/{os.getpid()}/ns/net")
+
+    assert_passes(outcome, pod, "host network")
+
+
+async def test_agent_down_the_agents_own_pod_passes(cluster: Cluster) -> None:
+    # The agent's namespace enrolled as a whole: only the agent_pods row lets its new pod start.
+    cluster.node.namespace(AGENT_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
+    content = await run_then_stop_agent(cluster)
+    assert content["agent_pods"] == [{"namespace": AGENT_NS, "name_prefix": "ztunnel-redirect-"}]
+    assert AGENT_NS in content["enrolled_namespaces"]
+    pod = await cluster.new_pod("ztunnel-redirect-x9y8z", AGENT_NS)  # the rollout's next pod
+
+    assert_passes(await cluster.runtime.add(pod), pod, "the agent's own pod")
+
+
+async def test_agent_down_pod_known_in_mesh_fails_closed(cluster: Cluster) -> None:
+    pod = await cluster.running_pod("web-0", MESH_NS)
+    content = await run_then_stop_agent(cluster, pod)
+    assert content["pods"][pod.uid] == {"namespace": MESH_NS, "name": "web-0", "in_mesh": True}
+
+    outcome = await cluster.runtime.add(pod)  # its sandbox is recreated while the agent is down
+
+    assert_fails_closed(outcome, cluster, f"pod {MESH_NS}/web-0 is in the ambient mesh")
+
+
+async def test_agent_down_pod_waiting_for_its_ip_counts_as_in_the_mesh(cluster: Cluster) -> None:
+    pod = await cluster.new_pod("web-0", MESH_NS)  # in the API, no IP yet
+    content = await run_then_stop_agent(cluster, pod)
+    assert content["pods"][pod.uid]["in_mesh"] is True
+
+    assert_fails_closed(await cluster.runtime.add(pod), cluster, "is in the ambient mesh")
+
+
+async def test_agent_down_pod_known_not_in_mesh_passes(cluster: Cluster) -> None:
+    # In an enrolled namespace but opted out: known, so the namespace's row never applies.
+    pod = await cluster.running_pod("batch-0", MESH_NS, labels={c.ENROLL_LABEL: "none"})
+    content = await run_then_stop_agent(cluster, pod)
+    assert content["pods"][pod.uid]["in_mesh"] is False
+
+    assert_passes(await cluster.runtime.add(pod), pod, "the agent decided it is not in the mesh")
+
+
+async def test_agent_down_unknown_pod_in_an_enrolled_namespace_fails_closed(
+    cluster: Cluster,
+) -> None:
+    await run_then_stop_agent(cluster)
+    pod = await cluster.new_pod("web-1", MESH_NS)  # created while the agent is down
+
+    outcome = await cluster.runtime.add(pod)
+
+    assert_fails_closed(outcome, cluster, "not known to the agent yet and its namespace")
+
+
+async def test_agent_down_unknown_pod_in_a_namespace_not_enrolled_passes(
+    cluster: Cluster,
+) -> None:
+    # It may opt in by its own label, which the plugin cannot see: it runs unredirected until the
+    # agent is back and enrolls it from its informer (README: why this row passes).
+    await run_then_stop_agent(cluster)
+    pod = await cluster.new_pod("opts-in", PLAIN_NS, labels={c.ENROLL_LABEL: c.ENROLL_VALUE})
+
+    assert_passes(await cluster.runtime.add(pod), pod, f"namespace {PLAIN_NS} is not enrolled")
+
+    await asyncio.to_thread(cluster.node.report_ips, pod)  # the kubelet, meanwhile
+    await cluster.start_agent()
+    zt = await cluster.ztunnel()
+    async with asyncio.timeout(EVENT_TIMEOUT):
+        await zt.wait_request(RequestKind.ADD, pod.uid)
+
+
+@pytest.mark.parametrize("damage", ["missing", "group_writable", "not_json"])
+async def test_agent_down_without_a_usable_decision_file_only_excluded_namespaces_pass(
+    cluster: Cluster, damage: str
+) -> None:
+    await run_then_stop_agent(cluster)
+    path = decision_file(cluster)
+    if damage == "missing":
+        path.unlink()
+    elif damage == "group_writable":
+        path.chmod(0o620)
+    else:
+        path.write_text("{not json")
+    plain = await cluster.new_pod("batch-0", PLAIN_NS)
+    system = await cluster.new_pod("coredns-1", "kube-system")
+
+    assert_fails_closed(await cluster.runtime.add(plain), cluster, "cannot tell whether pod")
+    assert_passes(await cluster.runtime.add(system), system, None)
+
+
+async def test_decision_file_follows_a_namespace_relabel(cluster: Cluster) -> None:
+    pod = await cluster.running_pod("web-0", PLAIN_NS)
+    agent = await cluster.start_agent()
+    await agent.wait_until(
+        lambda: decided(cluster).get("pods", {}).get(pod.uid, {}).get("in_mesh") is False,
+        what="the pod decided out of the mesh",
+    )
+
+    cluster.node.namespace(PLAIN_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
+
+    await agent.wait_until(
+        lambda: (
+            decided(cluster)["pods"][pod.uid]["in_mesh"] is True
+            and PLAIN_NS in decided(cluster)["enrolled_namespaces"]
+        ),
+        what="the relabel in the decision file",
+    )
+
+
+# --- installing: never chain a plugin that cannot run ------------------------------------------
+
+
+async def test_an_executable_that_cannot_run_keeps_the_agent_not_ready_with_the_reason(
+    cluster: Cluster,
+) -> None:
+    """The agent installs the plugin itself here (the other tests run it with --no-install-cni):
+    an executable whose interpreter this host lacks is never chained, and /readyz says why."""
+    bin_dir, conf_dir = cluster.work / "cni-bin", cluster.work / "net.d"
+    conf_dir.mkdir()
+    primary = conf_dir / "10-calico.conflist"
+    primary.write_text(json.dumps({"cniVersion": "0.3.1", "name": "k8s-pod-network",
+                                   "plugins": [{"type": "calico"}]}))  # fmt: skip
+    before = primary.read_bytes()
+    broken = cluster.work / "broken-plugin"
+    broken.write_bytes(b"#!/nonexistent/python3\n")
+    agent = AgentProcess.for_node(
+        cluster.node, "--install-cni", "--cni-bin-dir", str(bin_dir),
+        "--cni-conf-dir", str(conf_dir), "--cni-plugin-binary", str(broken),
+        log_path=cluster.work / "agent-install.log",
+    )  # fmt: skip
+    cluster.agents.append(agent)
+    await agent.start(ready=False)
+
+    await agent.wait_event("cni_config_update_failed", reason="PluginUnusableError")
+    status, text = await agent.readyz()
+    assert status == 503
+    assert "cni: CNI plugin" in text
+    assert "cannot run on this host" in text
+    assert primary.read_bytes() == before  # the primary conflist untouched
+
+    # The right executable arrives; any change in the conf dir makes the agent look again.
+    shutil.copyfile(cluster.runtime.source, broken)
+    primary.chmod(0o640)
+    await agent.wait_ready()
+    assert await agent.readyz() == (200, "ready\n")
+    assert json.loads(primary.read_text())["plugins"][-1]["type"] == "ztunnel-redirect-cni"
+    assert primary.stat().st_mode & 0o777 == 0o640  # the primary's mode kept
+    assert (bin_dir / "ztunnel-redirect-cni").read_bytes() == cluster.runtime.source.read_bytes()
+
+
+# --- the plugin needs nothing on the node ------------------------------------------------------
+
+
+async def test_the_plugin_in_a_chroot_holding_only_itself_and_the_socket_adds_a_pod(
+    cluster: Cluster,
+) -> None:
+    """No interpreter, library, /proc or /etc: the executable and the agent's socket are all it
+    has, and a mesh pod's ADD goes through the running agent to ztunnel."""
+    if shutil.which("chroot") is None or shutil.which("mount") is None:
+        pytest.skip("needs chroot(8) and mount(8)")
+    await cluster.start_agent()
+    zt = await cluster.ztunnel()
+    pod = await cluster.new_pod("web-0")
+    root = cluster.work / "root"
+    root.mkdir()
+    shutil.copy(cluster.runtime.source, root / "ztunnel-redirect-cni")
+    socket_in_root = root / c.PLUGIN_EVENT_SOCKET
+    socket_in_root.touch()
+    await asyncio.to_thread(
+        subprocess.run,
+        ["mount", "--bind", cluster.runtime.event_socket, str(socket_in_root)],
+        check=True,
+        timeout=30,
+    )
+    try:
+        assert sorted(p.name for p in root.iterdir()) == [
+            c.PLUGIN_EVENT_SOCKET,
+            "ztunnel-redirect-cni",
+        ]
+        conf = {**cluster.runtime.conf(pod), "plugin_event_socket": f"/{c.PLUGIN_EVENT_SOCKET}"}
+        outcome = await cluster.runtime.run(
+            "ADD",
+            pod,
+            stdin=json.dumps(conf).encode(),
+            argv=("chroot", str(root), "/ztunnel-redirect-cni"),
+        )
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, ["umount", str(socket_in_root)], check=True, timeout=30
+        )
+
+    assert outcome.rc == 0, outcome.stdout + outcome.stderr
+    assert outcome.json == prev_result(pod)
     async with asyncio.timeout(EVENT_TIMEOUT):
         added = await zt.wait_request(RequestKind.ADD, pod.uid)
     assert added.netns_inode == inode(pod.path)
@@ -483,7 +772,7 @@ async def test_garbage_on_both_sockets_is_refused_and_enrolled_pods_keep_working
     assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
     # The plugin's own input: not JSON is error 7 and nothing reaches the agent.
     bad = await cluster.runtime.run("ADD", pod, stdin=b"\xff garbage")
-    assert (bad.rc, bad.json["code"]) == (1, cni_plugin.CODE_INVALID_CONFIG)
+    assert (bad.rc, bad.json["code"]) == (1, CODE_INVALID_CONFIG)
 
     # The ZDS socket: a peer whose hello is garbage, and one that sends bytes after its hello,
     # each lose their own connection.

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import shutil
 import stat
-import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +16,17 @@ from typing import Any
 import pytest
 import structlog
 
-from ztunnel_redirect import cni_plugin, cnievents
+from ztunnel_redirect import cnievents, constants
 from ztunnel_redirect.cniinstall import (
-    CONF_DIR_POLL,
-    KUBECONFIG_NAME,
+    LEGACY_KUBECONFIG_NAME,
     CniConfigError,
     CniInstaller,
     CniKeeper,
     NoPrimaryConfigError,
+    PluginUnusableError,
 )
 from ztunnel_redirect.errors import ConfigError, RetryableError
-from ztunnel_redirect.workqueue import FakeClock
+from ztunnel_redirect.testing.agentprocess import built_plugin
 
 DATA = Path(__file__).parent / "data" / "cni"
 PLUGIN_CONFIG: dict[str, Any] = {
@@ -37,16 +36,21 @@ PLUGIN_CONFIG: dict[str, Any] = {
 }
 
 
-class Node:
-    """A node's CNI directories and the agent's service account, under tmp_path."""
+@pytest.fixture(scope="session")
+def plugin() -> Path:
+    """The real executable, as the image carries it."""
+    return built_plugin()
 
-    def __init__(self, root: Path) -> None:
+
+class Node:
+    """A node's CNI directories under tmp_path."""
+
+    def __init__(self, root: Path, plugin: Path) -> None:
         self.bin_dir = root / "opt" / "cni" / "bin"
         self.conf_dir = root / "etc" / "cni" / "net.d"
-        self.sa_dir = root / "serviceaccount"
         self.bin_dir.mkdir(parents=True)
         self.conf_dir.mkdir(parents=True)
-        self.sa_dir.mkdir()
+        self.plugin = plugin
 
     def add(self, name: str, as_name: str | None = None) -> Path:
         target = self.conf_dir / (as_name or name)
@@ -58,39 +62,19 @@ class Node:
         kwargs: dict[str, Any] = {
             "bin_dir": str(self.bin_dir),
             "conf_dir": str(self.conf_dir),
+            "plugin_source": str(self.plugin),
             "plugin_config": PLUGIN_CONFIG,
-            "service_account_dir": str(self.sa_dir),
-            "api_server_url": "https://10.96.0.1:443",
         }
         kwargs.update(overrides)
         return CniInstaller(**kwargs)
 
-    def in_cluster(self, token: str = "token-1") -> None:  # noqa: S107 - a fake token
-        (self.sa_dir / "token").write_text(token)
-        shutil.copyfile(self.ca_pem(), self.sa_dir / "ca.crt")
-
-    def ca_pem(self) -> Path:
-        """A real self-signed CA, so that the plugin's TLS setup can load it."""
-        pem = self.sa_dir.parent / "ca.pem"
-        if not pem.exists():
-            if shutil.which("openssl") is None:
-                pytest.skip("openssl is needed to make a CA certificate")
-            subprocess.run(
-                [
-                    *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-                    *("-subj", "/CN=test-ca", "-keyout", str(pem.with_suffix(".key"))),
-                    *("-out", str(pem)),
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
-        return pem
+    def files(self) -> list[str]:
+        return sorted(p.name for p in self.conf_dir.iterdir())
 
 
 @pytest.fixture
-def node(tmp_path: Path) -> Iterator[Node]:
-    yield Node(tmp_path)
+def node(tmp_path: Path, plugin: Path) -> Iterator[Node]:
+    yield Node(tmp_path, plugin)
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -98,12 +82,8 @@ def load(path: Path) -> dict[str, Any]:
     return result
 
 
-def our_entry(installer: CniInstaller) -> dict[str, Any]:
-    return {
-        "type": "ztunnel-redirect-cni",
-        **PLUGIN_CONFIG,
-        "kubeconfig": str(installer.kubeconfig_path),
-    }
+def our_entry(installer: CniInstaller | None = None) -> dict[str, Any]:
+    return {"type": "ztunnel-redirect-cni", **PLUGIN_CONFIG}
 
 
 PRIMARIES = [
@@ -111,7 +91,9 @@ PRIMARIES = [
     "05-cilium.conflist",
     "10-flannel.conflist",
     "10-kindnet.conflist",
+    "10-aws.conflist",
 ]
+"""Real primaries' shapes (and 10-bridge.conf, bridge/host-local, where a mode takes any)."""
 
 
 @pytest.mark.parametrize("name", PRIMARIES)
@@ -135,7 +117,6 @@ def test_install_appends_our_entry_to_the_primary_conflist(node: Node, name: str
 @pytest.mark.parametrize("name", PRIMARIES)
 def test_install_is_idempotent(node: Node, name: str) -> None:
     path = node.add(name)
-    node.in_cluster()
     installer = node.installer()
     installer.install()
     before = {p: (p.stat().st_ino, p.read_bytes()) for p in (path, installer.binary_path)}
@@ -147,16 +128,15 @@ def test_install_is_idempotent(node: Node, name: str) -> None:
     assert after == before
 
 
-def test_binary_is_the_plugin_with_a_shebang_and_mode_0755(node: Node) -> None:
+def test_binary_is_the_executable_byte_for_byte_mode_0755(node: Node) -> None:
     node.add("10-kindnet.conflist")
     installer = node.installer()
     installer.install()
     binary = node.bin_dir / "ztunnel-redirect-cni"
     assert installer.binary_path == binary
     assert stat.S_IMODE(binary.stat().st_mode) == 0o755
-    text = binary.read_text()
-    assert text.startswith("#!/usr/bin/env python3\n")
-    assert text == Path(cni_plugin.__file__).read_text()
+    assert binary.read_bytes() == node.plugin.read_bytes()
+    assert [p.name for p in node.bin_dir.iterdir()] == [binary.name]  # no temp files left
 
 
 def test_binary_is_replaced_when_it_differs(node: Node) -> None:
@@ -165,7 +145,49 @@ def test_binary_is_replaced_when_it_differs(node: Node) -> None:
     installer.install()
     installer.binary_path.write_text("#!/bin/sh\necho old version\n")
     assert installer.ensure() is True
-    assert installer.binary_path.read_text() == Path(cni_plugin.__file__).read_text()
+    assert installer.binary_path.read_bytes() == node.plugin.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"\x7fELF\x02\x01\x01garbage that is no executable", "cannot be executed"),
+        (b"#!/nonexistent/interpreter\n", "cannot be executed"),
+        (b"#!/bin/sh\nexit 3\n", "exited with status 3"),
+        (b"#!/bin/sh\necho not json\n", "did not print JSON"),
+        (b'#!/bin/sh\necho \'{"cniVersion": "1.0.0"}\'\n', "no supportedVersions"),
+    ],
+)
+def test_an_executable_that_cannot_run_here_is_never_chained(
+    node: Node, tmp_path: Path, content: bytes, why: str
+) -> None:
+    path = node.add("10-calico.conflist")
+    before = path.read_bytes()
+    broken = tmp_path / "broken-plugin"
+    broken.write_bytes(content)
+    installer = node.installer(plugin_source=str(broken))
+
+    with pytest.raises(PluginUnusableError, match=why) as info:
+        installer.ensure()
+
+    assert "no CNI config was changed" in str(info.value)
+    assert path.read_bytes() == before  # the primary conflist is untouched
+    assert node.files() == ["10-calico.conflist"]
+    # The right executable comes (an upgraded image): now it is chained.
+    shutil.copyfile(node.plugin, broken)
+    assert installer.ensure() is True
+    assert load(path)["plugins"][-1] == our_entry()
+
+
+def test_a_missing_executable_is_unusable_and_nothing_is_written(
+    node: Node, tmp_path: Path
+) -> None:
+    path = node.add("10-calico.conflist")
+    before = path.read_bytes()
+    with pytest.raises(PluginUnusableError, match="cannot be read"):
+        node.installer(plugin_source=str(tmp_path / "nothing")).ensure()
+    assert path.read_bytes() == before
+    assert list(node.bin_dir.iterdir()) == []
 
 
 def test_single_plugin_conf_becomes_a_conflist(node: Node) -> None:
@@ -237,17 +259,6 @@ def test_first_config_by_name_is_the_primary(node: Node) -> None:
 
     assert load(cilium)["plugins"][-1] == our_entry(installer)
     assert {p: p.read_bytes() for p in untouched} == untouched
-
-
-def test_our_kubeconfig_is_never_the_primary(node: Node) -> None:
-    node.in_cluster()
-    (node.conf_dir / KUBECONFIG_NAME).write_text("{}")
-    (node.conf_dir / "00-ours.json").write_text("{}")
-    installer = node.installer(
-        plugin_config={**PLUGIN_CONFIG, "kubeconfig": str(node.conf_dir / "00-ours.json")}
-    )
-    with pytest.raises(NoPrimaryConfigError):
-        installer.install()
 
 
 def test_no_config_yet_is_retryable(node: Node) -> None:
@@ -339,19 +350,29 @@ def test_malformed_single_conf_is_a_config_error(node: Node) -> None:
     assert path.read_text() == '{"name": "bridge"}'
 
 
-def test_uninstall_removes_entry_binary_and_kubeconfig(node: Node) -> None:
+def test_uninstall_removes_entry_binary_and_a_kubeconfig_left_by_an_older_version(
+    node: Node,
+) -> None:
     path = node.add("10-flannel.conflist")
-    node.in_cluster()
     installer = node.installer()
     installer.install()
-    assert installer.kubeconfig_path.exists()
+    legacy = node.conf_dir / LEGACY_KUBECONFIG_NAME
+    legacy.write_text('{"users": [{"user": {"token": "old"}}]}')
 
     installer.uninstall()
 
     assert load(path) == load(DATA / "10-flannel.conflist")
     assert not installer.binary_path.exists()
-    assert not installer.kubeconfig_path.exists()
+    assert not legacy.exists()
     installer.uninstall()  # twice is fine
+
+
+def test_no_credentials_are_written(node: Node) -> None:
+    node.add("10-calico.conflist")
+    node.installer().install()
+    assert node.files() == ["10-calico.conflist"]
+    assert "kubeconfig" not in load(node.conf_dir / "10-calico.conflist")["plugins"][-1]
+    assert [p.name for p in node.bin_dir.iterdir()] == ["ztunnel-redirect-cni"]
 
 
 def test_uninstall_after_conversion_leaves_the_primary_alone_in_the_conflist(node: Node) -> None:
@@ -363,59 +384,145 @@ def test_uninstall_after_conversion_leaves_the_primary_alone_in_the_conflist(nod
     assert config["plugins"] == [load(DATA / "10-bridge.conf")]
 
 
-def test_kubeconfig_from_the_service_account(node: Node) -> None:
-    node.add("10-kindnet.conflist")
-    node.in_cluster("token-1")
-    installer = node.installer()
+@pytest.mark.parametrize("key", ["plugin_event_sock", "kubeconfig", "agent_labels"])
+def test_unknown_plugin_config_key_is_refused(node: Node, key: str) -> None:
+    # The keys the Python plugin read (kubeconfig, agent_labels, ...) are gone with it.
+    with pytest.raises(ConfigError, match=key):
+        node.installer(plugin_config={key: "/x"})
+
+
+# --- CNI config options (Istio's settings) ------------------------------------------------------
+
+ALL_SHAPES = [*PRIMARIES, "10-bridge.conf"]
+
+
+def as_conflist(name: str) -> dict[str, Any]:
+    """A primary's config as libcni reads it: a single-plugin .conf wrapped in a list."""
+    config = load(DATA / name)
+    if "plugins" in config:
+        return config
+    return {"cniVersion": config["cniVersion"], "name": config["name"], "plugins": [config]}
+
+
+@pytest.mark.parametrize("name", ALL_SHAPES)
+def test_conf_name_chains_into_that_file_not_the_first(node: Node, name: str) -> None:
+    first = node.add("05-cilium.conflist", as_name="00-first.conflist")
+    first_bytes = first.read_bytes()
+    node.add(name, as_name=f"50-chosen{Path(name).suffix}")
+    installer = node.installer(conf_name=f"50-chosen{Path(name).suffix}")
+
     installer.install()
 
-    path = node.conf_dir / KUBECONFIG_NAME
-    assert installer.kubeconfig_path == path
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    config = load(path)
-    cluster = config["clusters"][0]["cluster"]
-    assert cluster["server"] == "https://10.96.0.1:443"
-    ca = (node.sa_dir / "ca.crt").read_bytes()
-    assert base64.b64decode(cluster["certificate-authority-data"]) == ca
-    # The plugin (stdlib only) can use what we wrote.
-    client = cni_plugin.ApiClient(str(path))
-    assert (client.server, client.token) == ("https://10.96.0.1:443", "token-1")
+    chosen = load(node.conf_dir / "50-chosen.conflist")
+    assert chosen["plugins"] == [*as_conflist(name)["plugins"], our_entry()]
+    assert first.read_bytes() == first_bytes
 
-    # The token rotates: ensure() follows.
-    (node.sa_dir / "token").write_text("token-2")
-    assert installer.ensure() is True
-    assert load(path)["users"][0]["user"]["token"] == "token-2"  # noqa: S105 - a fake token
+
+@pytest.mark.parametrize(
+    ("given", "present"), [("10-x.conflist", "10-x.conf"), ("10-x.conf", "10-x.conflist")]
+)
+def test_conf_name_x_conf_and_x_conflist_stand_in_for_each_other(
+    node: Node, given: str, present: str
+) -> None:
+    source = "10-bridge.conf" if present.endswith(".conf") else "10-flannel.conflist"
+    node.add(source, as_name=present)
+    installer = node.installer(conf_name=given)
+
+    installer.install()
+
+    assert node.files() == ["10-x.conflist"]
+    assert load(node.conf_dir / "10-x.conflist")["plugins"][-1] == our_entry()
+
+
+def test_conf_name_not_there_yet_waits(node: Node) -> None:
+    node.add("10-calico.conflist")
+    with pytest.raises(NoPrimaryConfigError, match=r"20-cilium\.conflist"):
+        node.installer(conf_name="20-cilium.conflist").install()
+
+
+@pytest.mark.parametrize("name", ALL_SHAPES)
+def test_owned_config_copies_the_primary_and_leaves_it_untouched(node: Node, name: str) -> None:
+    primary = node.add(name)
+    primary.chmod(0o600)
+    before = primary.read_bytes()
+    installer = node.installer(owned_conf_name=constants.CNI_OWNED_CONF_NAME)
+
+    assert installer.install() is True
+
+    owned = node.conf_dir / "02-istio-cni.conflist"
+    assert node.files() == sorted([owned.name, name])
+    assert node.files()[0] == owned.name, "sorts first: the runtime uses it"
+    assert primary.read_bytes() == before
+    expected = as_conflist(name)
+    assert load(owned) == {**expected, "plugins": [*expected["plugins"], our_entry()]}
+    assert stat.S_IMODE(owned.stat().st_mode) == 0o600, "the primary's mode"
     assert installer.ensure() is False
 
+    # The primary rewrites its file: the copy follows, the primary still untouched.
+    changed = {**load(primary), "cniVersion": "1.1.0"}
+    primary.write_text(json.dumps(changed))
+    assert installer.ensure() is True
+    assert load(owned)["cniVersion"] == "1.1.0"
+    assert load(owned)["plugins"][-1] == our_entry()
+    assert "ztunnel-redirect-cni" not in primary.read_text()
 
-def test_kubeconfig_server_from_the_environment(
-    node: Node, monkeypatch: pytest.MonkeyPatch
+    installer.uninstall()
+    assert node.files() == [name]
+
+
+def test_owned_mode_takes_our_entry_out_of_a_primary_chained_before(node: Node) -> None:
+    primary = node.add("10-calico.conflist")
+    node.installer().install()  # an earlier run chained into the primary
+    installer = node.installer(owned_conf_name=constants.CNI_OWNED_CONF_NAME)
+
+    installer.ensure()
+
+    assert load(primary) == load(DATA / "10-calico.conflist")
+    assert load(node.conf_dir / constants.CNI_OWNED_CONF_NAME)["plugins"][-1] == our_entry()
+
+
+@pytest.mark.parametrize("name", ALL_SHAPES)
+def test_standalone_config_leaves_every_primary_alone(node: Node, name: str) -> None:
+    primary = node.add(name)
+    before = primary.read_bytes()
+    installer = node.installer(chained=False)
+
+    assert installer.install() is True
+
+    ours = node.conf_dir / constants.CNI_STANDALONE_CONF_NAME
+    assert node.files() == sorted([name, ours.name])
+    assert load(ours) == {"cniVersion": "1.0.0", "name": "istio-cni", **our_entry()}
+    assert primary.read_bytes() == before
+    assert installer.ensure() is False
+
+    installer.uninstall()
+    assert node.files() == [name]
+
+
+def test_standalone_needs_no_primary_and_takes_its_name(node: Node) -> None:
+    installer = node.installer(chained=False, conf_name="20-ztunnel.conf")
+    installer.install()
+    assert node.files() == ["20-ztunnel.conf"]
+    assert load(node.conf_dir / "20-ztunnel.conf")["type"] == "ztunnel-redirect-cni"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"conf_name": "../etc/passwd"}, "file name"),
+        ({"conf_name": "10-calico.yaml"}, "file name"),
+        ({"owned_conf_name": "sub/02.conflist"}, "file name"),
+        ({"owned_conf_name": "02.conflist", "chained": False}, "chained"),
+    ],
+)
+def test_bad_config_options_are_refused(
+    node: Node, overrides: dict[str, Any], problem: str
 ) -> None:
-    node.add("10-kindnet.conflist")
-    node.in_cluster()
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "fd00:10:96::1")
-    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "6443")
-    installer = node.installer(api_server_url=None)
-    installer.install()
-    config = load(installer.kubeconfig_path)
-    assert config["clusters"][0]["cluster"]["server"] == "https://[fd00:10:96::1]:6443"
+    with pytest.raises(ConfigError, match=problem):
+        node.installer(**overrides)
 
 
-def test_no_kubeconfig_outside_a_cluster(node: Node, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    path = node.add("10-kindnet.conflist")
-    installer = node.installer(api_server_url=None)
-    installer.install()
-    assert not installer.kubeconfig_path.exists()
-    assert load(path)["plugins"][-1]["kubeconfig"] == str(installer.kubeconfig_path)
-
-
-def test_unknown_plugin_config_key_is_refused(node: Node) -> None:
-    with pytest.raises(ConfigError, match="plugin_event_sock"):
-        node.installer(plugin_config={"plugin_event_sock": "/x"})
-
-
-# --- CniKeeper: the agent's face, on a fake clock -------------------------------------------------
+# --- CniKeeper: the agent's face, woken by inotify ----------------------------------------------
 
 
 TIMEOUT = 10.0
@@ -425,44 +532,50 @@ LONG_PERIOD = 3600.0
 
 @dataclass
 class Kept:
-    """A running keeper with what it reported."""
+    """A running keeper with what it reported: each pass that wrote something sets `wrote`."""
 
     keeper: CniKeeper
-    clock: FakeClock
     installed: int = 0
     failures: list[Exception] = field(default_factory=list)
-    ensured: list[bool] = field(default_factory=list)
+    failed: asyncio.Event = field(default_factory=asyncio.Event)
+    wrote: asyncio.Event = field(default_factory=asyncio.Event)
+    wrote_at: float = 0.0
 
-    async def look(self) -> None:
-        """Let the keeper take one more look at the directory: past its poll, until it sleeps
-        again (so whatever that look did is done)."""
-        self.clock.advance(CONF_DIR_POLL)
-        await asyncio.wait_for(self.clock.wait_sleeping(), TIMEOUT)
+    async def next_write(self) -> None:
+        await asyncio.wait_for(self.wrote.wait(), TIMEOUT)
+        self.wrote.clear()
+
+    async def next_failure(self) -> None:
+        await asyncio.wait_for(self.failed.wait(), TIMEOUT)
+        self.failed.clear()
 
 
 @contextlib.asynccontextmanager
 async def keeping(installer: CniInstaller) -> AsyncIterator[Kept]:
-    """A keeper running for the body (cancelled afterwards, also on failure); its first look
-    at the directory is done when the body starts."""
-    clock = FakeClock()
-    failures: list[Exception] = []
-    ensured: list[bool] = []
+    """A keeper running for the body (cancelled afterwards, also on failure)."""
 
     def installed() -> None:
         kept.installed += 1
 
+    def failure(exc: Exception) -> None:
+        kept.failures.append(exc)
+        kept.failed.set()
+
+    def passed(changed: bool) -> None:
+        if changed:
+            kept.wrote_at = time.perf_counter()
+            kept.wrote.set()
+
     keeper = CniKeeper(
         installer,
         period=LONG_PERIOD,
-        clock=clock,
         on_installed=installed,
-        on_failure=failures.append,
-        on_ensured=ensured.append,
+        on_failure=failure,
+        on_pass=passed,
     )
-    kept = Kept(keeper, clock, failures=failures, ensured=ensured)
+    kept = Kept(keeper)
     task = asyncio.create_task(keeper.run(), name="test-cni-keeper")
     try:
-        await asyncio.wait_for(clock.wait_sleeping(), TIMEOUT)
         yield kept
         assert not task.done()  # the keeper never stops on its own
     finally:
@@ -472,73 +585,95 @@ async def keeping(installer: CniInstaller) -> AsyncIterator[Kept]:
             raise outcome
 
 
+class LookingInstaller(CniInstaller):
+    """Says when the keeper has looked for the primary's config and found none."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.loop = asyncio.get_running_loop()
+        self.found_none = asyncio.Event()
+
+    def ensure(self) -> bool:
+        try:
+            return super().ensure()
+        except NoPrimaryConfigError:
+            self.loop.call_soon_threadsafe(self.found_none.set)
+            raise
+
+
 async def test_keeper_waits_for_the_primary_config_then_installs(node: Node) -> None:
-    installer = node.installer()
+    installer = LookingInstaller(
+        bin_dir=str(node.bin_dir),
+        conf_dir=str(node.conf_dir),
+        plugin_source=str(node.plugin),
+        plugin_config=PLUGIN_CONFIG,
+    )
     with structlog.testing.capture_logs() as logs:
         async with keeping(installer) as kept:
-            for _ in range(3):  # node boot: the primary CNI has not written its config yet
-                await kept.look()
+            for text in ("node boot: no config yet", "still none"):
+                installer.found_none.clear()
+                (node.conf_dir / "README").write_text(text)
+                await asyncio.wait_for(installer.found_none.wait(), TIMEOUT)
             assert kept.installed == 0
-            assert not kept.keeper.installed
-
             path = node.add("10-calico.conflist")
-            await kept.look()
+            await kept.next_write()
 
             assert kept.installed == 1
-            assert load(path)["plugins"][-1] == our_entry(installer)
-            await kept.look()
-            assert kept.installed == 1
+            assert load(path)["plugins"][-1] == our_entry()
     waiting = [e for e in logs if e["event"] == "cni_primary_config_waiting"]
     assert len(waiting) == 1, "logged once"
     assert kept.failures == []
 
 
-async def test_keeper_puts_our_entry_back_when_the_primary_rewrites_its_config(node: Node) -> None:
+async def restore_after_rewrite(node: Node, kept: Kept, path: Path) -> float:
+    """The primary rewrites its file (as calico-node does on restart); seconds until our entry
+    is back."""
+    started = time.perf_counter()
+    shutil.copyfile(DATA / path.name, path)
+    await kept.next_write()
+    assert load(path)["plugins"][-1] == our_entry()
+    return kept.wrote_at - started
+
+
+async def test_keeper_puts_our_entry_back_at_once_when_the_primary_rewrites_its_config(
+    node: Node,
+) -> None:
     path = node.add("10-calico.conflist")
-    installer = node.installer()
-    async with keeping(installer) as kept:
-        assert kept.installed == 1
-        shutil.copyfile(DATA / "10-calico.conflist", path)  # calico-node restarts
-
-        await kept.look()  # one poll later, not a period later
-
-        assert load(path)["plugins"][-1] == our_entry(installer)
-        assert kept.clock.now() < LONG_PERIOD
+    async with keeping(node.installer()) as kept:
+        await kept.next_write()
+        seconds = [await restore_after_rewrite(node, kept, path) for _ in range(5)]
+    # Woken by inotify, not by a period (LONG_PERIOD): the numbers are for the lead's bench.
+    print(f"MEASURE: cni_entry_restored_ms max={max(seconds) * 1e3:.2f}")
+    assert kept.installed == 1
 
 
 async def test_keeper_survives_a_config_it_cannot_update(node: Node) -> None:
-    # Any error updating the config (here a malformed file; before, at agent start, one made
-    # the agent crash-loop) is counted, and the keeper goes on.
+    # Any error updating the config is counted, and the keeper goes on.
     path = node.conf_dir / "10-calico.conflist"
     path.write_text('{"name": "k8s-pod-network", "plugins": [')
-    installer = node.installer()
-    async with keeping(installer) as kept:
-        await kept.look()
-        assert [type(exc) for exc in kept.failures] == [CniConfigError], "counted once"
+    async with keeping(node.installer()) as kept:
+        await kept.next_failure()
+        assert [type(exc) for exc in kept.failures] == [CniConfigError]
         assert kept.installed == 0
 
         shutil.copyfile(DATA / "10-calico.conflist", path)  # the primary fixes its file
-        await kept.look()
+        await kept.next_write()
 
         assert kept.installed == 1
-        assert load(path)["plugins"][-1] == our_entry(installer)
+        assert load(path)["plugins"][-1] == our_entry()
 
 
-async def test_keeper_reports_every_look_that_leaves_our_entry_in_place(node: Node) -> None:
-    """What `istio_cni_install_ready` and `istio_cni_installs_total` follow: True for an install
-    (the first look, or one that wrote), False for a look that found everything in place."""
+async def test_keeper_with_an_unusable_executable_never_installs(
+    node: Node, tmp_path: Path
+) -> None:
     path = node.add("10-calico.conflist")
-    installer = node.installer()
-    installer.ensure()  # a previous agent installed it: the first look writes nothing
-    async with keeping(installer) as kept:
-        assert kept.ensured == [True]
-        shutil.copyfile(DATA / "10-calico.conflist", path)
-        await kept.look()
-        assert kept.ensured == [True, True]
-        await kept.look()  # our own write showed as a change: a look that finds it in place
-        assert kept.ensured == [True, True, False]
-
-        path.write_text('{"name": "k8s-pod-network", "plugins": [')
-        await kept.look()
-        assert kept.ensured == [True, True, False], "a failure is not ensured"
-        assert [type(exc) for exc in kept.failures] == [CniConfigError]
+    before = path.read_bytes()
+    broken = tmp_path / "broken"
+    broken.write_bytes(b"#!/nonexistent/interpreter\n")
+    async with keeping(node.installer(plugin_source=str(broken))) as kept:
+        await kept.next_failure()
+        path.chmod(0o640)  # any change: looked at again, still unusable
+        await kept.next_failure()
+        assert kept.installed == 0
+        assert all(isinstance(exc, PluginUnusableError) for exc in kept.failures)
+    assert path.read_bytes() == before

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -31,17 +30,16 @@ import grpc
 import pytest
 
 from ztunnel_redirect import constants as c
-from ztunnel_redirect.cniinstall import KUBECONFIG_NAME
 from ztunnel_redirect.model import PodUid
 from ztunnel_redirect.testing import containerd as ctd
-from ztunnel_redirect.testing.agentprocess import AgentProcess, connect_ztunnel
-from ztunnel_redirect.testing.apiserver import ApiServer, kubeconfig
+from ztunnel_redirect.testing.agentprocess import AgentProcess, built_plugin, connect_ztunnel
+from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.containerd import Containerd, Sandbox
 from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
 from ztunnel_redirect.testing.netnslab import Netns
 from ztunnel_redirect.testing.node import NODE_NAME, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
-from ztunnel_redirect.testing.traffic import App, request, run_in_netns
+from ztunnel_redirect.testing.traffic import App, request
 from ztunnel_redirect.zds import RequestKind
 
 pytestmark = [
@@ -63,43 +61,19 @@ def measure(name: str, value: str) -> None:
 
 
 # --- what depends on the CNI plugin --------------------------------------------------------------
-# The plugin today is `ztunnel_redirect/cni_plugin.py` (a Python script the agent installs). With
-# the agent unreachable it asks the API server, through the kubeconfig named in its config entry,
-# whether the pod is for the mesh; the agent writes that kubeconfig only in a cluster (service
-# account), so the test writes it, pointing at the API server's listener in the node netns (the
-# plugin runs in containerd's netns). Its DEL does nothing: the agent tidies up on its own. A
-# plugin with another fallback changes only this section.
+# The plugin is the static executable `make cni-plugin` builds; the agent copies it into the
+# node's CNI bin dir. With the agent unreachable it reads the agent's decision file in the run dir
+# (no credentials on the node): a pod it does not know in an enrolled namespace fails closed.
 
 
 class Plugin:
-    """The fallback of the installed plugin, prepared as on a node."""
+    """The installed plugin, as on a node."""
 
-    fail_closed_text: Final = "is in the ambient mesh"
+    fail_closed_text: Final = "agent not reachable"
     """In the error a mesh pod's failed ADD carries when the agent is down."""
-
-    @staticmethod
-    def prepare(conf_dir: Path, api_url: str) -> None:
-        path = conf_dir / KUBECONFIG_NAME
-        path.write_text(json.dumps(kubeconfig(api_url)))
-        path.chmod(0o600)
 
 
 # --- the node ------------------------------------------------------------------------------------
-
-
-def listen_in(netns_path: str) -> socket.socket:
-    """A listening TCP socket on 127.0.0.1 inside a netns (a socket stays in the netns it was
-    made in)."""
-    sock = run_in_netns(
-        netns_path, lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM), timeout=5.0
-    )
-    try:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(64)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 @dataclass
@@ -124,6 +98,7 @@ class Node:
             "--log-level", "debug", "--reconcile-period", "2", "--proc-root", "/proc",
             "--install-cni", "--cni-bin-dir", str(self.containerd.cni_bin_dir),
             "--cni-conf-dir", str(self.containerd.cni_conf_dir),
+            "--cni-plugin-binary", str(built_plugin()),
             log_path=self.work / f"agent-{len(self.agents)}.log",
         )  # fmt: skip
         self.agents.append(agent)
@@ -205,11 +180,7 @@ async def node() -> AsyncIterator[Node]:
         async with contextlib.AsyncExitStack() as stack:
             api = await stack.enter_async_context(ApiServer())
             test_node = stack.enter_context(TestNode(api))
-            # The plugin runs in containerd's netns, the node's: the API must answer there too.
-            sock = listen_in(test_node.lab.node.path)
-            node_api_url = await api.serve_on(sock)
             runtime = Containerd.on_node(test_node.lab.node.path, work)
-            Plugin.prepare(runtime.cni_conf_dir, node_api_url)
             stack.callback(runtime.close)
             await asyncio.to_thread(runtime.start)
             test_node.namespace(MESH_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})

@@ -29,7 +29,7 @@ import pytest
 import yaml
 from kubernetes_asyncio.client import CoreV1Api
 
-from ztunnel_redirect import cli, cni_plugin, constants, enrollment, labelselector, settings
+from ztunnel_redirect import cli, constants, decisions, enrollment, labelselector, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -236,23 +236,6 @@ def _agent_grants_needed() -> set[tuple[str, str]]:
     return needed
 
 
-def _plugin_grants_needed() -> set[tuple[str, str]]:
-    """The plugin's fallback GETs (f-strings `/api/v1/...` in cni_plugin.py), made with the
-    agent's token from the kubeconfig that the installer writes."""
-    tree = ast.parse(Path(cni_plugin.__file__).read_text())
-    needed = set()
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.JoinedStr):
-            continue
-        template = "".join(
-            str(part.value) if isinstance(part, ast.Constant) else "{x}" for part in node.values
-        )
-        if template.startswith("/api/"):
-            needed.add(_request_info(template, "GET"))
-    assert needed, "cni_plugin.py makes no API request: update this test"
-    return needed
-
-
 def _granted(role: Obj) -> set[tuple[str, str]]:
     granted = set()
     for rule in role["rules"]:
@@ -285,7 +268,8 @@ def test_the_request_info_mapping() -> None:
 def test_the_cluster_role_grants_exactly_what_the_code_calls(
     rendered: dict[Path, list[Obj]],
 ) -> None:
-    needed = _agent_grants_needed() | _plugin_grants_needed()
+    # The CNI plugin makes no API request (it holds no credentials): only the agent's calls.
+    needed = _agent_grants_needed()
     # What the adapter does today, spelled out so that a change to it is noticed here too.
     assert needed == {
         ("pods", "list"),
@@ -430,13 +414,20 @@ def test_probes_and_scraping_use_the_agents_ports(rendered: dict[Path, list[Obj]
 
 
 def test_the_agent_recognises_its_own_pods(rendered: dict[Path, list[Obj]]) -> None:
-    """The pod template carries the label selector that enrollment and the CNI plugin use to
-    skip the agent's own pods, in the namespace they look in."""
+    """The pod template carries the label selector that enrollment uses to skip the agent's own
+    pods, in the namespace it looks in; the CNI plugin's decision file names them by the
+    DaemonSet's name, from the agent's POD_NAME."""
     objects = rendered[BASE]
     daemonset = _one(objects, "DaemonSet")
     labels = daemonset["spec"]["template"]["metadata"]["labels"]
     assert dict(enrollment.AGENT_LABELS).items() <= labels.items()
-    assert cni_plugin.DEFAULT_AGENT_LABELS.items() <= labels.items()
+    # The plugin, when the agent is down, by name: the DaemonSet's pods are `<name>-<suffix>`.
+    name = daemonset["metadata"]["name"]
+    recognised = decisions.agent_pods_of(daemonset["metadata"]["namespace"], f"{name}-x7k2p")
+    assert recognised is not None
+    assert recognised.name_prefix == f"{name}-"
+    env = {e["name"]: e for e in daemonset["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert daemonset["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert _settings_of(objects).agent_namespace == daemonset["metadata"]["namespace"]
 

@@ -146,6 +146,24 @@ def test_the_agent_waits_for_exactly_the_documented_conditions_in_their_order() 
     assert agent.readiness.pending() == tuple(ReadinessCondition)
 
 
+async def test_readyz_says_why_a_condition_is_blocked_until_it_is_done(ops: Ops) -> None:
+    ops.readiness.blocked("host_rules", "the CNI plugin cannot run on this host: exec format")
+    ops.readiness.blocked(ReadinessCondition.INITIAL_LISTS, "first reason")
+    ops.readiness.blocked(ReadinessCondition.INITIAL_LISTS, "latest reason")
+    status, text = await ops.readyz()
+    assert status == 503
+    assert text.splitlines()[1:] == [
+        "initial_lists: latest reason",
+        "startup_verification",
+        "host_rules: the CNI plugin cannot run on this host: exec format",
+        "ztunnel_server",
+    ]
+    ops.readiness.done("host_rules")
+    ops.readiness.blocked("host_rules", "too late: it is done")
+    assert ops.readiness.reason("host_rules") is None
+    assert "host_rules" not in (await ops.readyz())[1]
+
+
 async def test_readyz_goes_back_to_503_when_a_condition_is_lost(ops: Ops) -> None:
     for condition in ReadinessCondition:
         ops.readiness.done(condition)

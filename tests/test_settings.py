@@ -53,6 +53,11 @@ ENV_NAMES = (
     "CNI_BIN_DIR",
     "CNI_NET_DIR",
     "INSTALL_CNI",
+    "CNI_PLUGIN_BINARY",
+    "CNI_CONF_NAME",
+    "CHAINED_CNI_PLUGIN",
+    "ISTIO_OWNED_CNI_CONFIG",
+    "ISTIO_OWNED_CNI_CONF_FILENAME",
     "ALLOWED_NETNS_DIRS",
 )
 
@@ -103,6 +108,12 @@ def test_defaults_follow_the_spec() -> None:
     assert s.cni_bin_dir == "/opt/cni/bin"
     assert s.cni_conf_dir == "/etc/cni/net.d"
     assert s.install_cni is True
+    assert s.cni_plugin_binary == "/opt/ztunnel-redirect/cni/ztunnel-redirect-cni"
+    assert s.cni_conf_name is None
+    assert s.chained_cni_plugin is True
+    assert s.istio_owned_cni_config is False
+    assert s.istio_owned_cni_conf_filename == "02-istio-cni.conflist"
+    assert s.decision_file == "/var/run/istio-cni/cni-decisions.json"
     assert s.allowed_netns_dirs == ("/var/run/netns/", "/run/netns/", "/proc/")
 
 
@@ -167,6 +178,11 @@ def test_every_setting_is_read_from_its_environment_variable() -> None:
         "CNI_BIN_DIR": "/host/opt/cni/bin",
         "CNI_NET_DIR": "/host/etc/cni/net.d",
         "INSTALL_CNI": "FALSE",
+        "CNI_PLUGIN_BINARY": "/plugins/zr-cni",
+        "CNI_CONF_NAME": "10-calico.conflist",
+        "CHAINED_CNI_PLUGIN": "true",
+        "ISTIO_OWNED_CNI_CONFIG": "true",
+        "ISTIO_OWNED_CNI_CONF_FILENAME": "01-ours.conflist",
         "ALLOWED_NETNS_DIRS": "/run/netns,/var/run/netns/",
     }
     assert set(env) == set(ENV_NAMES)
@@ -203,6 +219,11 @@ def test_every_setting_is_read_from_its_environment_variable() -> None:
         cni_bin_dir="/host/opt/cni/bin",
         cni_conf_dir="/host/etc/cni/net.d",
         install_cni=False,
+        cni_plugin_binary="/plugins/zr-cni",
+        cni_conf_name="10-calico.conflist",
+        chained_cni_plugin=True,
+        istio_owned_cni_config=True,
+        istio_owned_cni_conf_filename="01-ours.conflist",
         allowed_netns_dirs=("/run/netns", "/var/run/netns/"),
     )
     assert s.agent_namespace == "mesh-agents"
@@ -356,6 +377,15 @@ def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> 
         ([], {"SYSTEM_NAMESPACE": "istio system"}, "SYSTEM_NAMESPACE"),
         ([], {"POD_NAME": "a b"}, "POD_NAME"),
         (["--kubeconfig", ""], {}, "KUBECONFIG"),
+        ([], {"CNI_PLUGIN_BINARY": "zr-cni"}, "CNI_PLUGIN_BINARY"),
+        ([], {"CNI_CONF_NAME": "../10-calico.conflist"}, "CNI_CONF_NAME"),
+        ([], {"CNI_CONF_NAME": "10-calico.yaml"}, "CNI_CONF_NAME"),
+        ([], {"ISTIO_OWNED_CNI_CONF_FILENAME": ".hidden.conflist"}, "ISTIO_OWNED_CNI_CONF"),
+        (
+            [],
+            {"ISTIO_OWNED_CNI_CONFIG": "true", "CHAINED_CNI_PLUGIN": "false"},
+            "CHAINED_CNI_PLUGIN",
+        ),
     ],
 )
 def test_invalid_values_raise_one_config_error(

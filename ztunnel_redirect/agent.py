@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import functools
 import signal
+from pathlib import Path
 from typing import Final
 
 import structlog
@@ -25,7 +26,8 @@ import structlog
 from ztunnel_redirect import nft, procscan
 from ztunnel_redirect.cniadd import CniAdd
 from ztunnel_redirect.cnievents import CniEventServer
-from ztunnel_redirect.cniinstall import SERVICE_ACCOUNT_DIR, CniInstaller, CniKeeper
+from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
+from ztunnel_redirect.decisions import DecisionFile, DecisionKeeper, agent_pods_of
 from ztunnel_redirect.driftpass import DriftPass
 from ztunnel_redirect.enrollment import EnrollmentPolicy
 from ztunnel_redirect.errors import ConfigError, retryable
@@ -189,7 +191,20 @@ class Agent:
         # Every store change is a real change: it cuts a scheduled retry short (a pod in backoff
         # that leaves the mesh or is deleted is acted on at once, not after up to 30 s). The
         # drift pass enqueues without `now`, so failing pods keep their backoff.
-        store.subscribe(functools.partial(queue.enqueue, now=True))
+        decisions = DecisionKeeper(
+            DecisionFile(
+                Path(s.decision_file),
+                policy,
+                agent_pods=agent_pods_of(s.agent_namespace, s.pod_name),
+            ),
+            lambda: (store.pods, store.namespaces),
+        )
+
+        def changed(key: str) -> None:
+            queue.enqueue(key, now=True)
+            decisions.changed()
+
+        store.subscribe(changed)
         handover = HostHandover(
             reconciler=reconciler,
             store=store,
@@ -239,6 +254,7 @@ class Agent:
                 period=s.reconcile_period,
             ),
             handover=handover,
+            decisions=decisions,
         )
 
     def _count_failure(self, _key: str, exc: BaseException, _attempts: int) -> None:
@@ -251,6 +267,7 @@ class Agent:
         await parts.watcher.synced.wait()
         self.readiness.done(ReadinessCondition.INITIAL_LISTS)
         log.info("initial_lists_synced", pods=len(parts.store.pods))
+        parts.decisions.start()  # the CNI plugin's fallback, from a complete view only
 
         await parts.startup.adopt()
         # The workers do not run yet: this is the only run of the host key.
@@ -291,15 +308,10 @@ class Agent:
         tasks.create_task(periodic.run(), name="drift-pass")
 
     def _cni_install_failed(self, installer: CniInstaller, exc: Exception) -> None:
+        """Our CNI config could not be put in place: counted, and /readyz says why."""
         self.metrics.count_failure("cni_config")
-        self.metrics.cni_install_failed(
-            CniInstallResult.of(
-                exc,
-                bin_dir=str(installer.bin_dir),
-                kubeconfig=str(installer.kubeconfig_path),
-                service_account_dir=SERVICE_ACCOUNT_DIR,
-            )
-        )
+        self.readiness.blocked(ReadinessCondition.CNI, str(exc))
+        self.metrics.cni_install_failed(CniInstallResult.of(exc, bin_dir=str(installer.bin_dir)))
 
     def _installer(self) -> CniInstaller | None:
         s = self.settings
@@ -308,11 +320,14 @@ class Agent:
         return CniInstaller(
             bin_dir=s.cni_bin_dir,
             conf_dir=s.cni_conf_dir,
+            plugin_source=s.cni_plugin_binary,
             plugin_config={
                 "plugin_event_socket": s.plugin_event_socket,
                 "exclude_namespaces": sorted(s.exclude_namespaces),
-                "system_namespace": s.system_namespace,
             },
+            conf_name=s.cni_conf_name,
+            chained=s.chained_cni_plugin,
+            owned_conf_name=s.istio_owned_cni_conf_filename if s.istio_owned_cni_config else None,
         )
 
 
@@ -345,6 +360,7 @@ class _Parts:
     startup: Startup
     drift_pass: DriftPass
     handover: HostHandover
+    decisions: DecisionKeeper
 
 
 async def run(settings: Settings) -> None:

@@ -4,8 +4,10 @@ Ownership is recognised by our table names only (SPEC §11.9: Istio left rules b
 uninstall). Every network namespace that can be found is visited: those of running processes
 (the /proc scan) and those bound under the netns directories. In each, our tables are deleted, and
 our policy routing too, but only where our tables were (an identical ip rule may belong to
-Istio's iptables backend). Then the host table and the CNI plugin (conflist entry, binary,
-kubeconfig). Safe to run twice: the second run finds nothing. Not run on upgrade restarts.
+Istio's iptables backend). Then the host table and the CNI plugin (our config entry or files, the
+executable, the decision file in the agent's run dir, and a kubeconfig an older version wrote
+into the CNI conf dir). Safe to run twice: the second run finds nothing. Not run on upgrade
+restarts (the decision file is kept then: the plugin reads it while the agent is away).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class CleanupReport:
         out = [f"{netns}: removed {', '.join(items)}" for netns, items in self.pods.items()]
         out.append("host: removed table inet " + c.HOST_TABLE if self.host_table else "host: clean")
         if self.cni:
-            out.append("cni: removed plugin entry, binary and kubeconfig")
+            out.append("cni: removed plugin config, executable and decision file")
         return out
 
 
@@ -61,6 +63,14 @@ def _remove_if_ours() -> list[str]:
     return remove_here() if ours else []
 
 
+def _remove(path: Path) -> bool:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 async def cleanup(
     runner: NetnsRunner,
     *,
@@ -68,12 +78,15 @@ async def cleanup(
     proc_root: str = c.PROC_ROOT,
     netns_dirs: Iterable[str] = c.NETNS_DIRS,
     installer: CniInstaller | None = None,
+    decision_file: Path | None = None,
 ) -> CleanupReport:
     report = CleanupReport()
     if installer is not None:
         # First, so that no new pod is sent to an agent that is going away.
         report.cni = installer.binary_path.exists()
         await asyncio.to_thread(installer.uninstall)
+    if decision_file is not None and await asyncio.to_thread(_remove, decision_file):
+        report.cni = True
     paths = candidate_netns(proc_root=proc_root, netns_dirs=netns_dirs, host_netns=host_netns)
     for path in paths:
         with contextlib.suppress(NetnsNotFoundError):  # the process exited meanwhile

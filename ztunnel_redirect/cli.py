@@ -138,6 +138,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean.add_argument("--cni-bin-dir", default=constants.CNI_BIN_DIR, metavar="DIR")
     clean.add_argument("--cni-conf-dir", default=constants.CNI_CONF_DIR, metavar="DIR")
+    clean.add_argument(
+        "--istio-owned-cni-conf-filename",
+        default=constants.CNI_OWNED_CONF_NAME,
+        metavar="FILE",
+        help="the agent's own copy of the primary config, removed if it holds our entry",
+    )
+    clean.add_argument(
+        "--run-dir",
+        default=constants.CNI_AGENT_RUN_DIR,
+        metavar="DIR",
+        help="the agent's run dir, whose CNI decision file is removed",
+    )
     clean.add_argument("--cni", action=argparse.BooleanOptionalAction, default=True)
 
     agent_parser = commands.add_parser(
@@ -211,7 +223,13 @@ def _in_kernel(
 
 async def _cleanup(args: argparse.Namespace) -> int:
     installer = (
-        CniInstaller(bin_dir=args.cni_bin_dir, conf_dir=args.cni_conf_dir) if args.cni else None
+        CniInstaller(
+            bin_dir=args.cni_bin_dir,
+            conf_dir=args.cni_conf_dir,
+            owned_conf_name=args.istio_owned_cni_conf_filename,
+        )
+        if args.cni
+        else None
     )
     with NetnsRunner(workers=2) as runner:
         await runner.run(None, probe)
@@ -221,6 +239,7 @@ async def _cleanup(args: argparse.Namespace) -> int:
             proc_root=args.proc_root,
             netns_dirs=args.netns_dir or constants.NETNS_DIRS,
             installer=installer,
+            decision_file=Path(args.run_dir) / constants.DECISION_FILE if args.cni else None,
         )
     for line in report.lines():
         print(line)

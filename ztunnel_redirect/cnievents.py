@@ -1,7 +1,8 @@
 """The agent's end of the CNI plugin: HTTP on a Unix socket taking `POST /cmdadd` (SPEC §8).
 
-The plugin (`cni_plugin.py`) posts one event per new pod sandbox and waits at most 5 s for the
-answer; the runtime fails the sandbox on anything but 200 and retries it later. So:
+The plugin (cniplugin/, a static executable) posts one event per new pod sandbox and waits at
+most 5 s for the answer; the runtime fails the sandbox on anything but 200 and retries it later.
+So:
 
 - 200: `on_add` returned: the pod is redirected (or the reconciler decided it is not for the mesh).
 - 400: the payload is wrong (the reason is the body); `on_add` is not called. This includes a

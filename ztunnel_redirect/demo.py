@@ -32,6 +32,7 @@ from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     AgentWaitError,
     CniRuntime,
+    built_plugin,
     connect_ztunnel,
     prev_result,
     standin_of,
@@ -186,7 +187,7 @@ async def _enrolled_story(scene: _Scene, a: NodePod, b: NodePod) -> None:
 
     say.step("pod c is created the way a container runtime does it: the CNI plugin")
     c_pod = await asyncio.to_thread(node.add_pod, "c", NAMESPACE, ips=False)
-    runtime = CniRuntime.for_node(node, work / "bin")
+    runtime = CniRuntime.for_node(node, work / "bin", await asyncio.to_thread(built_plugin))
     runtime.install()
     outcome = await runtime.add(c_pod)
     if outcome.rc != 0:

@@ -143,22 +143,14 @@ class CniInstallResult(enum.Enum):
     CREATE_CNI_CONFIG_FAILURE = "CREATE_CNI_CONFIG_FAILURE"
 
     @classmethod
-    def of(
-        cls, error: BaseException, *, bin_dir: str, kubeconfig: str, service_account_dir: str
-    ) -> CniInstallResult:
+    def of(cls, error: BaseException, *, bin_dir: str) -> CniInstallResult:
         """The install step that `error` failed, by the file it names: the plugin binary's
-        directory, the service account's, the plugin's kubeconfig; anything else (an unusable
-        primary config, one that kept changing, a write in the config directory) is the config."""
+        directory; anything else (an unusable primary config, one that kept changing, a write in
+        the config directory) is the config. The agent writes no kubeconfig and reads no service
+        account for the plugin, so Istio's two results for those never occur."""
         filename = getattr(error, "filename", None)
-        if isinstance(filename, str):
-            if filename == kubeconfig:
-                return cls.CREATE_KUBECONFIG_FAILURE
-            for directory, result in (
-                (bin_dir, cls.COPY_BINARIES_FAILURE),
-                (service_account_dir, cls.READ_SERVICE_ACCOUNT_FAILURE),
-            ):
-                if filename.startswith(directory.rstrip("/") + "/"):
-                    return result
+        if isinstance(filename, str) and filename.startswith(bin_dir.rstrip("/") + "/"):
+            return cls.COPY_BINARIES_FAILURE
         return cls.CREATE_CNI_CONFIG_FAILURE
 
 
@@ -395,6 +387,8 @@ class Readiness:
         details: Callable[[], Mapping[str, object]] = _no_details,
     ) -> None:
         self._done: dict[str, bool] = dict.fromkeys((str(c) for c in conditions), False)
+        self._why: dict[str, str] = {}
+        """Why a pending condition cannot be met yet, where the agent knows (shown by /readyz)."""
         self._details = details
         self._ready = asyncio.Event()
         if not self._done:
@@ -412,6 +406,7 @@ class Readiness:
         if self._done[name]:
             return
         self._done[name] = True
+        self._why.pop(name, None)
         log.info("readiness_condition_done", condition=name)
         if all(self._done.values()):
             self._ready.set()
@@ -425,6 +420,17 @@ class Readiness:
         self._done[name] = False
         self._ready.clear()
         log.warning("readiness_condition_lost", condition=name)
+
+    def blocked(self, condition: str, reason: str) -> None:
+        """`condition` is pending for `reason` (e.g. the CNI plugin cannot run on this host),
+        until it is done."""
+        name = self._check(condition)
+        if not self._done[name]:
+            self._why[name] = reason
+
+    def reason(self, condition: str) -> str | None:
+        """Why `condition` is pending, if the agent said."""
+        return self._why.get(self._check(condition))
 
     @property
     def ready(self) -> bool:
@@ -551,7 +557,10 @@ class OpsServer:
         pending = self._readiness.pending()
         if not pending:
             return web.Response(text="ready\n")
-        body = "not ready, pending:\n" + "".join(f"{name}\n" for name in pending)
+        body = "not ready, pending:\n" + "".join(
+            f"{name}: {why}\n" if (why := self._readiness.reason(name)) else f"{name}\n"
+            for name in pending
+        )
         return web.Response(status=503, text=body)
 
     async def _scrape(self, request: web.Request) -> web.Response:

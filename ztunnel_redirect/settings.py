@@ -108,6 +108,16 @@ def _check_abs_list(values: tuple[str, ...]) -> str | None:
     return None
 
 
+def _check_conf_name(value: str) -> str | None:
+    if not value.endswith((".conf", ".conflist")) or "/" in value or value.startswith("."):
+        return f"must be a file name ending in .conf or .conflist, not {value!r}"
+    return None
+
+
+def _check_optional_conf_name(value: str | None) -> str | None:
+    return None if value is None else _check_conf_name(value)
+
+
 def _check_optional_path(value: str | None) -> str | None:
     return "must not be empty" if value == "" else None
 
@@ -463,7 +473,59 @@ class Settings:
         metadata=_setting(
             "--install-cni",
             "INSTALL_CNI",
-            "Install and maintain the CNI plugin binary, its kubeconfig and its config entry.",
+            "Install and maintain the CNI plugin executable and its CNI config.",
+        ),
+    )
+    cni_plugin_binary: str = field(
+        default=constants.CNI_PLUGIN_SOURCE,
+        metadata=_setting(
+            "--cni-plugin-binary",
+            "CNI_PLUGIN_BINARY",
+            "The CNI plugin executable to install (copied into the CNI bin dir; it must answer "
+            "VERSION there before any CNI config names it).",
+            check=_check_abs,
+            metavar="PATH",
+        ),
+    )
+    cni_conf_name: str | None = field(
+        default=None,
+        metadata=_setting(
+            "--cni-conf-name",
+            "CNI_CONF_NAME",
+            "Chained: the primary CNI config file to add our entry to (x.conf and x.conflist "
+            "stand in for each other). Not chained: the name of our own config.",
+            check=_check_optional_conf_name,
+            metavar="FILE",
+            default_text="chained, the first config file by name; not chained, "
+            + constants.CNI_STANDALONE_CONF_NAME,
+        ),
+    )
+    chained_cni_plugin: bool = field(
+        default=True,
+        metadata=_setting(
+            "--chained-cni-plugin",
+            "CHAINED_CNI_PLUGIN",
+            "Chain the plugin after the primary CNI; when false, write a standalone config of "
+            "our own instead (for setups that attach it as a network of its own, e.g. Multus).",
+        ),
+    )
+    istio_owned_cni_config: bool = field(
+        default=False,
+        metadata=_setting(
+            "--istio-owned-cni-config",
+            "ISTIO_OWNED_CNI_CONFIG",
+            "Chained: write the primary's config plus our entry into a file of our own that "
+            "sorts first, and leave the primary's file untouched.",
+        ),
+    )
+    istio_owned_cni_conf_filename: str = field(
+        default=constants.CNI_OWNED_CONF_NAME,
+        metadata=_setting(
+            "--istio-owned-cni-conf-filename",
+            "ISTIO_OWNED_CNI_CONF_FILENAME",
+            "The file of our own with --istio-owned-cni-config.",
+            check=_check_conf_name,
+            metavar="FILE",
         ),
     )
     allowed_netns_dirs: tuple[str, ...] = field(
@@ -484,6 +546,11 @@ class Settings:
             problem = option.setting.check(value)
             if problem is not None:
                 raise ConfigError(f"{option.setting.names()} {problem}.")
+        if self.istio_owned_cni_config and not self.chained_cni_plugin:
+            raise ConfigError(
+                "ISTIO_OWNED_CNI_CONFIG (--istio-owned-cni-config) needs a chained plugin: "
+                "CHAINED_CNI_PLUGIN (--chained-cni-plugin) is false."
+            )
         if self.readiness_port == self.metrics_port and self.readiness_port != 0:
             raise ConfigError(
                 f"The readiness port and the metrics port are both {self.readiness_port}; "
@@ -494,6 +561,11 @@ class Settings:
     def plugin_event_socket(self) -> str:
         """Where the CNI plugin posts its events (SPEC §8)."""
         return posixpath.join(self.run_dir, constants.PLUGIN_EVENT_SOCKET)
+
+    @property
+    def decision_file(self) -> str:
+        """The CNI plugin's decision file, next to its event socket (cniplugin/README.md)."""
+        return posixpath.join(self.run_dir, constants.DECISION_FILE)
 
     @property
     def agent_namespace(self) -> str:

@@ -9,8 +9,9 @@ condition under a timeout, never by sleeping, and a wait fails at once, with the
 the agent exits. `stop()` sends SIGTERM (the agent leaves its rules in place) and kills after a
 timeout; it is idempotent.
 
-`CniRuntime` installs the plugin file into a CNI bin dir and runs it with the `CNI_*` environment
-and a network config carrying `prevResult` (`prev_result`) on stdin.
+`CniRuntime` installs the plugin executable (built by `make cni-plugin`: `built_plugin()`) into a
+CNI bin dir and runs it as a container runtime does: directly, with the `CNI_*` environment and a
+network config carrying `prevResult` (`prev_result`) on stdin.
 
 The small helpers below them are what every driver of the agent observes it through: the status
 annotation in the API, the ztunnel stand-in of a pod, a connected fake ztunnel, /metrics samples.
@@ -25,7 +26,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +35,6 @@ from typing import Any, Final
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztunnel_redirect import cni_plugin
 from ztunnel_redirect import constants as c
 from ztunnel_redirect.errors import RedirectError
 from ztunnel_redirect.model import PodUid
@@ -52,6 +51,7 @@ __all__ = [
     "Event",
     "PluginRun",
     "Samples",
+    "built_plugin",
     "connect_ztunnel",
     "metric",
     "prev_result",
@@ -75,8 +75,11 @@ PLUGIN_TIMEOUT: Final = 15.0
 MAX_LINE: Final = 1 << 20
 TICKS_PER_SECOND: Final = os.sysconf("SC_CLK_TCK")
 
-PLUGIN: Final = Path(cni_plugin.__file__)
 PLUGIN_NAME: Final = "ztunnel-redirect-cni"
+REPO: Final = Path(__file__).resolve().parents[2]
+BUILT_PLUGIN: Final = REPO / "build" / "cni" / PLUGIN_NAME
+"""Where `make cni-plugin` puts the executable."""
+BUILD_TIMEOUT: Final = 300.0
 
 
 class AgentWaitError(RedirectError):
@@ -449,28 +452,43 @@ def prev_result(pod: NodePod) -> dict[str, Any]:
     }
 
 
+def built_plugin() -> Path:
+    """The plugin executable, (re)built by `make cni-plugin` (Go's cache makes a rebuild of
+    unchanged sources quick); fails when Go is missing."""
+    if shutil.which("go") is None:
+        raise RuntimeError("go is not installed: run `make system-packages`")
+    subprocess.run(
+        ["make", "-s", "--no-print-directory", "cni-plugin", f"CNI_PLUGIN={BUILT_PLUGIN}"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=BUILD_TIMEOUT,
+    )
+    return BUILT_PLUGIN
+
+
 @dataclass
 class CniRuntime:
-    """Runs the installed plugin file (`bin_dir/ztunnel-redirect-cni`) as a container runtime."""
+    """Runs the installed plugin (`bin_dir/ztunnel-redirect-cni`) as a container runtime."""
 
     bin_dir: Path
     event_socket: str
-    kubeconfig: Path
+    source: Path = BUILT_PLUGIN
     runs: list[PluginRun] = field(default_factory=list)
 
     @classmethod
-    def for_node(cls, node: TestNode, bin_dir: Path) -> CniRuntime:
+    def for_node(cls, node: TestNode, bin_dir: Path, source: Path = BUILT_PLUGIN) -> CniRuntime:
         """The runtime of `node`: the agent's event socket in the node's run dir."""
-        return cls(bin_dir, str(Path(node.run_dir) / c.PLUGIN_EVENT_SOCKET), node.kubeconfig)
+        return cls(bin_dir, str(Path(node.run_dir) / c.PLUGIN_EVENT_SOCKET), source)
 
     @property
     def plugin(self) -> Path:
         return self.bin_dir / PLUGIN_NAME
 
     def install(self) -> None:
-        """As the installer does: the plugin file copied into the CNI bin dir, executable."""
+        """As the installer does: the executable copied into the CNI bin dir, mode 0755."""
         self.bin_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(PLUGIN, self.plugin)
+        shutil.copyfile(self.source, self.plugin)
         self.plugin.chmod(0o755)
 
     def conf(self, pod: NodePod) -> dict[str, Any]:
@@ -479,17 +497,26 @@ class CniRuntime:
             "name": "lab",
             "type": PLUGIN_NAME,
             "plugin_event_socket": self.event_socket,
-            "kubeconfig": str(self.kubeconfig),
             "prevResult": prev_result(pod),
         }
 
-    async def run(self, command: str, pod: NodePod, *, stdin: bytes | None = None) -> PluginRun:
-        """One run of the plugin for `pod` (`stdin`: these bytes instead of its network config)."""
+    async def run(
+        self,
+        command: str,
+        pod: NodePod,
+        *,
+        stdin: bytes | None = None,
+        netns: str | None = None,
+        argv: Sequence[str] = (),
+    ) -> PluginRun:
+        """One run of the plugin for `pod` (`stdin`: these bytes instead of its network config;
+        `netns`: this `CNI_NETNS` instead of the pod's; `argv`: run this instead of the plugin,
+        e.g. the plugin in a chroot)."""
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "CNI_COMMAND": command,
             "CNI_CONTAINERID": pod.uid.replace("-", "") + "0" * 32,
-            "CNI_NETNS": pod.path,
+            "CNI_NETNS": netns or pod.path,
             "CNI_IFNAME": "eth0",
             "CNI_ARGS": (
                 f"IgnoreUnknown=1;K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name};"
@@ -500,9 +527,7 @@ class CniRuntime:
         data = json.dumps(self.conf(pod)).encode() if stdin is None else stdin
         started = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-I",
-            str(self.plugin),
+            *(argv or (str(self.plugin),)),
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
