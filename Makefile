@@ -50,7 +50,7 @@ test: setup system-packages lint
 	$(BIN)/pytest
 
 demo: setup system-packages
-	$(BIN)/python -m ztunnel_redirect.demo
+	$(BIN)/python -m ztunnel_redirect.app.demo
 
 # Rule-install latency and reconcile cost, ours vs Istio's method, in one run (minutes; as root).
 bench: setup system-packages
@@ -67,8 +67,9 @@ image: system-packages
 # Regenerates the protobuf code (ZDS; the CRI subset the containerd test speaks) from the .proto
 # files kept in the repo.
 proto: setup
-	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect --python_out=ztunnel_redirect \
-		--pyi_out=ztunnel_redirect ztunnel_redirect/zds.proto
+	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect/adapters \
+		--python_out=ztunnel_redirect/adapters \
+		--pyi_out=ztunnel_redirect/adapters ztunnel_redirect/adapters/zds.proto
 	$(BIN)/python -m grpc_tools.protoc -I ztunnel_redirect/testing \
 		--python_out=ztunnel_redirect/testing --pyi_out=ztunnel_redirect/testing \
 		ztunnel_redirect/testing/cri.proto

@@ -59,18 +59,18 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 from bench.methods import flush_host_here, flush_nat_here, nft_genid_here
 from bench.pods import PodFactory, evenly
 from bench.summary import Latency
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.errors import RedirectError
-from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netlink import (
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.errors import RedirectError
+from ztunnel_redirect.core.model import PodOptions
+from ztunnel_redirect.kernel.netlink import (
     NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_EXCL,
     NLM_F_REQUEST,
     pyroute2_bytes,
 )
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.routing import Rtnl
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.routing import Rtnl
 from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     CniRuntime,
@@ -700,8 +700,8 @@ IMPORT_ORDER: Final = (
     "google.protobuf",
     "pyroute2",
     "kubernetes_asyncio",
-    "ztunnel_redirect.agent",
-    "ztunnel_redirect.cli",
+    "ztunnel_redirect.app.agent",
+    "ztunnel_redirect.app.cli",
 )
 _RSS_OF_IMPORTS: Final = """
 import importlib, json, sys

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from ztunnel_redirect.cniinstall import CniInstaller, CniKeeper
+from ztunnel_redirect.adapters.cniinstall import CniInstaller, CniKeeper
 from ztunnel_redirect.testing.agentprocess import built_plugin
 
 PRIMARY: Final = {

@@ -13,8 +13,8 @@ comparison isolates how the rules are installed.
   by listing the tables (`tables_first_check_here`), each timed on the worker.
 - baseline, Istio's method: one `nft -f -` process per pod fed `pod_ruleset(options).script()`.
   The child is spawned from the worker thread with `subprocess.run`, so it inherits the thread's
-  netns (SPEC §12 trap 5: asyncio's subprocess on the loop thread would not). Its routing is done
-  by our code, so only the rule install differs.
+  netns (docs/design.md §12.5: asyncio's subprocess on the loop thread would not). Its routing is
+  done by our code, so only the rule install differs.
 """
 
 from __future__ import annotations
@@ -26,15 +26,20 @@ from enum import Enum
 from pathlib import Path
 from typing import Final
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect import routing
-from ztunnel_redirect.batchreplay import Recordings
-from ztunnel_redirect.drift import Drift
-from ztunnel_redirect.dumpproof import ExpectedDumps
-from ztunnel_redirect.errors import KernelError
-from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.podrules import KernelForms, PodState, sync_routing_here, sync_tables_here
-from ztunnel_redirect.render import Ruleset
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import Drift
+from ztunnel_redirect.core.errors import KernelError
+from ztunnel_redirect.core.render import Ruleset
+from ztunnel_redirect.kernel import routing
+from ztunnel_redirect.kernel.batchreplay import Recordings
+from ztunnel_redirect.kernel.dumpproof import ExpectedDumps
+from ztunnel_redirect.kernel.nft import Nft, generation
+from ztunnel_redirect.kernel.podrules import (
+    KernelForms,
+    PodState,
+    sync_routing_here,
+    sync_tables_here,
+)
 
 NFT_TIMEOUT: Final = 10.0
 """Bound on one `nft` child; a pod install takes milliseconds."""

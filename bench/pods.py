@@ -2,8 +2,8 @@
 
 Installing a pod's rules needs only a netns (no veth, no address). `ip netns add` plus
 `ip -n X link set lo up` costs two processes per pod, and `ip -n` slows down as namespaces are
-added (SPEC §12); thousands of pods per run are made here instead, the way `ip netns add` does it:
-a `NetnsRunner` worker enters a new netns (`entered_scratch`), bind-mounts it on
+added (docs/design.md §12.8); thousands of pods per run are made here instead, the way `ip netns
+add` does it: a `NetnsRunner` worker enters a new netns (`entered_scratch`), bind-mounts it on
 `/run/netns/<name>` so it outlives the visit, and sets `lo` up with one rtnetlink message.
 
 Names start with the lab prefix (`zr-`), so `netnslab.leftovers()` and `ip netns list` show them.
@@ -23,8 +23,8 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.rtnl import RTM_NEWLINK
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.routing import Rtnl
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.routing import Rtnl
 from ztunnel_redirect.testing.netnslab import PREFIX, Netns
 
 T = TypeVar("T")

@@ -69,11 +69,11 @@ from bench.methods import (
 from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, evenly, remove_leftovers
 from bench.steps import apply_steps_here, check_steps_here
 from bench.summary import Latency, Phase, merge
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.drift import Drift
-from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.podrules import (
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import Drift
+from ztunnel_redirect.core.model import PodOptions
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.podrules import (
     KernelForms,
     Outcome,
     PodRules,

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from ztunnel_redirect import podrules
-from ztunnel_redirect.nft import Verified
-from ztunnel_redirect.podrules import KernelForms, Outcome, PodState
+from ztunnel_redirect.kernel import podrules
+from ztunnel_redirect.kernel.nft import Verified
+from ztunnel_redirect.kernel.podrules import KernelForms, Outcome, PodState
 
 
 class StepClock:

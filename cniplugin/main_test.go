@@ -328,7 +328,7 @@ type panicReader struct{}
 func (panicReader) Read([]byte) (int, error) { panic(errors.New("boom")) }
 
 func TestConfigDefaults(t *testing.T) {
-	// Copies of ztunnel_redirect/constants.py: CNI_AGENT_RUN_DIR/PLUGIN_EVENT_SOCKET and
+	// Copies of ztunnel_redirect/core/constants.py: CNI_AGENT_RUN_DIR/PLUGIN_EVENT_SOCKET and
 	// EXCLUDE_NAMESPACES (tests/test_cni_plugin_binary.py checks the latter against the package).
 	conf, err := parseNetConf(map[string]json.RawMessage{"cniVersion": json.RawMessage(`"1.0.0"`)})
 	if err != nil {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeReconciler
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.testing.netnslab import Lab
 
 

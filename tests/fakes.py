@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from ztunnel_redirect.errors import RetryableError
-from ztunnel_redirect.model import CniAddEvent, Pod, PodUid
-from ztunnel_redirect.netns import NetnsId
+from ztunnel_redirect.core.errors import RetryableError
+from ztunnel_redirect.core.model import CniAddEvent, Pod, PodUid
+from ztunnel_redirect.kernel.netns import NetnsId
 
 
 class FakeReconciler:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.migration import Flavour
-from ztunnel_redirect.routing import Family
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.kernel.migration import Flavour
+from ztunnel_redirect.kernel.routing import Family
 from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
 
 DATA = Path(__file__).parent / "data" / "iptables"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 
-from ztunnel_redirect.model import HostOptions, PodOptions
+from ztunnel_redirect.core.model import HostOptions, PodOptions
 
 POD_MATRIX = [
     PodOptions(ipv6=v6, dns_capture=dns, bypass_inbound=bypass, virtual_interfaces=vifs)

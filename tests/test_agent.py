@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 
 from tests.istio import all_saves, install_istio_host, install_istio_pod, need, sh
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.migration import Flavour
-from ztunnel_redirect.model import PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.adapters.zds import RequestKind
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.model import PodOptions, PodUid
+from ztunnel_redirect.kernel.migration import Flavour
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.podrules import PodRules
 from ztunnel_redirect.testing.agentprocess import (
     PLUGIN_NAME,
     AgentProcess,
@@ -44,7 +45,6 @@ from ztunnel_redirect.testing.netnslab import Netns
 from ztunnel_redirect.testing.node import KUBELET_UID, NODE_NAME, NodePod, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
 from ztunnel_redirect.testing.traffic import App, request
-from ztunnel_redirect.zds import RequestKind
 
 pytestmark = pytest.mark.kernel
 
@@ -754,7 +754,8 @@ async def test_pending_pods_are_enabled_as_soon_as_ztunnel_connects(
     node.enroll_namespace(NS)
     for pod in (a, b):
         await annotated(node.api, pod, "pending")
-        assert await rules_drift(netns_runner, pod) == []  # rules first, then ztunnel (SPEC §6)
+        # Rules first, then ztunnel (docs/design.md §6).
+        assert await rules_drift(netns_runner, pod) == []
     assert host_set_elements(node) == {}
     # Let the retries back off (as while ztunnel restarts), then ztunnel comes.
     backoff = 2.0
@@ -961,7 +962,7 @@ async def test_dual_stack_pods_are_redirected_over_ipv6(
 async def pod_check(pod: NodePod) -> tuple[int, str]:
     """`ztunnel-redirect pod check` as an operator runs it (IPv6 and DNS capture by default)."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "ztunnel_redirect.cli", "pod", "check", "--netns", pod.path,
+        sys.executable, "-m", "ztunnel_redirect.app.cli", "pod", "check", "--netns", pod.path,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     try:

@@ -27,14 +27,14 @@ from tests.test_agent import (
     tables,
     wait_request,
 )
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.migration import Flavour
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.adapters.zds import RequestKind
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.kernel.migration import Flavour
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.podrules import PodRules
 from ztunnel_redirect.testing.agentprocess import AgentProcess, status_annotation
 from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode
-from ztunnel_redirect.zds import RequestKind
 
 pytestmark = pytest.mark.kernel
 

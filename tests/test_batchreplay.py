@@ -12,20 +12,25 @@ from collections.abc import Iterable
 import pytest
 
 from tests.matrix import POD_MATRIX, pod_name
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.batchreplay import BatchRejectedError, Recordings, record_here, send_batch
-from ztunnel_redirect.drift import Drift, DriftKind
-from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.nft import generation
-from ztunnel_redirect.podrules import (
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import Drift, DriftKind
+from ztunnel_redirect.core.model import PodOptions
+from ztunnel_redirect.core.render import Ruleset, pod_ruleset
+from ztunnel_redirect.kernel.batchreplay import (
+    BatchRejectedError,
+    Recordings,
+    record_here,
+    send_batch,
+)
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.nft import generation
+from ztunnel_redirect.kernel.podrules import (
     KernelForms,
     PodRules,
     PodState,
     sync_routing_here,
     sync_tables_here,
 )
-from ztunnel_redirect.render import Ruleset, pod_ruleset
 from ztunnel_redirect.testing.netnslab import Lab, Netns
 
 pytestmark = pytest.mark.kernel

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.cniinstall import LEGACY_KUBECONFIG_NAME, CniInstaller
-from ztunnel_redirect.hostrules import HostRules
-from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.adapters.cniinstall import LEGACY_KUBECONFIG_NAME, CniInstaller
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.model import HostOptions, PodOptions, PodUid
+from ztunnel_redirect.kernel.hostrules import HostRules
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.podrules import PodRules
 from ztunnel_redirect.testing.agentprocess import built_plugin
 from ztunnel_redirect.testing.netnslab import Lab
 
@@ -32,7 +32,7 @@ def run_cleanup(tmp_path: Path, lab: Lab) -> subprocess.CompletedProcess[str]:
         [
             sys.executable,
             "-m",
-            "ztunnel_redirect.cli",
+            "ztunnel_redirect.app.cli",
             "cleanup",
             "--host-netns",
             lab.node.path,

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel_redirect import cli as cli_module
-from ztunnel_redirect import logs, nft
-from ztunnel_redirect.constants import HOST_TABLE, MANGLE_TABLE, NAT_TABLE, RAW_TABLE
+from ztunnel_redirect.adapters import logs
+from ztunnel_redirect.app import cli as cli_module
+from ztunnel_redirect.core.constants import HOST_TABLE, MANGLE_TABLE, NAT_TABLE, RAW_TABLE
+from ztunnel_redirect.kernel import nft
 from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
 
 CLI = Path(sys.executable).with_name("ztunnel-redirect")

@@ -30,7 +30,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from ztunnel_redirect import constants as c
+from ztunnel_redirect.adapters.zds import RequestKind
+from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     CniRuntime,
@@ -46,7 +47,6 @@ from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind
 from ztunnel_redirect.testing.traffic import App, request
-from ztunnel_redirect.zds import RequestKind
 
 pytestmark = pytest.mark.kernel
 

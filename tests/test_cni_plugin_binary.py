@@ -24,9 +24,9 @@ import pytest
 from aiohttp import web
 
 from tests.fakes import FakeReconciler
-from ztunnel_redirect import constants
-from ztunnel_redirect.cnievents import CniAddEvent, CniEventServer
-from ztunnel_redirect.model import PodUid
+from ztunnel_redirect.adapters.cnievents import CniAddEvent, CniEventServer
+from ztunnel_redirect.core import constants
+from ztunnel_redirect.core.model import PodUid
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_NAME = "ztunnel-redirect-cni"

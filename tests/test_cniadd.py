@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import AcceptingZtunnel, Annotations, NoNetns, Unobserved
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.cniadd import CniAdd, same_pod
-from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import ConfigError, RetryableError, retryable
-from ztunnel_redirect.model import CniAddEvent, HostOptions, Namespace, Pod, PodUid
-from ztunnel_redirect.reconciler import Reconciler
-from ztunnel_redirect.records import PodRecords
-from ztunnel_redirect.store import ClusterStore
+from ztunnel_redirect.control.cniadd import CniAdd, same_pod
+from ztunnel_redirect.control.reconciler import Reconciler
+from ztunnel_redirect.control.records import PodRecords
+from ztunnel_redirect.control.store import ClusterStore
+from ztunnel_redirect.control.workqueue import FakeClock, KeyedQueue
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.enrollment import EnrollmentPolicy
+from ztunnel_redirect.core.errors import ConfigError, RetryableError, retryable
+from ztunnel_redirect.core.model import CniAddEvent, HostOptions, Namespace, Pod, PodUid
 from ztunnel_redirect.testing.fakekernel import FakeKernel
-from ztunnel_redirect.workqueue import FakeClock, KeyedQueue
 
 NS = "demo"
 UID = PodUid("u-1")

@@ -16,13 +16,13 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.fakes import FakeReconciler
-from ztunnel_redirect.cnievents import (
+from ztunnel_redirect.adapters.cnievents import (
     CniAddEvent,
     CniEventServer,
     InvalidCniEventError,
     parse_add_event,
 )
-from ztunnel_redirect.errors import ConfigError, RedirectError
+from ztunnel_redirect.core.errors import ConfigError, RedirectError
 from ztunnel_redirect.testing.netnslab import Lab
 
 GOOD: dict[str, Any] = {

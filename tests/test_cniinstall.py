@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import structlog
 
-from ztunnel_redirect import cnievents, constants
-from ztunnel_redirect.cniinstall import (
+from ztunnel_redirect.adapters import cnievents
+from ztunnel_redirect.adapters.cniinstall import (
     LEGACY_KUBECONFIG_NAME,
     CniConfigError,
     CniInstaller,
@@ -25,7 +25,8 @@ from ztunnel_redirect.cniinstall import (
     NoPrimaryConfigError,
     PluginUnusableError,
 )
-from ztunnel_redirect.errors import ConfigError, RetryableError
+from ztunnel_redirect.core import constants
+from ztunnel_redirect.core.errors import ConfigError, RetryableError
 from ztunnel_redirect.testing.agentprocess import built_plugin
 
 DATA = Path(__file__).parent / "data" / "cni"

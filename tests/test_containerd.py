@@ -29,8 +29,9 @@ from typing import Any, Final
 import grpc
 import pytest
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.model import PodUid
+from ztunnel_redirect.adapters.zds import RequestKind
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.model import PodUid
 from ztunnel_redirect.testing import containerd as ctd
 from ztunnel_redirect.testing.agentprocess import AgentProcess, built_plugin, connect_ztunnel
 from ztunnel_redirect.testing.apiserver import ApiServer
@@ -40,7 +41,6 @@ from ztunnel_redirect.testing.netnslab import Netns
 from ztunnel_redirect.testing.node import NODE_NAME, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
 from ztunnel_redirect.testing.traffic import App, request
-from ztunnel_redirect.zds import RequestKind
 
 pytestmark = [
     pytest.mark.kernel,

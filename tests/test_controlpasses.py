@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import AcceptingZtunnel, Annotations, Unobserved
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.driftpass import DriftPass
-from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.hosthandover import HostHandover
-from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodUid
-from ztunnel_redirect.reconciler import HOST_KEY, Reconciler
-from ztunnel_redirect.records import ENABLED, Phase, PodRecords
-from ztunnel_redirect.startup import Startup
-from ztunnel_redirect.store import ClusterStore
+from ztunnel_redirect.control.driftpass import DriftPass
+from ztunnel_redirect.control.hosthandover import HostHandover
+from ztunnel_redirect.control.reconciler import HOST_KEY, Reconciler
+from ztunnel_redirect.control.records import ENABLED, Phase, PodRecords
+from ztunnel_redirect.control.startup import Startup
+from ztunnel_redirect.control.store import ClusterStore
+from ztunnel_redirect.control.workqueue import FakeClock, KeyedQueue
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.enrollment import EnrollmentPolicy
+from ztunnel_redirect.core.model import HostOptions, Namespace, Pod, PodUid
 from ztunnel_redirect.testing.fakekernel import FakeKernel
-from ztunnel_redirect.workqueue import FakeClock, KeyedQueue
 
 UID = PodUid("u-1")
 IP = "10.0.0.7"

@@ -11,16 +11,16 @@ from typing import Any
 
 import pytest
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.decisions import (
+from ztunnel_redirect.adapters.decisions import (
     AgentPods,
     DecisionFile,
     DecisionKeeper,
     agent_pods_of,
     render,
 )
-from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.model import Namespace, Pod, PodUid
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.enrollment import EnrollmentPolicy
+from ztunnel_redirect.core.model import Namespace, Pod, PodUid
 
 NODE = "node-1"
 POLICY = EnrollmentPolicy(node_name=NODE)

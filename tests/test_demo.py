@@ -1,4 +1,4 @@
-"""`make demo` (`python -m ztunnel_redirect.demo`) runs to the end on this machine, says what
+"""`make demo` (`python -m ztunnel_redirect.app.demo`) runs to the end on this machine, says what
 happened, and leaves none of its network namespaces behind."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEMO_TIMEOUT = 90.0
 def test_demo_runs_explains_and_cleans_up() -> None:
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "ztunnel_redirect.demo"],
+            [sys.executable, "-m", "ztunnel_redirect.app.demo"],
             capture_output=True,
             text=True,
             timeout=DEMO_TIMEOUT,
@@ -65,7 +65,7 @@ async def test_demo_interrupted_mid_way_removes_what_it_created() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "ztunnel_redirect.demo",
+        "ztunnel_redirect.app.demo",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

@@ -29,7 +29,9 @@ import pytest
 import yaml
 from kubernetes_asyncio.client import CoreV1Api
 
-from ztunnel_redirect import cli, constants, decisions, enrollment, labelselector, settings
+from ztunnel_redirect.adapters import decisions
+from ztunnel_redirect.app import cli
+from ztunnel_redirect.core import constants, enrollment, labelselector, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -16,15 +16,20 @@ from dataclasses import dataclass
 import pytest
 
 from tests.matrix import POD_MATRIX, pod_name
-from ztunnel_redirect import constants as c
-from ztunnel_redirect import podrules
-from ztunnel_redirect.drift import DriftKind, TableListing
-from ztunnel_redirect.dumpproof import DumpInconsistentError, ExpectedDumps, dump_here, provable
-from ztunnel_redirect.model import HostOptions, PodOptions
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.podrules import KernelForms, PodRules, PodState, sync_tables_here
-from ztunnel_redirect.render import host_ruleset, pod_ruleset
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import DriftKind, TableListing
+from ztunnel_redirect.core.model import HostOptions, PodOptions
+from ztunnel_redirect.core.render import host_ruleset, pod_ruleset
+from ztunnel_redirect.kernel import podrules
+from ztunnel_redirect.kernel.dumpproof import (
+    DumpInconsistentError,
+    ExpectedDumps,
+    dump_here,
+    provable,
+)
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.nft import Nft, generation
+from ztunnel_redirect.kernel.podrules import KernelForms, PodRules, PodState, sync_tables_here
 from ztunnel_redirect.testing.netnslab import Lab, Netns
 
 pytestmark = pytest.mark.kernel

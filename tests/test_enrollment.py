@@ -1,5 +1,5 @@
-"""Enrollment rules (SPEC §5) and per-pod options (SPEC §2), table-driven; the rules with the
-default enablement selectors and with custom ones."""
+"""Enrollment rules (docs/design.md §5) and per-pod options (docs/design.md §2), table-driven; the
+rules with the default enablement selectors and with custom ones."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from collections.abc import Mapping
 
 import pytest
 
-from ztunnel_redirect import constants
-from ztunnel_redirect.enrollment import (
+from ztunnel_redirect.core import constants
+from ztunnel_redirect.core.enrollment import (
     Decision,
     EnrollmentPolicy,
     Reason,
     parse_bool,
 )
-from ztunnel_redirect.labelselector import EnablementSelector, parse_enablement_selectors
-from ztunnel_redirect.model import Namespace, Pod, PodOptions, PodUid, valid_interface_name
+from ztunnel_redirect.core.labelselector import EnablementSelector, parse_enablement_selectors
+from ztunnel_redirect.core.model import Namespace, Pod, PodOptions, PodUid, valid_interface_name
 
 NODE = "node-a"
 AMBIENT = {constants.ENROLL_LABEL: constants.ENROLL_VALUE}

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import AcceptingZtunnel, Annotations, Unobserved
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import KernelError
-from ztunnel_redirect.hosthandover import HostHandover
-from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodUid
-from ztunnel_redirect.reconciler import Reconciler
-from ztunnel_redirect.records import PodRecords
-from ztunnel_redirect.store import ClusterStore
+from ztunnel_redirect.control.hosthandover import HostHandover
+from ztunnel_redirect.control.reconciler import Reconciler
+from ztunnel_redirect.control.records import PodRecords
+from ztunnel_redirect.control.store import ClusterStore
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.enrollment import EnrollmentPolicy
+from ztunnel_redirect.core.errors import KernelError
+from ztunnel_redirect.core.model import HostOptions, Namespace, Pod, PodUid
 from ztunnel_redirect.testing.fakekernel import FakeKernel, Hold
 
 UID = PodUid("u-1")

@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect import hostrules, podrules
-from ztunnel_redirect.drift import DriftKind, TableListing
-from ztunnel_redirect.errors import ConfigError, NotFoundError
-from ztunnel_redirect.hostrules import HostRules
-from ztunnel_redirect.model import HostOptions, PodUid
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.nft import generation
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import DriftKind, TableListing
+from ztunnel_redirect.core.errors import ConfigError, NotFoundError
+from ztunnel_redirect.core.model import HostOptions, PodUid
+from ztunnel_redirect.kernel import hostrules, podrules
+from ztunnel_redirect.kernel.hostrules import HostRules
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.nft import generation
 from ztunnel_redirect.testing.netnslab import Lab
 
 pytestmark = pytest.mark.kernel

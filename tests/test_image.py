@@ -28,7 +28,8 @@ from typing import Any, Final
 import pytest
 import yaml
 
-from ztunnel_redirect import constants as c
+from ztunnel_redirect.adapters.zds import RequestKind
+from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.testing.agentprocess import (
     PLUGIN_NAME,
     AgentProcess,
@@ -40,7 +41,6 @@ from ztunnel_redirect.testing.netnslab import Netns
 from ztunnel_redirect.testing.node import TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind
 from ztunnel_redirect.testing.traffic import App, request
-from ztunnel_redirect.zds import RequestKind
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT: Final = 1200.0
@@ -127,8 +127,8 @@ def test_the_image_holds_what_the_agent_runs_and_nothing_else(image: str) -> Non
         image,
         "python",
         "-c",
-        "import importlib.util as u, ctypes.util as cu, ztunnel_redirect.cli;"
-        "unused = ('pip', 'setuptools', 'ztunnel_redirect.testing', 'ztunnel_redirect.demo');"
+        "import importlib.util as u, ctypes.util as cu, ztunnel_redirect.app.cli;"
+        "unused = ('pip', 'setuptools', 'ztunnel_redirect.testing', 'ztunnel_redirect.app.demo');"
         "print([m for m in unused if u.find_spec(m)], cu.find_library('nftables'))",
     )
     assert found.split() == ["[]", "libnftables.so.1"]

@@ -15,9 +15,7 @@ import pytest
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import watch as k8s_watch
 
-from ztunnel_redirect import constants
-from ztunnel_redirect.errors import ConfigError, RetryableError
-from ztunnel_redirect.kube import (
+from ztunnel_redirect.adapters.kube import (
     KubeApiError,
     KubeClient,
     KubeRequestError,
@@ -26,9 +24,11 @@ from ztunnel_redirect.kube import (
     namespace_from_api,
     pod_from_api,
 )
-from ztunnel_redirect.model import Namespace, Pod
+from ztunnel_redirect.control.workqueue import Backoff
+from ztunnel_redirect.core import constants
+from ztunnel_redirect.core.errors import ConfigError, RetryableError
+from ztunnel_redirect.core.model import Namespace, Pod
 from ztunnel_redirect.testing.apiserver import ApiServer, kubeconfig
-from ztunnel_redirect.workqueue import Backoff
 
 TIMEOUT = 5.0
 NODE = "node-1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from ztunnel_redirect.labelselector import (
+from ztunnel_redirect.core.labelselector import (
     DEFAULT_ENABLEMENT_SELECTORS,
     EnablementSelector,
     LabelSelector,

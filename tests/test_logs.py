@@ -14,8 +14,8 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from ztunnel_redirect import logs
-from ztunnel_redirect.errors import ConfigError
+from ztunnel_redirect.adapters import logs
+from ztunnel_redirect.core.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)

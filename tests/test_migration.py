@@ -27,11 +27,12 @@ from tests.istio import (
     restore,
     sh,
 )
-from ztunnel_redirect import constants as c
-from ztunnel_redirect import hostrules
-from ztunnel_redirect.drift import Drift
-from ztunnel_redirect.errors import NetnsNotFoundError
-from ztunnel_redirect.migration import (
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import Drift
+from ztunnel_redirect.core.errors import NetnsNotFoundError
+from ztunnel_redirect.core.model import HostOptions, PodOptions, PodUid
+from ztunnel_redirect.kernel import hostrules
+from ztunnel_redirect.kernel.migration import (
     Flavour,
     IptablesMigration,
     IstioIptables,
@@ -43,10 +44,9 @@ from ztunnel_redirect.migration import (
     remove_host_iptables_here,
     remove_pod_iptables_here,
 )
-from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsRunner, netns_id
-from ztunnel_redirect.podrules import KernelForms, PodState
-from ztunnel_redirect.routing import Family
+from ztunnel_redirect.kernel.netns import NetnsRunner, netns_id
+from ztunnel_redirect.kernel.podrules import KernelForms, PodState
+from ztunnel_redirect.kernel.routing import Family
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
 from ztunnel_redirect.testing.traffic import App, request
@@ -255,7 +255,8 @@ def test_removal_takes_exactly_istios_chains_and_jumps(
     need(flavour)
     pod = lab.add_pod("istio")
     install_istio_pod(pod, flavour)
-    # Someone else's rules, and a jump Istio wrote twice (its flipping detection, SPEC §11.2).
+    # Someone else's rules, and a jump Istio wrote twice (its flipping detection, docs/design.md
+    # §11.2).
     restore(pod.path, flavour, Family.V4, FOREIGN_V4)
     routing_before = pod.netns.ip("rule") + pod.netns.ip("route", "show", "table", "100")
 

@@ -15,10 +15,10 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztunnel_redirect.drift import DriftKind
-from ztunnel_redirect.errors import KernelError
-from ztunnel_redirect.kube import RestartReason
-from ztunnel_redirect.ops import CniInstallResult, Metrics, ReconcileKind, WatchEventType
+from ztunnel_redirect.adapters.kube import RestartReason
+from ztunnel_redirect.adapters.ops import CniInstallResult, Metrics, ReconcileKind, WatchEventType
+from ztunnel_redirect.core.drift import DriftKind
+from ztunnel_redirect.core.errors import KernelError
 
 MONITORING = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 DASHBOARD = MONITORING / "dashboard.json"

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ztunnel_redirect import netlink
-from ztunnel_redirect.errors import KernelError
-from ztunnel_redirect.netlink import (
+from ztunnel_redirect.core.errors import KernelError
+from ztunnel_redirect.kernel import netlink
+from ztunnel_redirect.kernel.netlink import (
     NLA,
     NLA_F_NESTED,
     NLA_TYPE_MASK,
@@ -24,7 +24,7 @@ from ztunnel_redirect.netlink import (
     NLMSG_ERROR,
     NetlinkError,
 )
-from ztunnel_redirect.netns import NetnsRunner
+from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.testing.netnslab import Lab
 
 _RTM_NEWADDR = 20

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ztunnel_redirect.errors import NetnsNotFoundError
-from ztunnel_redirect.netns import NetnsId, NetnsRunner, netns_id, open_netns
+from ztunnel_redirect.core.errors import NetnsNotFoundError
+from ztunnel_redirect.kernel.netns import NetnsId, NetnsRunner, netns_id, open_netns
 from ztunnel_redirect.testing.netnslab import Lab
 
 pytestmark = pytest.mark.kernel

@@ -15,20 +15,8 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztunnel_redirect.agent import Agent
-from ztunnel_redirect.drift import DriftKind
-from ztunnel_redirect.errors import (
-    CapabilityError,
-    ConfigError,
-    KernelError,
-    NetnsNotFoundError,
-    NotFoundError,
-    RedirectError,
-    RetryableError,
-    retryable,
-)
-from ztunnel_redirect.kube import KubeApiError, RestartReason
-from ztunnel_redirect.ops import (
+from ztunnel_redirect.adapters.kube import KubeApiError, RestartReason
+from ztunnel_redirect.adapters.ops import (
     CniInstallResult,
     FailureReason,
     Metrics,
@@ -38,7 +26,19 @@ from ztunnel_redirect.ops import (
     ReconcileKind,
     WatchEventType,
 )
-from ztunnel_redirect.settings import Settings
+from ztunnel_redirect.app.agent import Agent
+from ztunnel_redirect.core.drift import DriftKind
+from ztunnel_redirect.core.errors import (
+    CapabilityError,
+    ConfigError,
+    KernelError,
+    NetnsNotFoundError,
+    NotFoundError,
+    RedirectError,
+    RetryableError,
+    retryable,
+)
+from ztunnel_redirect.core.settings import Settings
 
 TIMEOUT = aiohttp.ClientTimeout(total=5)
 

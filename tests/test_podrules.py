@@ -11,15 +11,15 @@ from collections.abc import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect import podrules, routing
-from ztunnel_redirect.drift import Drift, DriftKind, TableListing
-from ztunnel_redirect.errors import KernelError, NetnsNotFoundError
-from ztunnel_redirect.model import PodOptions
-from ztunnel_redirect.netns import NetnsRunner, netns_id
-from ztunnel_redirect.nft import Nft, generation
-from ztunnel_redirect.podrules import PodRules, repair_script
-from ztunnel_redirect.render import Rule, Ruleset, Table, pod_ruleset
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import Drift, DriftKind, TableListing
+from ztunnel_redirect.core.errors import KernelError, NetnsNotFoundError
+from ztunnel_redirect.core.model import PodOptions
+from ztunnel_redirect.core.render import Rule, Ruleset, Table, pod_ruleset
+from ztunnel_redirect.kernel import podrules, routing
+from ztunnel_redirect.kernel.netns import NetnsRunner, netns_id
+from ztunnel_redirect.kernel.nft import Nft, generation
+from ztunnel_redirect.kernel.podrules import PodRules, repair_script
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 
 pytestmark = pytest.mark.kernel
@@ -278,7 +278,8 @@ def many_fds() -> Iterator[int]:
 async def test_applying_works_while_the_process_holds_over_1100_fds(
     many_fds: int, lab: Lab
 ) -> None:
-    """libnftables aborts the process when its socket's fd number is >= 1024 (SPEC §11.13)."""
+    """libnftables aborts the process when its socket's fd number is >= 1024 (docs/design.md
+    §11.13)."""
     assert many_fds >= 1024
     pod = lab.add_pod("fds")
     with NetnsRunner(workers=2) as runner:

@@ -1,4 +1,5 @@
-"""Scanning /proc: kubelet uid (SPEC §4) and a running pod's netns (SPEC §7), on fake proc trees.
+"""Scanning /proc: kubelet uid (docs/design.md §4) and a running pod's netns (docs/design.md §7), on
+fake proc trees.
 
 A fake process is a directory with `comm`, `cmdline`, `status`, `stat`, `cgroup` and `ns/net`,
 a symlink to a file under `<root>/_netns/` that stands for one network namespace: processes in
@@ -16,10 +17,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ztunnel_redirect.errors import KernelError, NetnsNotFoundError
-from ztunnel_redirect.model import PodUid
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.procscan import (
+from ztunnel_redirect.core.errors import KernelError, NetnsNotFoundError
+from ztunnel_redirect.core.model import PodUid
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.procscan import (
     NetnsFinder,
     kubelet_uid,
     netns_addresses,

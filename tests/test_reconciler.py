@@ -1,4 +1,5 @@
-"""The reconciler with fakes at every seam: the order of SPEC §6, and what it keeps in memory.
+"""The reconciler with fakes at every seam: the order of docs/design.md §6, and what it keeps in
+memory.
 
 A pod's "netns" is a file in a temporary directory (the reconciler compares the identity of what
 a path names, st_dev and st_ino, before each use), reached through a symlink as through
@@ -17,14 +18,14 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.enrollment import EnrollmentPolicy
-from ztunnel_redirect.errors import NetnsNotFoundError, RedirectError, RetryableError
-from ztunnel_redirect.model import HostOptions, Namespace, Pod, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsId, netns_id
-from ztunnel_redirect.reconciler import HOST_KEY, NetnsPendingError, Reconciler
-from ztunnel_redirect.records import ENABLED, PENDING, Phase, PodRecords
-from ztunnel_redirect.store import ClusterStore, Sandbox
+from ztunnel_redirect.control.reconciler import HOST_KEY, NetnsPendingError, Reconciler
+from ztunnel_redirect.control.records import ENABLED, PENDING, Phase, PodRecords
+from ztunnel_redirect.control.store import ClusterStore, Sandbox
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.enrollment import EnrollmentPolicy
+from ztunnel_redirect.core.errors import NetnsNotFoundError, RedirectError, RetryableError
+from ztunnel_redirect.core.model import HostOptions, Namespace, Pod, PodOptions, PodUid
+from ztunnel_redirect.kernel.netns import NetnsId, netns_id
 from ztunnel_redirect.testing.fakekernel import FakeKernel
 
 UID = PodUid("uid-a")

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.matrix import HOST_MATRIX, POD_MATRIX, host_name, pod_name
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.errors import ConfigError
-from ztunnel_redirect.model import HostOptions, PodOptions, valid_interface_name
-from ztunnel_redirect.render import Ruleset, host_ruleset, pod_ruleset
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.errors import ConfigError
+from ztunnel_redirect.core.model import HostOptions, PodOptions, valid_interface_name
+from ztunnel_redirect.core.render import Ruleset, host_ruleset, pod_ruleset
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

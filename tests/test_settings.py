@@ -7,16 +7,16 @@ import dataclasses
 
 import pytest
 
-from ztunnel_redirect import constants
-from ztunnel_redirect.errors import ConfigError
-from ztunnel_redirect.labelselector import (
+from ztunnel_redirect.core import constants
+from ztunnel_redirect.core.errors import ConfigError
+from ztunnel_redirect.core.labelselector import (
     DEFAULT_ENABLEMENT_SELECTORS,
     EnablementSelector,
     LabelSelector,
     Operator,
     Requirement,
 )
-from ztunnel_redirect.settings import (
+from ztunnel_redirect.core.settings import (
     SETTINGS,
     LogFormat,
     LogLevel,

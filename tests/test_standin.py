@@ -1,7 +1,8 @@
 """The ztunnel stand-in and the traffic tools, with real sockets in lab network namespaces.
 
 Most tests use no nftables rules at all. The last few load a minimal literal redirect ruleset
-(a subset of SPEC §2 and §3, written here by hand, not the project's renderer) into lab pods,
+(a subset of docs/design.md §2 and §3, written here by hand, not the project's renderer) into lab
+pods,
 only to prove that the stand-in relays redirected traffic the way ztunnel does and fails the way
 tests expect; the project's own rules are proven elsewhere with these same tools.
 """
@@ -18,8 +19,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ztunnel_redirect.constants import DNS_PORT, HBONE_PORT, ZTUNNEL_MARK
-from ztunnel_redirect.errors import NetnsNotFoundError
+from ztunnel_redirect.core.constants import DNS_PORT, HBONE_PORT, ZTUNNEL_MARK
+from ztunnel_redirect.core.errors import NetnsNotFoundError
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 from ztunnel_redirect.testing.standin import (
     HBONE_REPLY,

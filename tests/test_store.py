@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ztunnel_redirect.model import Namespace, Pod, PodUid
-from ztunnel_redirect.store import ClusterStore
+from ztunnel_redirect.control.store import ClusterStore
+from ztunnel_redirect.core.model import Namespace, Pod, PodUid
 
 
 def test_any_namespace_label_change_names_the_namespaces_pods() -> None:

@@ -21,17 +21,17 @@ from dataclasses import dataclass
 
 import pytest
 
-from ztunnel_redirect.constants import (
+from ztunnel_redirect.core.constants import (
     HBONE_PORT,
     NAT_TABLE,
     PROBE_SNAT_V4,
     PROBE_SNAT_V6,
     RULE_PRIORITY,
 )
-from ztunnel_redirect.hostrules import HostRules
-from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsRunner
-from ztunnel_redirect.podrules import PodRules
+from ztunnel_redirect.core.model import HostOptions, PodOptions, PodUid
+from ztunnel_redirect.kernel.hostrules import HostRules
+from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.podrules import PodRules
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 from ztunnel_redirect.testing.standin import HBONE_REPLY, Hop, HopKind, Standin, dns_reply
 from ztunnel_redirect.testing.traffic import App, request, udp_request
@@ -87,7 +87,7 @@ class Mesh:
     def cli(self, *argv: str) -> subprocess.CompletedProcess[str]:
         family = "--ipv6" if self.ipv6 else "--no-ipv6"
         return subprocess.run(
-            [sys.executable, "-m", "ztunnel_redirect.cli", *argv, family],
+            [sys.executable, "-m", "ztunnel_redirect.app.cli", *argv, family],
             capture_output=True,
             text=True,
             check=False,

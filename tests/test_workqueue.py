@@ -16,8 +16,8 @@ from typing import Protocol
 import pytest
 import structlog
 
-from ztunnel_redirect.errors import ConfigError, RetryableError
-from ztunnel_redirect.workqueue import Backoff, FakeClock, KeyedQueue, Periodic
+from ztunnel_redirect.control.workqueue import Backoff, FakeClock, KeyedQueue, Periodic
+from ztunnel_redirect.core.errors import ConfigError, RetryableError
 
 TIMEOUT = 5.0
 NO_JITTER = Backoff(initial=1.0, maximum=4.0, factor=2.0, jitter=0.0)

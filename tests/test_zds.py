@@ -13,22 +13,22 @@ from typing import Any
 import pytest
 import structlog
 
-from ztunnel_redirect import zds_pb2
-from ztunnel_redirect.constants import HBONE_PORT
-from ztunnel_redirect.errors import ConfigError, NetnsNotFoundError, RetryableError
-from ztunnel_redirect.model import Pod, PodUid
-from ztunnel_redirect.netns import netns_id
-from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
-from ztunnel_redirect.testing.netnslab import Lab, LabPod
-from ztunnel_redirect.testing.standin import HBONE_REPLY
-from ztunnel_redirect.testing.traffic import request
-from ztunnel_redirect.zds import (
+from ztunnel_redirect.adapters import zds_pb2
+from ztunnel_redirect.adapters.zds import (
     RequestKind,
     Workload,
     ZtunnelNackError,
     ZtunnelServer,
     ZtunnelUnavailableError,
 )
+from ztunnel_redirect.core.constants import HBONE_PORT
+from ztunnel_redirect.core.errors import ConfigError, NetnsNotFoundError, RetryableError
+from ztunnel_redirect.core.model import Pod, PodUid
+from ztunnel_redirect.kernel.netns import netns_id
+from ztunnel_redirect.testing.fakeztunnel import GARBAGE, Behaviour, FakeZtunnel
+from ztunnel_redirect.testing.netnslab import Lab, LabPod
+from ztunnel_redirect.testing.standin import HBONE_REPLY
+from ztunnel_redirect.testing.traffic import request
 
 SELF_NETNS = "/proc/self/ns/net"
 WAIT = 5.0

@@ -35,9 +35,9 @@ from typing import Any, Final
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.errors import RedirectError
-from ztunnel_redirect.model import PodUid
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.errors import RedirectError
+from ztunnel_redirect.core.model import PodUid
 from ztunnel_redirect.testing.apiserver import ApiServer
 from ztunnel_redirect.testing.fakeztunnel import Behaviour, DataPlaneFactory, FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode

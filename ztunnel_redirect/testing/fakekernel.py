@@ -18,12 +18,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ztunnel_redirect import constants as c
-from ztunnel_redirect.drift import Drift, DriftKind
-from ztunnel_redirect.errors import NetnsNotFoundError
-from ztunnel_redirect.model import HostOptions, PodOptions, PodUid
-from ztunnel_redirect.netns import NetnsId, netns_id
-from ztunnel_redirect.ports import HostElements
+from ztunnel_redirect.control.ports import HostElements
+from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.drift import Drift, DriftKind
+from ztunnel_redirect.core.errors import NetnsNotFoundError
+from ztunnel_redirect.core.model import HostOptions, PodOptions, PodUid
+from ztunnel_redirect.kernel.netns import NetnsId, netns_id
 
 __all__ = ["FakeKernel", "Hold", "Operation"]
 

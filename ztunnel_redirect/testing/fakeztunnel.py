@@ -28,16 +28,16 @@ from typing import Protocol
 
 from google.protobuf.message import DecodeError
 
-from ztunnel_redirect import zds_pb2
-from ztunnel_redirect.model import PodUid
-from ztunnel_redirect.netns import fd_path
-from ztunnel_redirect.zds import (
+from ztunnel_redirect.adapters import zds_pb2
+from ztunnel_redirect.adapters.zds import (
     MAX_MESSAGE_SIZE,
     RequestKind,
     close_fds,
     recv_packet,
     send_packet,
 )
+from ztunnel_redirect.core.model import PodUid
+from ztunnel_redirect.kernel.netns import fd_path
 
 __all__ = ["GARBAGE", "Behaviour", "DataPlane", "FakeZtunnel", "LiveWorkload", "ReceivedRequest"]
 

@@ -3,7 +3,7 @@
 - network namespaces for the node and its pods (`netnslab.Lab`);
 - a fake `/proc` tree in which every pod has a "pause" process: `cgroup` naming the pod UID (the
   systemd/containerd form), `stat` with a start time, and `ns/net` linking to the pod's netns,
-  so that the agent's /proc scan (SPEC §7) finds running pods as on a real node;
+  so that the agent's /proc scan (docs/design.md §7) finds running pods as on a real node;
 - the pods and namespaces in the fake API server, with the lab's addresses as pod IPs;
 - the command line that runs the real agent against all of it.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ztunnel_redirect import constants as c
+from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.testing.apiserver import ApiServer, kubeconfig
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 
@@ -82,7 +82,7 @@ class TestNode:
         return [
             sys.executable,
             "-m",
-            "ztunnel_redirect.cli",
+            "ztunnel_redirect.app.cli",
             "agent",
             "--kubeconfig",
             str(self.kubeconfig),

@@ -1,12 +1,12 @@
 """A stand-in for ztunnel's data plane inside ONE pod network namespace.
 
-It opens the listeners real ztunnel opens in a pod netns (SPEC §1) and behaves like ztunnel
-towards the redirect rules, so that tests can prove with real traffic that the rules work:
+It opens the listeners real ztunnel opens in a pod netns (docs/design.md §1.2) and behaves like
+ztunnel towards the redirect rules, so that tests can prove with real traffic that the rules work:
 
 - 15001 outbound: learn the original destination (`SO_ORIGINAL_DST`), connect there, relay.
 - 15006 inbound plaintext: learn the original destination (the app in this pod) and connect to
   it from the client's own source address (`IP_TRANSPARENT`), relay. The app's reply reaches that
-  socket only through the pod's mangle rules and policy routing (SPEC §2, §3, §12 trap 7).
+  socket only through the pod's mangle rules and policy routing (docs/design.md §2, §3, §12.7).
 - 15008 HBONE: answer `b"hbone\\n"` and close (shows 15008 is not redirected).
 - 15053 DNS on 127.0.0.1 (and ::1), UDP and TCP: answer `b"dns:" + request`.
 
@@ -33,14 +33,14 @@ from typing import Any, Final, cast
 
 import structlog
 
-from ztunnel_redirect.constants import (
+from ztunnel_redirect.core.constants import (
     DNS_PORT,
     HBONE_PORT,
     INBOUND_PLAINTEXT_PORT,
     OUTBOUND_PORT,
     ZTUNNEL_MARK,
 )
-from ztunnel_redirect.errors import RedirectError
+from ztunnel_redirect.core.errors import RedirectError
 from ztunnel_redirect.testing.traffic import (
     ConnectionSet,
     Handler,
@@ -385,7 +385,8 @@ class Standin:
         family = family_of(client[0])
         sock = _marked_socket(family, socket.SOCK_STREAM)
         try:
-            # Connect to the app from the client's own address, as ztunnel does (SPEC §12.7).
+            # Connect to the app from the client's own address, as ztunnel does (docs/design.md
+            # §12.7).
             if family == socket.AF_INET:
                 sock.setsockopt(socket.SOL_IP, socket.IP_TRANSPARENT, 1)
             else:

@@ -24,8 +24,8 @@ from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
-from ztunnel_redirect.errors import RedirectError
-from ztunnel_redirect.netns import join_netns
+from ztunnel_redirect.core.errors import RedirectError
+from ztunnel_redirect.kernel.netns import join_netns
 
 __all__ = [
     "App",

@@ -1,0 +1,530 @@
+"""The Kubernetes adapter: list/watch of this node's pods and of namespaces, and pod status patches.
+
+The only module that imports `kubernetes_asyncio`. Everything above it sees `model.Pod`,
+`model.Namespace`, the `Store` protocol and errors from our hierarchy.
+
+List-then-watch is implemented here rather than with `kubernetes_asyncio.watch.Watch`: that class
+silently re-watches on 410 and on stream end when no timeout is given, which would hide the re-list
+that a 410 requires. Our loop decides: resume from the last resourceVersion (bookmarks included)
+after a dropped stream, re-list and `replace_*` after 410 Gone, back off with jitter on errors.
+Requests use `_preload_content=False` and the wire JSON is translated once, by `pod_from_api` /
+`namespace_from_api`, the same way for lists and watch events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Final, Protocol
+
+import aiohttp
+import structlog
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+
+from ztunnel_redirect.control.workqueue import Backoff
+from ztunnel_redirect.core import constants
+from ztunnel_redirect.core.errors import ConfigError, RedirectError, RetryableError
+from ztunnel_redirect.core.model import Namespace, Pod, PodUid
+
+__all__ = [
+    "WATCH_BACKOFF",
+    "KubeApiError",
+    "KubeClient",
+    "KubeRequestError",
+    "RestartReason",
+    "Store",
+    "Watcher",
+    "load_client",
+    "namespace_from_api",
+    "pod_from_api",
+]
+
+log = structlog.get_logger(__name__)
+
+ApiClient = Any
+"""`kubernetes_asyncio.client.ApiClient` (the library ships no type information)."""
+JSON = Mapping[str, Any]
+
+MERGE_PATCH: Final = "application/merge-patch+json"
+
+
+class KubeApiError(RetryableError):
+    """The API server failed or could not be reached (5xx, 429, 409, timeouts, broken streams)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KubeRequestError(RedirectError):
+    """The API server refused the request itself (4xx): retrying the same request cannot help."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _ExpiredError(Exception):
+    """410 Gone: the resourceVersion we resume from is no longer in the server's history."""
+
+
+class _NotFoundError(Exception):
+    pass
+
+
+async def load_client(*, kubeconfig: str | None = None) -> ApiClient:
+    """An API client from the pod's service account, or from `kubeconfig` when given."""
+    configuration = k8s_client.Configuration()
+    try:
+        if kubeconfig:
+            await k8s_config.load_kube_config(
+                config_file=kubeconfig, client_configuration=configuration, persist_config=False
+            )
+        else:
+            load_incluster: Callable[..., None] = k8s_config.load_incluster_config
+            load_incluster(client_configuration=configuration)
+    except (k8s_config.ConfigException, OSError, ValueError) as exc:
+        source = kubeconfig or "in-cluster service account"
+        raise ConfigError(f"cannot load Kubernetes client config from {source}: {exc}") from exc
+    return k8s_client.ApiClient(configuration=configuration)
+
+
+# --- translation ---------------------------------------------------------------------------------
+
+
+def pod_from_api(obj: JSON) -> Pod:
+    """A pod in the API's wire shape (`metadata`, `spec`, `status` dicts) as our model."""
+    metadata = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    status = obj.get("status") or {}
+    ips = tuple(entry["ip"] for entry in status.get("podIPs") or () if entry.get("ip"))
+    if not ips and status.get("podIP"):
+        ips = (status["podIP"],)
+    return Pod(
+        uid=PodUid(metadata.get("uid") or ""),
+        name=metadata.get("name") or "",
+        namespace=metadata.get("namespace") or "",
+        node_name=spec.get("nodeName") or "",
+        ips=ips,
+        labels=metadata.get("labels") or {},
+        annotations=metadata.get("annotations") or {},
+        host_network=bool(spec.get("hostNetwork")),
+        phase=status.get("phase") or "Pending",
+        service_account=spec.get("serviceAccountName") or "default",
+        # A terminating pod (deletionTimestamp set) stays enrolled while it drains, as in
+        # Istio; only the DELETED event marks it deleted.
+        deleted=False,
+    )
+
+
+def namespace_from_api(obj: JSON) -> Namespace:
+    metadata = obj.get("metadata") or {}
+    return Namespace(name=metadata.get("name") or "", labels=metadata.get("labels") or {})
+
+
+# --- errors at the boundary ----------------------------------------------------------------------
+
+
+def _error_from_response(status: int, body: bytes, what: str) -> Exception:
+    try:
+        parsed = json.loads(body)
+        message = parsed.get("message") or body.decode(errors="replace")
+    except (ValueError, AttributeError):
+        message = body.decode(errors="replace")[:200]
+    text = f"{what}: HTTP {status}: {message}"
+    if status == 404:
+        return _NotFoundError(text)
+    if status == 410:
+        return _ExpiredError(text)
+    if status in (409, 429) or status >= 500:
+        return KubeApiError(text, status=status)
+    return KubeRequestError(text, status=status)
+
+
+def _uid_changed(status: int, body: bytes) -> bool:
+    """A 422 whose cause is `metadata.uid`: our uid precondition failed, the pod was replaced."""
+    if status != 422:
+        return False
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        causes = json.loads(body).get("details", {}).get("causes") or []
+        return any(cause.get("field") == "metadata.uid" for cause in causes)
+    return False
+
+
+@contextlib.asynccontextmanager
+async def _request(what: str) -> AsyncIterator[None]:
+    """Translate transport failures into `KubeApiError`, once, here."""
+    try:
+        yield
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise KubeApiError(f"{what}: {type(exc).__name__}: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a malformed line or body
+        raise KubeApiError(f"{what}: malformed response: {exc}") from exc
+
+
+async def _read(response: Any, what: str) -> Any:
+    """The JSON body of a complete (non-streaming) response; non-2xx raise."""
+    try:
+        body = await response.read()
+    finally:
+        response.release()
+    if not 200 <= response.status < 300:
+        raise _error_from_response(response.status, body, what)
+    return json.loads(body)
+
+
+# --- the store the watcher feeds -----------------------------------------------------------------
+
+
+class Store(Protocol):
+    """What the watcher feeds. Implementations only record the change (kube-proxy style)."""
+
+    def replace_pods(self, pods: Sequence[Pod]) -> None:
+        """After every (re)list of pods: the full set of this node's pods."""
+
+    def upsert_pod(self, pod: Pod) -> None: ...
+
+    def delete_pod(self, pod: Pod) -> None:
+        """The pod is gone from the API; `pod.deleted` is True."""
+
+    def replace_namespaces(self, namespaces: Sequence[Namespace]) -> None: ...
+
+    def upsert_namespace(self, ns: Namespace) -> None: ...
+
+    def delete_namespace(self, ns: Namespace) -> None: ...
+
+
+# --- the watcher ---------------------------------------------------------------------------------
+
+
+WATCH_BACKOFF: Final = Backoff(initial=0.2, maximum=5.0, factor=2.0, jitter=0.5)
+"""Reconnect pacing for list/watch: quick first retries, capped low (the API server is usually
+back in seconds), jittered so agents on many nodes do not retry in step."""
+
+
+class RestartReason(Enum):
+    """Why a list/watch loop started over; the `reason` given to `on_restart`."""
+
+    EXPIRED = "expired"
+    """410 Gone: re-list and replace."""
+    STREAM_ENDED = "stream_ended"
+    """The server ended the watch (its timeout, or a clean close): resume from our version."""
+    API_ERROR = "api_error"
+    """An HTTP error or an ERROR event: back off, then resume."""
+    CONNECTION_ERROR = "connection_error"
+    """The connection broke or timed out: back off, then resume."""
+
+
+_EVENT_TYPES: Final = {"ADDED": "add", "MODIFIED": "update", "DELETED": "delete"}
+"""Watch event types as Istio's informer names them (`on_event`)."""
+
+
+@dataclass(frozen=True)
+class _Kind:
+    name: str
+    list_call: Callable[..., Awaitable[Any]]
+    field_selector: str | None
+    replace: Callable[[Sequence[JSON]], None]
+    upsert: Callable[[JSON], None]
+    delete: Callable[[JSON], None]
+
+
+@dataclass
+class _Cursor:
+    resource_version: str | None = None
+    events: int = 0
+
+
+class Watcher:
+    """List-then-watch of this node's pods and of all namespaces, feeding a `Store`.
+
+    `synced` is set once both initial lists have been delivered to the store; until then the
+    store's content is partial and must not drive any change to live rules.
+    """
+
+    def __init__(
+        self,
+        *,
+        api: ApiClient,
+        node_name: str,
+        store: Store,
+        backoff: Backoff = WATCH_BACKOFF,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        on_restart: Callable[[str, str], None] | None = None,
+        on_event: Callable[[str, str], None] | None = None,
+        watch_timeout: int = 300,
+        request_timeout: float = 30.0,
+        min_watch_duration: float = 1.0,
+    ) -> None:
+        if not node_name:
+            raise ConfigError("node name is required to watch this node's pods")
+        self._core: Any = k8s_client.CoreV1Api(api)
+        self._node_name = node_name
+        self._store = store
+        self._backoff = backoff
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._sleep = sleep
+        self._clock = clock
+        self._on_restart = on_restart
+        self._on_event = on_event
+        """`(resource, type)` for each object delivered, with the types of Istio's informer:
+        "add" (ADDED, or in the first list), "update" (MODIFIED, or in a re-list), "delete"."""
+        self._watch_timeout = watch_timeout
+        self._request_timeout = request_timeout
+        self._min_watch_duration = min_watch_duration
+        """A stream that ends sooner than this without any event counts as a failure."""
+        self._listed: set[str] = set()
+        self.synced = asyncio.Event()
+        self._cursors: dict[str, _Cursor] = {}
+
+    def resource_version(self, resource: str) -> str | None:
+        """The version `resource` ("pods" or "namespaces") would resume from; None: re-list."""
+        cursor = self._cursors.get(resource)
+        return cursor.resource_version if cursor is not None else None
+
+    async def run(self) -> None:
+        """Watch until cancelled. API failures are retried here; an unexpected error (e.g. from
+        the store) ends both loops and leaves as an ExceptionGroup (the root task fails)."""
+        kinds = (
+            _Kind(
+                name="pods",
+                list_call=self._core.list_pod_for_all_namespaces,
+                field_selector=f"spec.nodeName={self._node_name}",
+                replace=lambda items: self._store.replace_pods([pod_from_api(o) for o in items]),
+                upsert=lambda obj: self._store.upsert_pod(pod_from_api(obj)),
+                delete=lambda obj: self._store.delete_pod(
+                    dataclasses.replace(pod_from_api(obj), deleted=True)
+                ),
+            ),
+            _Kind(
+                name="namespaces",
+                list_call=self._core.list_namespace,
+                field_selector=None,
+                replace=lambda items: self._store.replace_namespaces(
+                    [namespace_from_api(o) for o in items]
+                ),
+                upsert=lambda obj: self._store.upsert_namespace(namespace_from_api(obj)),
+                delete=lambda obj: self._store.delete_namespace(namespace_from_api(obj)),
+            ),
+        )
+        async with asyncio.TaskGroup() as group:
+            for kind in kinds:
+                group.create_task(self._run_kind(kind), name=f"kube-watch-{kind.name}")
+
+    async def _run_kind(self, kind: _Kind) -> None:
+        cursor = self._cursors.setdefault(kind.name, _Cursor())
+        failures = 0
+        # Runs until cancelled: every pass is one list or one watch, and failures wait longer.
+        while True:
+            started = self._clock()
+            cursor.events = 0
+            refused = False
+            try:
+                if cursor.resource_version is None:
+                    await self._list(kind, cursor)
+                await self._watch(kind, cursor)
+            except _ExpiredError:
+                cursor.resource_version = None
+                reason = RestartReason.EXPIRED
+            except KubeApiError as exc:
+                reason = (
+                    RestartReason.API_ERROR
+                    if exc.status is not None
+                    else RestartReason.CONNECTION_ERROR
+                )
+                log.warning("watch_failed", resource=kind.name, reason=reason.value, error=str(exc))
+            except KubeRequestError as exc:
+                # Forbidden, a bad selector, ...: not transient, but an agent must not stop
+                # watching; it retries at the slowest pace.
+                reason, refused = RestartReason.API_ERROR, True
+                log.error(  # noqa: TRY400 - the message says it all; no traceback wanted
+                    "watch_refused", resource=kind.name, error=str(exc)
+                )
+            else:
+                reason = RestartReason.STREAM_ENDED
+            elapsed = self._clock() - started
+            productive = cursor.events > 0 or (
+                reason is RestartReason.STREAM_ENDED and elapsed >= self._min_watch_duration
+            )
+            if productive:
+                failures = 0
+            if refused:
+                delay = self._backoff.maximum
+            elif productive or reason is RestartReason.EXPIRED:
+                # Resume (or re-list after 410) at once; only a repeat in a row backs off.
+                delay = 0.0 if failures == 0 else self._backoff.delay(failures - 1, self._rng)
+            else:
+                delay = self._backoff.delay(failures, self._rng)
+            failures += 1
+            log.debug(
+                "watch_restarted",
+                resource=kind.name,
+                reason=reason.value,
+                resource_version=cursor.resource_version,
+                delay_s=round(delay, 3),
+            )
+            if self._on_restart is not None:
+                self._on_restart(kind.name, reason.value)
+            if delay > 0:
+                await self._sleep(delay)
+
+    async def _list(self, kind: _Kind, cursor: _Cursor) -> None:
+        what = f"list {kind.name}"
+        async with _request(what):
+            response = await kind.list_call(
+                field_selector=kind.field_selector,
+                _preload_content=False,
+                _request_timeout=self._request_timeout,
+            )
+            body = await _read(response, what)
+        items = body.get("items") or []
+        kind.replace(items)
+        if self._on_event is not None:
+            event_type = "update" if kind.name in self._listed else "add"
+            for _item in items:
+                self._on_event(kind.name, event_type)
+        cursor.resource_version = str(body.get("metadata", {}).get("resourceVersion") or "0")
+        log.info(
+            "resource_listed",
+            resource=kind.name,
+            count=len(items),
+            resource_version=cursor.resource_version,
+        )
+        if kind.name not in self._listed:
+            self._listed.add(kind.name)
+            if len(self._listed) == 2:
+                self.synced.set()
+                log.info("kube_synced", node=self._node_name)
+
+    async def _watch(self, kind: _Kind, cursor: _Cursor) -> None:
+        what = f"watch {kind.name}"
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self._request_timeout,
+            sock_connect=self._request_timeout,
+            sock_read=self._watch_timeout + self._request_timeout,
+        )
+        async with _request(what):
+            response = await kind.list_call(
+                field_selector=kind.field_selector,
+                watch=True,
+                resource_version=cursor.resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self._watch_timeout,
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+            try:
+                if response.status != 200:
+                    raise _error_from_response(response.status, await response.read(), what)
+                # Bounded by the server's timeoutSeconds and our sock_read timeout.
+                while line := await response.content.readline():
+                    if line.strip():
+                        self._apply(kind, cursor, json.loads(line))
+            finally:
+                response.close()
+
+    def _apply(self, kind: _Kind, cursor: _Cursor, event: JSON) -> None:
+        event_type = event.get("type")
+        obj = event.get("object") or {}
+        if event_type == "ERROR":
+            code = obj.get("code")
+            text = f"watch {kind.name}: {obj.get('reason')}: {obj.get('message')}"
+            if code == 410:
+                raise _ExpiredError(text)
+            raise KubeApiError(text, status=code if isinstance(code, int) else 500)
+        resource_version = (obj.get("metadata") or {}).get("resourceVersion")
+        cursor.events += 1
+        if event_type in ("ADDED", "MODIFIED"):
+            kind.upsert(obj)
+        elif event_type == "DELETED":
+            kind.delete(obj)
+        elif event_type != "BOOKMARK":
+            log.warning("watch_event_unknown", resource=kind.name, type=event_type)
+            return
+        counted = _EVENT_TYPES.get(str(event_type))
+        if counted is not None and self._on_event is not None:
+            self._on_event(kind.name, counted)
+        if resource_version:
+            cursor.resource_version = str(resource_version)
+
+
+# --- reads and the status patch ------------------------------------------------------------------
+
+
+class KubeClient:
+    """Single reads and the redirection status patch, on an `ApiClient` from `load_client`."""
+
+    def __init__(self, api: ApiClient, *, request_timeout: float = 10.0) -> None:
+        self._core: Any = k8s_client.CoreV1Api(api)
+        self._request_timeout = request_timeout
+
+    async def get_pod(self, namespace: str, name: str) -> Pod | None:
+        """The pod, or None when it does not exist."""
+        what = f"get pod {namespace}/{name}"
+        try:
+            async with _request(what):
+                response = await self._core.read_namespaced_pod(
+                    name,
+                    namespace,
+                    _preload_content=False,
+                    _request_timeout=self._request_timeout,
+                )
+                return pod_from_api(await _read(response, what))
+        except _NotFoundError:
+            return None
+
+    async def get_namespace(self, name: str) -> Namespace | None:
+        what = f"get namespace {name}"
+        try:
+            async with _request(what):
+                response = await self._core.read_namespace(
+                    name, _preload_content=False, _request_timeout=self._request_timeout
+                )
+                return namespace_from_api(await _read(response, what))
+        except _NotFoundError:
+            return None
+
+    async def set_redirection_status(self, pod: Pod, value: str | None) -> None:
+        """Set (or with None remove) `ambient.istio.io/redirection` on the pod's status.
+
+        A JSON merge patch on `pods/{name}/status`, with the pod's uid as a precondition so that
+        a new pod of the same name never gets our annotation. A pod that is gone is not an error.
+        """
+        what = f"patch pod {pod.key} status"
+        body = {"metadata": {"uid": pod.uid, "annotations": {constants.STATUS_ANNOTATION: value}}}
+        async with _request(what):
+            response = await self._core.patch_namespaced_pod_status(
+                pod.name,
+                pod.namespace,
+                body,
+                _content_type=MERGE_PATCH,
+                _preload_content=False,
+                _request_timeout=self._request_timeout,
+            )
+            try:
+                payload = await response.read()
+            finally:
+                response.release()
+        status = response.status
+        if status == 404 or _uid_changed(status, payload):
+            log.debug(
+                "redirection_status_skipped",
+                pod=pod.key,
+                pod_uid=pod.uid,
+                reason="pod_gone",
+            )
+            return
+        if not 200 <= status < 300:
+            raise _error_from_response(status, payload, what)
+        log.info("redirection_status_patched", pod=pod.key, pod_uid=pod.uid, value=value)
