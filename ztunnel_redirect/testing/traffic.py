@@ -422,7 +422,14 @@ def _exchange(host: str, port: int, payload: bytes, timeout: float) -> bytes:
         sock.settimeout(timeout)
         sock.connect((host, port))
         sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            # A reset that arrived before the half-close leaves nothing to shut down: it is the
+            # same outcome as a reset seen by recv below.
+            if exc.errno != 107:  # ENOTCONN (the child's prelude has no errno module)
+                raise
+            raise ConnectionResetError(104, "connection reset by peer") from exc
         chunks: list[bytes] = []
         received = 0
         while received < 1 << 20:
