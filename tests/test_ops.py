@@ -157,8 +157,7 @@ async def test_readyz_says_why_a_condition_is_blocked_until_it_is_done(ops: Ops)
         "host_rules": "the CNI plugin cannot run on this host: exec format",
     }
     assert text.splitlines()[1:] == [
-        f"{name}: {reasons[name]}" if name in reasons else name
-        for name in ops.readiness.pending()
+        f"{name}: {reasons[name]}" if name in reasons else name for name in ops.readiness.pending()
     ]
     ops.readiness.done("host_rules")
     ops.readiness.blocked("host_rules", "too late: it is done")
