@@ -10,6 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.agentrig import (  # noqa: F401 - the agent-process fixtures (tests/test_agent*.py)
+    agent,
+    agents,
+    api,
+    netns_runner,
+    node,
+    pods,
+    ztunnel,
+    ztunnels,
+)
 from tests.fakes import FakeReconciler
 from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.testing.netnslab import Lab

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import test_agent as agent_tests
-from tests.istio import all_saves, install_istio_pod, need
-from tests.test_agent import (
+from tests.agentrig import (
     NS,
     OPTIONS,
     POD_TABLES,
@@ -27,6 +25,7 @@ from tests.test_agent import (
     tables,
     wait_request,
 )
+from tests.istio import all_saves, install_istio_pod, need
 from ztunnel_redirect.adapters.zds import RequestKind
 from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.kernel.migration import Flavour
@@ -37,16 +36,6 @@ from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode
 
 pytestmark = pytest.mark.kernel
-
-# The fixtures of tests/test_agent.py, by name.
-api = agent_tests.api
-node = agent_tests.node
-pods = agent_tests.pods
-agents = agent_tests.agents
-agent = agent_tests.agent
-ztunnels = agent_tests.ztunnels
-ztunnel = agent_tests.ztunnel
-netns_runner = agent_tests.netns_runner
 
 
 def pause_process(node: TestNode, pod: NodePod) -> Path:
