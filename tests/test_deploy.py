@@ -209,7 +209,7 @@ def _agent_grants_needed() -> set[tuple[str, str]]:
     """Every `CoreV1Api` method that kube.py calls on its `CoreV1Api` objects; list calls also
     need watch when kube.py calls anything with `watch=True` (its watch reuses the list method,
     as the API does)."""
-    tree = ast.parse((ROOT / "ztunnel_redirect" / "kube.py").read_text())
+    tree = ast.parse((ROOT / "ztunnel_redirect" / "adapters" / "kube.py").read_text())
     holders = _core_api_holders(tree)
     assert holders, "kube.py creates no CoreV1Api: has the adapter moved?"
     methods = set()
