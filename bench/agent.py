@@ -90,6 +90,10 @@ from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
 PREFIX: Final = "ztunnel_redirect"
 SAMPLE_NS: Final = "cni"
 """Labelled for the mesh; the CNI samples' namespace."""
+OUTSIDE_NS: Final = "cni-outside"
+"""Not labelled: the namespace of the pods that are not in the mesh."""
+AT_ONCE: Final = 30
+"""CNI ADDs started together on one node (issue 10: a node starting a burst of pods)."""
 TARGET: Final = ("10.96.0.10", 80)
 """Where a sample pod's first connection goes (redirected to its stand-in before it leaves)."""
 CONNECT_TIMEOUT: Final = 3.0
@@ -471,12 +475,44 @@ class AgentBench:
             raw["first_connection"].append(first * 1e3)
             rules += [e["duration_ms"] for e in agent.find("pod_rules_applied", netns=pod.path)]
             await self._delete(pod)
+        raw["plugin_not_in_mesh"] = await self._outside_adds(n, k)
+        raw["at_once"] = await self._adds_at_once(n)
         out = {name: _lat(v) for name, v in raw.items()} | {
             "agent_rules_install": _lat(rules),
+            "at_once_count": AT_ONCE,
+            "plugin_binary_bytes": self.runtime.plugin.stat().st_size,
             "samples": k,
             "enrolled": len(self.bulk),
         }
         return out, raw
+
+    async def _outside_adds(self, n: int, k: int) -> list[float]:
+        """Milliseconds of `k` ADDs, plugin start to exit, of pods not in the mesh."""
+        await self.node.cheap.prepare(k)
+        samples = []
+        for i in range(k):
+            pod = self.node.add_pod(f"out-{n}-{i}", OUTSIDE_NS, ips=False)
+            outcome = await self.runtime.add(pod)
+            if outcome.rc != 0:
+                raise AgentBenchError(f"CNI ADD of {pod.name} failed: {outcome.stdout}")
+            samples.append(outcome.seconds * 1e3)
+            # Not in the mesh: the agent holds nothing for it, so nothing to wait for.
+            self.api.delete_pod(pod.namespace, pod.name)
+            del self.node.pods[pod.name]
+            self.node.cheap.delete(pod.lab.netns)
+        return samples
+
+    async def _adds_at_once(self, n: int) -> list[float]:
+        """Milliseconds of each of `AT_ONCE` mesh-pod ADDs started together."""
+        await self.node.cheap.prepare(AT_ONCE)
+        pods = [self.node.add_pod(f"burst-{n}-{i}", SAMPLE_NS, ips=False) for i in range(AT_ONCE)]
+        outcomes = await asyncio.gather(*(self.runtime.add(pod) for pod in pods))
+        failed = [pod.name for pod, o in zip(pods, outcomes, strict=True) if o.rc != 0]
+        if failed:
+            raise AgentBenchError(f"CNI ADDs at once failed: {failed}")
+        for pod in pods:
+            await self._delete(pod)
+        return [o.seconds * 1e3 for o in outcomes]
 
     async def _delete(self, pod: NodePod) -> None:
         agent = self._agent()
@@ -685,6 +721,7 @@ async def agent_bench(
             try:
                 bench.runtime.install()
                 bench.node.namespace(SAMPLE_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})
+                bench.node.namespace(OUTSIDE_NS)
                 yield bench
             finally:
                 await bench.close()

@@ -19,6 +19,10 @@ RULES_SPEEDUP: Final = 5.0
 FULL_P99_MS: Final = 2.0
 DRIFT_CPU_S: Final = 1.0
 AGENT_RSS_MIB: Final = 100.0
+ADD_P50_MS: Final = 10.0
+ADD_P99_MS: Final = 30.0
+OUTSIDE_ADD_P50_MS: Final = 3.0
+AT_ONCE_P50_MS: Final = 100.0
 REPAIR_PERIODS: Final = 1.0
 """Repair latency after a manual flush: at most one drift period (issue 3)."""
 GROWTH_RATIO: Final = 1.2
@@ -258,6 +262,60 @@ def agent_targets(agent: dict[str, Any] | None, load: str) -> list[Target]:
         )
     )
     out += repair_targets(at.get("repair"), dp)
+    out += add_targets(at.get("cni_add"), n)
+    return out
+
+
+def entry_restore_markdown(restore: dict[str, Any] | None) -> list[str]:
+    """Time from the primary CNI's rewrite of its conflist to our entry back in it (inotify)."""
+    if not restore:
+        return []
+    return [
+        "",
+        "## CNI entry restored after the primary rewrites its conflist",
+        "",
+        f"{restore['rounds']} rewrites: p50 {restore['p50_ms']} ms, p99 {restore['p99_ms']} ms, "
+        f"max {restore['max_ms']} ms (inotify wake-up to our entry written back).",
+        "",
+    ]
+
+
+def add_targets(add: dict[str, Any] | None, n: int) -> list[Target]:
+    """Issue 10: the whole ADD as the runtime sees it (plugin start to exit, agent work
+    included), a pod not in the mesh, and a burst of ADDs at once."""
+    if not add or "plugin_not_in_mesh" not in add:
+        return []
+    size = f"plugin binary {add['plugin_binary_bytes']} bytes"
+    rows = [
+        (f"whole CNI ADD of a mesh pod, {n} pods enrolled: p50", ADD_P50_MS, add["plugin"], "p50"),
+        (f"whole CNI ADD of a mesh pod, {n} pods enrolled: p99", ADD_P99_MS, add["plugin"], "p99"),
+        (
+            f"whole CNI ADD of a pod not in the mesh, {n} pods enrolled: p50",
+            OUTSIDE_ADD_P50_MS,
+            add["plugin_not_in_mesh"],
+            "p50",
+        ),
+        (
+            f"{add['at_once_count']} CNI ADDs at once on one node: p50",
+            AT_ONCE_P50_MS,
+            add["at_once"],
+            "p50",
+        ),
+    ]
+    out = []
+    for name, limit, lat, q in rows:
+        value = lat[f"{q}_ms"]
+        met, margin = _at_most(value, limit, "ms")
+        out.append(
+            Target(
+                name,
+                f"<= {limit:.0f} ms",
+                f"{value:.2f} ms (p50 {lat['p50_ms']:.2f}, p99 {lat['p99_ms']:.2f}, max "
+                f"{lat['max_ms']:.2f} ms over {lat['count']}; {size})",
+                met,
+                margin,
+            )
+        )
     return out
 
 
@@ -434,6 +492,7 @@ def markdown(data: dict[str, Any]) -> str:
         ]
     lines += growth_markdown(data["sizes"])
     lines += fast_paths_markdown(data.get("fast_paths"))
+    lines += entry_restore_markdown(data.get("cni_entry_restore"))
     lines += agent_markdown(data.get("agent"))
     n, found = targets(data)
     lines += [

@@ -48,6 +48,7 @@ import structlog
 
 from bench import report
 from bench.agent import AgentConfig, measure_agent, memory_floor
+from bench.cniwatch import measure_entry_restore
 from bench.methods import (
     Method,
     baseline_full_here,
@@ -107,6 +108,8 @@ class Config:
     drift_fraction: float
     handle_sample: int
     profile_pods: int
+    restore_rounds: int = 50
+    """Rewrites of the primary conflist timed to our entry restored."""
     options: PodOptions = field(default_factory=PodOptions)
     agent: AgentConfig | None = None
     """The agent-level measurements (None: not run)."""
@@ -631,6 +634,8 @@ async def bench_all(
         sizes[str(n)], raw[str(n)] = await measure_size(bench, n)
         say(f"N={n}: done in {time.perf_counter() - t0:.1f} s")
     data: dict[str, Any] = {"sizes": sizes, "fast_paths": await measure_fast_paths(bench)}
+    say(f"CNI entry restore: {bench.config.restore_rounds} rewrites of the primary conflist")
+    data["cni_entry_restore"] = await measure_entry_restore(bench.config.restore_rounds)
     if profile:
         data["profile"] = await measure_profile(bench, out)
     agent = bench.config.agent
@@ -675,6 +680,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agent-samples", type=int, default=30, help="CNI ADDs measured per N")
     p.add_argument("--agent-drift-passes", type=int, default=3)
     p.add_argument("--agent-repair-samples", type=int, default=5, help="pods flushed by hand per N")
+    p.add_argument("--restore-rounds", type=int, default=50, help="conflist rewrites timed")
     p.add_argument("--no-agent", action="store_true", help="skip the agent-level measurements")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
@@ -693,6 +699,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_samples = 3
         args.agent_drift_passes = 1
         args.agent_repair_samples = 3
+        args.restore_rounds = 10
     return args
 
 
@@ -721,6 +728,7 @@ def config_of(args: argparse.Namespace) -> Config:
         drift_fraction=args.drift_fraction,
         handle_sample=max(1, args.handle_sample),
         profile_pods=args.profile_pods,
+        restore_rounds=max(1, args.restore_rounds),
         options=options,
         agent=None if args.no_agent else agent,
     )

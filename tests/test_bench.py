@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from bench.pods import BENCH_PREFIX, NETNS_DIR, unpin
-from bench.report import fast_paths_markdown, growth_markdown, targets
+from bench.report import add_targets, fast_paths_markdown, growth_markdown, targets
 from bench.run import parse_args
 from bench.summary import Latency, percentile
 
@@ -119,7 +119,8 @@ def test_quick_run_writes_well_formed_json(quick_run: tuple[Path, str]) -> None:
             continue
         assert value > 0, where
     names = [t["name"] for t in data["targets"]["results"]]
-    assert len(names) == 12, names
+    assert len(names) == 16, names
+    assert any(name.startswith("whole CNI ADD of a pod not in the mesh") for name in names)
     assert any(name.startswith("restart catch-up of") for name in names)
     assert any(name.startswith("agent RSS") for name in names)
     assert any(name.startswith("agent repair after a manual flush of a pod") for name in names)
@@ -157,6 +158,11 @@ def test_quick_run_measures_the_agent_process(quick_run: tuple[Path, str]) -> No
         assert len(agent["samples"]["3"][series]) == samples
     # The plugin process includes the agent's part of the ADD.
     assert add["plugin"]["p50_ms"] > add["agent_add"]["p50_ms"]
+    ordered(add["plugin_not_in_mesh"], samples)
+    assert len(agent["samples"]["3"]["plugin_not_in_mesh"]) == samples
+    ordered(add["at_once"], add["at_once_count"])
+    assert add["at_once_count"] == 30
+    assert add["plugin_binary_bytes"] > 100_000
     assert add["enrolled"] == 3
     res = at["resources"]
     assert res["pods"] == 3
@@ -189,6 +195,9 @@ def test_quick_run_measures_the_agent_process(quick_run: tuple[Path, str]) -> No
     host = repair["host_postrouting_flush"]
     assert 0 < host["latency_ms"] < 2 * period_ms
     assert host["repair_apply_ms"] > 0
+    restore = json.loads((out / "latest.json").read_text())["cni_entry_restore"]
+    assert restore["rounds"] == 10
+    assert 0 < restore["p50_ms"] <= restore["p99_ms"] <= restore["max_ms"]
     floor = agent["baseline"]
     assert 0 < floor["python_bare_rss_kib"] < floor["imports_rss_kib"]
     assert "kubernetes_asyncio" in floor["by_import_kib"]
@@ -499,3 +508,25 @@ def test_fast_paths_say_whether_each_is_faster_than_its_fallback() -> None:
     md = "\n".join(fast_paths_markdown(fast | {"tables_first_check_dump": lat(0.7)}))
     assert "**Not faster than its fallback in this run: dump proof.**" in md
     assert fast_paths_markdown(None) == []
+
+
+def test_add_targets_compare_the_whole_add_with_issue_10s_limits() -> None:
+    def lat(p50: float, p99: float) -> dict[str, float]:
+        return {"p50_ms": p50, "p99_ms": p99, "max_ms": p99, "count": 30}
+
+    add = {
+        "plugin": lat(4.0, 40.0),
+        "plugin_not_in_mesh": lat(2.0, 5.0),
+        "at_once": lat(150.0, 200.0),
+        "at_once_count": 30,
+        "plugin_binary_bytes": 2_000_000,
+    }
+    found = add_targets(add, 1000)
+    assert [(t.limit, t.met) for t in found] == [
+        ("<= 10 ms", True),
+        ("<= 30 ms", False),
+        ("<= 3 ms", True),
+        ("<= 100 ms", False),
+    ]
+    assert all("plugin binary 2000000 bytes" in t.measured for t in found)
+    assert add_targets({"plugin": lat(1.0, 1.0)}, 1000) == []
