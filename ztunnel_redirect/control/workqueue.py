@@ -521,6 +521,7 @@ class KeyedQueue(Generic[K]):
         await self._clock.sleep(delay)
         if self._retries.get(key) is asyncio.current_task():
             del self._retries[key]
+            log.debug("retry_due", queue=self._name, key=key)
             self._push(key)
 
     def _push(self, key: K) -> None:
