@@ -46,12 +46,6 @@ async def within(awaitable: Awaitable[object]) -> None:
         await awaitable
 
 
-async def yield_to_loop(times: int = 20) -> None:
-    """Give a wrong implementation a chance to do what it must not; nothing is waited for."""
-    for _ in range(times):
-        await asyncio.sleep(0)
-
-
 class FixedRandom(random.Random):
     """An rng whose `random()` returns the given values in turn (the last one forever)."""
 
@@ -282,7 +276,8 @@ async def test_runs_of_one_key_never_overlap_and_see_versions_in_order() -> None
     async def reconcile(key: str) -> None:
         seen[key].append(state[key])
         await handler(key)
-        await yield_to_loop(3)  # stay "running" across a few enqueues
+        for _ in range(3):  # stay "running" across a few enqueues (interleaving, not proof)
+            await asyncio.sleep(0)
 
     queue = KeyedQueue[str](handler=reconcile, concurrency=4, clock=FakeClock())
     async with running(queue):
@@ -414,10 +409,11 @@ async def test_plain_enqueue_does_not_bypass_the_backoff_but_now_does() -> None:
     async with running(queue):
         await within(clock.wait_sleeping())
         queue.enqueue("a")  # e.g. the periodic resync
-        await yield_to_loop()
-        assert handler.count("a") == 1
         assert queue.retrying == {"a"}
         assert len(queue) == 0
+        queue.enqueue("b")  # one worker: an "a" queued by mistake would run before b
+        await handler.until(lambda: "b" in handler.finished)
+        assert handler.count("a") == 1
 
         queue.enqueue("a", now=True)  # a real change
         await handler.until(lambda: handler.count("a") == 2)
@@ -479,12 +475,12 @@ async def test_wait_idle_waits_for_running_and_retrying_keys() -> None:
         idle = asyncio.create_task(queue.wait_idle(), name="test-wait-idle")
         try:
             await handler.until(lambda: handler.count("a") == 1)
-            await yield_to_loop()
-            assert not idle.done()  # running
+            assert not queue.idle  # running: what wait_idle waits on is not there
+            assert not idle.done()
             gate.set()
-            await within(clock.wait_sleeping())
-            await yield_to_loop()
-            assert not idle.done()  # waiting for its retry
+            await within(clock.wait_sleeping())  # the run has ended and its retry is asleep
+            assert not queue.idle  # waiting for its retry
+            assert not idle.done()
             clock.advance(1.0)
             await within(idle)
             assert handler.count("a") == 2
@@ -505,8 +501,7 @@ async def test_forget_drops_the_retry_and_the_attempt_count() -> None:
         assert queue.retrying == frozenset()
         assert queue.attempts("a") == 0
         await within(queue.wait_idle())
-        await yield_to_loop()
-        assert clock.sleeping == []  # the retry's timer is gone, not just ignored
+        await within(clock.wait_awake())  # the retry's timer is gone, not just ignored
         clock.advance(100.0)  # a retry that was not really dropped would fire now...
         queue.enqueue("b")  # ...and be handled before b, with one worker
         await handler.until(lambda: "b" in handler.finished)
@@ -577,7 +572,8 @@ async def test_a_cancelled_pass_leaves_the_queue_working() -> None:
     handler = Handler()
     queue = make_queue(handler)
     waiting = asyncio.create_task(queue.handle_once(["a"]), name="test-pass")
-    await yield_to_loop()  # the workers are not running: nothing is handled
+    await asyncio.sleep(0)  # interleaving: the pass starts, enqueues its key and waits for it
+    assert len(queue) == 1  # the workers are not running: nothing is handled
     assert not waiting.done()
     waiting.cancel()  # as a timeout does
     await asyncio.gather(waiting, return_exceptions=True)
@@ -773,7 +769,7 @@ async def test_periodic_first_tick_comes_after_one_period_then_every_period() ->
             await within(clock.wait_sleeping())
             assert clock.sleeping == [10.0]
             clock.advance(5.0)
-            await yield_to_loop()
+            assert clock.sleeping == [5.0]  # still asleep: the tick cannot have come
             assert ticks.count == n - 1
             clock.advance(5.0)
             await ticks.until(lambda n=n: ticks.count == n)  # type: ignore[misc]

@@ -98,7 +98,7 @@ class FakeClock:
         self._now = start
         self._sleepers: list[_Sleeper] = []
         self._seq = itertools.count()
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waiters: list[tuple[Callable[[int], bool], asyncio.Future[None]]] = []
 
     def now(self) -> float:
         return self._now
@@ -123,14 +123,23 @@ class FakeClock:
             if sleeper in self._sleepers:  # cancelled before its deadline
                 self._sleepers.remove(sleeper)
                 heapq.heapify(self._sleepers)
+                self._notify()
             raise
 
     async def wait_sleeping(self, count: int = 1) -> None:
         """Return once at least `count` sleeps are pending (wrap it in a timeout)."""
-        if len(self._sleepers) >= count:
+        await self._wait_for(lambda n: n >= count)
+
+    async def wait_awake(self) -> None:
+        """Return once no sleep is pending, e.g. a cancelled timer is gone (wrap it in a
+        timeout)."""
+        await self._wait_for(lambda n: n == 0)
+
+    async def _wait_for(self, pending: Callable[[int], bool]) -> None:
+        if pending(len(self._sleepers)):
             return
         future = asyncio.get_running_loop().create_future()
-        self._waiters.append((count, future))
+        self._waiters.append((pending, future))
         await future
 
     def advance(self, seconds: float) -> None:
@@ -142,16 +151,17 @@ class FakeClock:
             sleeper = heapq.heappop(self._sleepers)
             if not sleeper.future.done():
                 sleeper.future.set_result(None)
+        self._notify()
 
     def _notify(self) -> None:
         pending = []
-        for count, future in self._waiters:
+        for wanted, future in self._waiters:
             if future.done():
                 continue
-            if len(self._sleepers) >= count:
+            if wanted(len(self._sleepers)):
                 future.set_result(None)
             else:
-                pending.append((count, future))
+                pending.append((wanted, future))
         self._waiters = pending
 
 
@@ -298,6 +308,11 @@ class KeyedQueue(Generic[K]):
         if task is not None:
             task.cancel()
         self._update_idle()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is queued, running or waiting for a retry (what `wait_idle` waits for)."""
+        return self._idle.is_set()
 
     async def wait_idle(self) -> None:
         """Return once nothing is queued, running or waiting for a retry."""
@@ -506,6 +521,7 @@ class KeyedQueue(Generic[K]):
         await self._clock.sleep(delay)
         if self._retries.get(key) is asyncio.current_task():
             del self._retries[key]
+            log.debug("retry_due", queue=self._name, key=key)
             self._push(key)
 
     def _push(self, key: K) -> None:
