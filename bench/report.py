@@ -683,8 +683,8 @@ def agent_markdown(agent: dict[str, Any] | None) -> list[str]:
     lines += [
         "",
         "- CNI ADD in the agent: its `cni_add_duration_seconds` (request received to answer), "
-        "per ADD. Plugin process: the runtime's view, process start to exit (Python start-up "
-        "included). First redirected connection: from the plugin's exit to the pod's first "
+        "per ADD. Plugin process: the runtime's view, process start to exit (the agent's "
+        "work included). First redirected connection: from the plugin's exit to the pod's first "
         "connection arriving at the ztunnel stand-in (OUTBOUND hop).",
         "- Drift pass CPU: user + system time of the agent process between two `drift_pass_done` "
         "events (/proc/<pid>/stat, clock-tick resolution), i.e. one pass and the idle time "
