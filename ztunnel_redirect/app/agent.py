@@ -29,6 +29,7 @@ from ztunnel_redirect.adapters.decisions import DecisionFile, DecisionKeeper, ag
 from ztunnel_redirect.adapters.kube import ApiClient, KubeClient, Watcher, load_client
 from ztunnel_redirect.adapters.ops import (
     CniInstallResult,
+    Held,
     Metrics,
     OpsServer,
     Readiness,
@@ -205,6 +206,16 @@ class Agent:
             decisions.changed()
 
         store.subscribe(changed)
+        loop = asyncio.get_running_loop()
+        for kind, count in (
+            (Held.POD_RECORDS, lambda: len(records)),
+            (Held.PODS, lambda: len(store.pods)),
+            (Held.DELETED_PODS, lambda: len(store.deleted)),
+            (Held.SANDBOXES, lambda: store.sandboxes),
+            (Held.QUEUE_KEYS, lambda: queue.keys_held),
+            (Held.ASYNCIO_TASKS, lambda: len(asyncio.all_tasks(loop))),
+        ):
+            self.metrics.follow_held(kind, count)
         handover = HostHandover(
             reconciler=reconciler,
             store=store,
