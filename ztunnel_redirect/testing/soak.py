@@ -26,9 +26,16 @@ the work queue is idle), a checkpoint records from outside: the agent's RSS, ope
 (/proc/<pid>), what it holds in memory (`ztunnel_redirect_held_objects`, from /metrics), the
 host set's elements (in the lab's node netns, where the agent's "host" is), this run's pod netns,
 the workloads the fake ztunnel holds, the conflist (ours chained, the primary's plugins as
-written), the ADD latency of the pods since the last checkpoint, and warning/error log lines per
-event (parsed from the agent's JSON log). The baseline is taken the same way after the first
-wave is gone, the final checkpoint after every pod is deleted.
+written), the ADD latency of the pods since the last checkpoint, warning/error log lines per
+event (parsed from the agent's JSON log), and the drift repairs of the running agent (nobody
+touches the kernel here: each one is a race inside the agent, reported, not a target). The
+baseline is taken the same way after the first wave is gone, the final checkpoint after every pod
+is deleted.
+
+Fds are those of the main table less connections to the API server (a keep-alive pool that grows
+and shrinks with load, reported as `api_connections`), plus the netns workers' private tables
+(not in /proc/<pid>/fd); threads are counted outside the agent's named pools (`POOLED_THREADS`),
+which grow up to their size as work comes.
 
 Targets (`targets()`): no fd, thread, netns, record, held object, set element or ztunnel workload
 left of a deleted pod (final vs baseline); RSS after the last checkpoint within 5 MiB of the
@@ -121,6 +128,8 @@ PROVOKED: Final = {
     "watch_failed/connection_error": "the API watch drop cuts every open watch (resumed)",
     "startup_verification_incomplete/pods failed": "the agent restarts while pods whose "
     "sandbox vanished are in the API: their netns cannot be verified (retried)",
+    "work_failed/NetnsNotFoundError": "a sandbox that vanishes while the agent works on its pod: "
+    "the run that finds the netns gone fails once (then as NetnsPendingError)",
     "work_failed/NetnsPendingError": "a pod whose sandbox vanished without an API delete: its "
     "netns is not found, retried with backoff until the pod is deleted",
 }
@@ -140,7 +149,8 @@ class SoakConfig:
     restart_every: int = 3000
     fault_every: int = 1000
     checkpoint_every: int = 1000
-    relabel_every: int = 500
+    relabel_every: int = 700
+    """Not a divisor of `checkpoint_every`: checkpoints see the namespace both ways."""
     vanish_every: int = 25
     reconcile_period: float = 2.0
     """Seconds: a checkpoint waits for two passes."""
@@ -578,6 +588,7 @@ class Soak:
             "add_p99_ms": round(p99(window), 2) if window else None,
             "watch_restarts": int(metric(samples, f"{METRIC}_api_watch_restarts_total")),
             "failures": int(metric(samples, f"{METRIC}_failures_total")),
+            "drift_repairs": int(metric(samples, f"{METRIC}_drift_repairs_total")),
             "warnings": dict(self.warnings),
             "unparsed_lines": self.unparsed,
         }
@@ -761,11 +772,12 @@ COLUMNS: Final = (
     ("add_p50_ms", "ADD p50 ms"),
     ("add_p99_ms", "ADD p99 ms"),
     ("watch_restarts", "watch restarts"),
+    ("drift_repairs", "drift repairs"),
 )
 
 
 def _row(label: str, point: dict[str, Any]) -> str:
-    cells = [label, *(str(point.get(key, "")) for key, _ in COLUMNS[1:])]
+    cells = [label, *(str(point.get(key)).replace("None", "-") for key, _ in COLUMNS[1:])]
     conf = point["conflist"]
     cells.append("ok" if conf["ours"] and conf["primary_intact"] else "BROKEN")
     cells.append(str(sum(point["warnings"].values())))
@@ -820,7 +832,7 @@ def plot(report: SoakReport, path: Path) -> None:
     points = report.checkpoints
     pods = [p["pods"] for p in points]
     restarts = [
-        b["pods"] for a, b in itertools.pairwise(points) if b["agent_run"] != a["agent_run"]
+        a["pods"] for a, b in itertools.pairwise(points) if b["agent_run"] != a["agent_run"]
     ]
     panels: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
         ("Agent RSS (MiB)", (("rss_kib", "RSS"),)),
