@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from bench.pods import BENCH_PREFIX, NETNS_DIR, unpin
 from bench.report import add_targets, fast_paths_markdown, growth_markdown, targets
 from bench.run import parse_args
 from bench.summary import Latency, percentile
+from ztunnel_redirect.testing.cheappods import BENCH_PREFIX, NETNS_DIR, unpin
 
 ROOT = Path(__file__).resolve().parent.parent
 
