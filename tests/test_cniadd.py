@@ -4,6 +4,7 @@ way into the reconciler (`handle_now`), and the answer the plugin gets."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,18 @@ async def test_a_new_sandbox_is_redirected_before_the_answer(node: Node) -> None
     assert node.kernel.host_elements == {"10.0.0.7": UID}
     assert node.store.pods[UID].ips == ("10.0.0.7",)  # the runtime's IPs, kept
     assert node.records[UID].istio_rules_gone  # a new sandbox: no migration needed
+
+
+async def test_an_event_without_ips_takes_the_pods_ips_from_the_api(node: Node) -> None:
+    # Istio's plugin sends `"IPs": null` when it has no prevResult.
+    node.store.upsert_namespace(ambient())
+    node.store.upsert_pod(dataclasses.replace(web(), ips=("10.0.0.9",)))
+
+    async with asyncio.timeout(WAIT):
+        await node.cni_add.handle(dataclasses.replace(event(node), ips=()))
+
+    assert node.ztunnel.added == [UID]
+    assert node.kernel.host_elements == {"10.0.0.9": UID}
 
 
 async def test_a_pod_and_namespace_the_cache_lacks_are_read_from_the_api(node: Node) -> None:

@@ -120,6 +120,21 @@ def _with(**changes: Any) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.parametrize(
+    "body",
+    [dict(GOOD, IPs=None), _with(IPs=None), dict(GOOD, IPs=[])],
+    ids=["null", "absent", "empty"],
+)
+async def test_an_event_without_ips_is_accepted_with_none(
+    client: aiohttp.ClientSession, fake: FakeReconciler, body: dict[str, Any]
+) -> None:
+    # Istio's plugin sends `"IPs": null` when it has no prevResult: the pod's IPs come from the
+    # API then, as for an empty list.
+    status, _ = await post(client, body)
+    assert status == 200
+    assert [e.ips for e in fake.events] == [()]
+
+
 BAD_PAYLOADS: list[tuple[str, bytes | dict[str, Any], str]] = [
     ("not json", b"{nope", "not JSON"),
     ("not utf-8", b"\xff\xfe\xfa", "not JSON"),
@@ -127,7 +142,6 @@ BAD_PAYLOADS: list[tuple[str, bytes | dict[str, Any], str]] = [
     ("no netns", _with(Netns=None), "Netns"),
     ("empty pod name", _with(PodName=""), "PodName"),
     ("namespace not a string", _with(PodNamespace=7), "PodNamespace"),
-    ("no IPs", _with(IPs=None), "IPs"),
     ("IPs not a list", _with(IPs={"Address": {"IP": "10.0.0.1"}}), "IPs"),
     ("IP entry shape", _with(IPs=[{"IP": "10.0.0.1"}]), "IPs[0]"),
     ("not an IP", _with(IPs=[{"Address": {"IP": "10.0.0.300"}}]), "not an IP"),

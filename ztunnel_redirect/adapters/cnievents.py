@@ -129,6 +129,10 @@ def _refuse_host_netns(path: str, host_netns: frozenset[NetnsId]) -> None:
 
 
 def _parse_ips(value: Any) -> tuple[str, ...]:
+    """The event's IPs; none when absent or null (Istio's plugin sends `null` without a
+    prevResult): the pod's IPs then come from the API, as for an empty list."""
+    if value is None:
+        return ()
     if not isinstance(value, list):
         raise InvalidCniEventError("IPs must be a list")
     ips: list[str] = []
