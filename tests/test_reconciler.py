@@ -37,6 +37,8 @@ class Calls:
         self.log: list[str] = []
         """The order of what every fake was asked (the fake kernel appends to it too)."""
         self.nack = False
+        self.del_failures = 0
+        """How many Dels ztunnel fails (nacks, or loses the connection before the ack)."""
         self.located: str | None = netns
         """What the locator (the /proc scan) finds for the pod."""
         self.enqueued: list[str] = []
@@ -65,6 +67,10 @@ class FakeZtunnel:
         self.calls.log.append("ztunnel_add")
 
     async def del_workload(self, uid: PodUid) -> None:
+        if self.calls.del_failures:
+            self.calls.del_failures -= 1
+            self.calls.log.append("ztunnel_del_failed")
+            raise RetryableError("ztunnel refused to delete it")
         self.calls.log.append("ztunnel_del")
 
 
@@ -485,14 +491,16 @@ async def test_removal_and_status_events_carry_netns_reason_and_duration(
     assert "duration_ms" in removed
 
 
-# --- I: ztunnel refuses a pod in its snapshot -----------------------------------------------------
+# --- I: a snapshot could not hand the pod's netns over --------------------------------------------
 
 
-async def test_a_pod_nacked_in_a_snapshot_is_retried_at_once(w: World, calls: Calls) -> None:
+async def test_a_pod_whose_netns_a_snapshot_could_not_send_is_retried_at_once(
+    w: World, calls: Calls
+) -> None:
     await enrolled(w, calls)
     calls.enqueued.clear()
 
-    w.records.snapshot_nacked(UID)
+    w.records.snapshot_unsent(UID)
 
     assert calls.enqueued == [UID]
     assert not w.records.accepted(UID)
@@ -555,3 +563,51 @@ async def test_a_pods_host_element_is_never_written_during_a_host_pass(
     # The removal waited for the pass: the pass did not put the element back afterwards.
     assert w.kernel.host_elements == {}
     assert w.records == {}
+
+
+# --- K: a Del that ztunnel did not ack ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("leaves", ["deleted", "opted_out"])
+async def test_a_failed_del_is_retried_and_the_pod_stays_out_of_snapshots(
+    w: World, calls: Calls, leaves: str
+) -> None:
+    await enrolled(w, calls)
+    calls.del_failures = 2
+    if leaves == "deleted":
+        w.store.delete_pod(pod())
+    else:
+        w.store.upsert_pod(pod(**{c.ENROLL_LABEL: c.OPT_OUT_VALUE}))
+
+    for _ in range(2):
+        with pytest.raises(RetryableError, match="refused to delete"):
+            await w.reconcile(UID)
+        assert UID in w.records  # kept until ztunnel acks the Del
+        assert w.records.host_elements() == {}
+        calls.enqueued.clear()
+        assert w.records.snapshot() == []  # a ztunnel that connects now does not get it back
+        assert calls.enqueued == [UID]  # and the Del is retried at once on the new connection
+    await w.reconcile(UID)
+
+    assert calls.log.count("ztunnel_del_failed") == 2
+    assert calls.log[-1] == ("ztunnel_del" if leaves == "deleted" else "status=None")
+    assert w.records == {}
+
+
+async def test_a_failed_del_of_a_vanished_netns_is_sent_again_first(
+    w: World, calls: Calls, node: Node
+) -> None:
+    await enrolled(w, calls)
+    node.reuse_pid(node.host)
+    calls.located = None
+    calls.del_failures = 1
+
+    with pytest.raises(RetryableError, match="refused to delete"):
+        await w.reconcile(UID)
+    assert w.records.snapshot() == []
+    calls.log.clear()
+    with pytest.raises(NetnsPendingError):  # the Del went; the pod's netns is still unknown
+        await w.reconcile(UID)
+
+    assert calls.log == ["ztunnel_del", "locate"]
+    assert w.records.snapshot() == [(pod(), None, None)]

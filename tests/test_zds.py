@@ -15,12 +15,15 @@ import structlog
 
 from ztunnel_redirect.adapters import zds_pb2
 from ztunnel_redirect.adapters.zds import (
+    ACCEPT_BURST,
+    ACCEPT_RATE,
     RequestKind,
     Workload,
     ZtunnelNackError,
     ZtunnelServer,
     ZtunnelUnavailableError,
 )
+from ztunnel_redirect.control.workqueue import FakeClock
 from ztunnel_redirect.core.constants import HBONE_PORT
 from ztunnel_redirect.core.errors import ConfigError, NetnsNotFoundError, RetryableError
 from ztunnel_redirect.core.model import Pod, PodUid
@@ -165,7 +168,8 @@ async def test_snapshot_netns_that_cannot_be_opened_is_sent_as_keep_and_retried(
     retried: list[str] = []
     server = await make_server(
         [Workload(stuck, unopenable_netns), Workload(good, SELF_NETNS)],
-        on_snapshot_nack=lambda uid, _error: retried.append(uid),
+        on_snapshot_unsent=lambda uid, _error: retried.append(uid),
+        on_snapshot_nack=lambda uid, _error: pytest.fail(f"{uid} was not nacked"),
     )
 
     with structlog.testing.capture_logs() as logs:
@@ -193,9 +197,13 @@ async def test_snapshot_nack_is_reported_and_the_snapshot_goes_on(
     server = await make_server(
         [Workload(a, SELF_NETNS), Workload(b, SELF_NETNS)],
         on_snapshot_nack=lambda uid, error: nacked.append((uid, error)),
+        on_snapshot_unsent=lambda uid, _error: pytest.fail(f"{uid} was sent"),
     )
 
-    fake = await make_fake(behaviour=Behaviour(nack_uids=frozenset({"uid-a"}), nack_message="no"))
+    with structlog.testing.capture_logs() as logs:
+        fake = await make_fake(
+            behaviour=Behaviour(nack_uids=frozenset({"uid-a"}), nack_message="no")
+        )
 
     assert kinds(fake) == [
         (RequestKind.ADD, "uid-a"),
@@ -203,6 +211,8 @@ async def test_snapshot_nack_is_reported_and_the_snapshot_goes_on(
         (RequestKind.SNAPSHOT_SENT, ""),
     ]
     assert nacked == [("uid-a", "no")]
+    (logged,) = [e for e in logs if e["event"] == "snapshot_workload_nacked"]
+    assert (logged["pod_uid"], logged["reason"], logged["log_level"]) == ("uid-a", "no", "warning")
     async with asyncio.timeout(WAIT):
         await server.wait_connected()
     assert set(fake.workloads) == {"uid-b"}
@@ -324,6 +334,70 @@ async def test_snapshot_path_naming_another_netns_than_expected_is_sent_as_keep(
     assert kinds(fake) == [(RequestKind.KEEP, "uid-reused"), (RequestKind.SNAPSHOT_SENT, "")]
 
 
+async def test_a_nacked_del_raises_after_every_connection_answered(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    pod = make_pod("p")
+    server = await make_server([Workload(pod, SELF_NETNS)])
+    refusing = await make_fake(
+        behaviour=Behaviour(nack_uids=frozenset({"uid-p"}), nack_message="busy")
+    )
+    accepting = await make_fake()
+    async with asyncio.timeout(WAIT):
+        await server.wait_connections(2)
+
+    with pytest.raises(ZtunnelNackError, match="busy"):
+        async with asyncio.timeout(WAIT):
+            await server.del_workload(pod.uid)
+
+    assert kinds(accepting)[-1] == kinds(refusing)[-1] == (RequestKind.DEL, "uid-p")
+    assert accepting.workloads == {}
+    assert server.connections == 2  # a nack costs no connection
+
+
+async def test_a_del_whose_connection_is_lost_before_the_ack_raises(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    pod = make_pod("p")
+    server = await make_server()
+    fake = await make_fake()
+    fake.behaviour = Behaviour(crash_after=len(fake.requests) + 1)  # dies on the next request
+
+    with pytest.raises(ZtunnelUnavailableError, match="not acked"):
+        async with asyncio.timeout(WAIT):
+            await server.del_workload(pod.uid)
+
+    assert kinds(fake)[-1] == (RequestKind.DEL, "uid-p")
+    async with asyncio.timeout(WAIT):
+        await server.del_workload(pod.uid)  # no connection left: no ztunnel holds it
+
+
+async def test_connections_past_the_burst_are_rate_limited_not_refused(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    clock = FakeClock()
+    server = await make_server(clock=clock)
+    fakes = [await make_fake() for _ in range(ACCEPT_BURST)]
+    late = [await make_fake(wait_snapshot=False) for _ in range(4)]
+
+    for expected in range(ACCEPT_BURST + 1, ACCEPT_BURST + 5):
+        async with asyncio.timeout(WAIT):
+            await clock.wait_sleeping()  # the next accept waits for its token
+        assert server.connections == expected - 1
+        assert clock.sleeping == [pytest.approx(1 / ACCEPT_RATE)]
+        clock.advance(1 / ACCEPT_RATE)
+        async with asyncio.timeout(WAIT):
+            await server.wait_connections(expected)
+
+    for fake in late:
+        async with asyncio.timeout(WAIT):
+            await fake.snapshot_done.wait()
+    assert not any(fake.closed.is_set() for fake in fakes + late)  # none refused
+    async with asyncio.timeout(WAIT):
+        await server.add_workload(make_pod("new"), SELF_NETNS)
+    assert set(late[-1].workloads) == {"uid-new"}  # the newest connection is served
+
+
 async def test_no_connection_is_unavailable(make_server: ServerFactory) -> None:
     server = await make_server()
 
@@ -428,12 +502,10 @@ async def assert_still_served(server: ZtunnelServer, good: FakeZtunnel, name: st
     ("hello", "reason"),
     [
         (GARBAGE, "undecodable"),
-        (b"\x08\x02", "unsupported_version"),  # ZdsHello{version=2}
-        (zds_pb2.WorkloadResponse(ack=zds_pb2.Ack()).SerializeToString(), "unsupported_version"),
         (b"\x08\x01" + b"x" * 2000, "message_too_large"),
         (b"", "timeout"),  # no hello at all
     ],
-    ids=["garbage", "version", "wrong-message", "oversize", "silent"],
+    ids=["garbage", "oversize", "silent"],
 )
 async def test_bad_hello_drops_only_that_connection(
     make_server: ServerFactory, make_fake: Callable[..., Any], hello: bytes, reason: str
@@ -451,6 +523,24 @@ async def test_bad_hello_drops_only_that_connection(
         ("ztunnel_rejected", reason)
     ]
     await assert_still_served(server, good, "after")
+
+
+async def test_a_hello_of_another_version_is_logged_and_served(
+    make_server: ServerFactory, make_fake: Callable[..., Any]
+) -> None:
+    # As Istio's agent: the version is logged, not enforced (a newer ztunnel still speaks V1).
+    pod = make_pod("p")
+    server = await make_server([Workload(pod, SELF_NETNS)])
+
+    with structlog.testing.capture_logs() as logs:
+        fake = await make_fake(version=7)
+        async with asyncio.timeout(WAIT):
+            await server.wait_connected()
+
+    (warned,) = [e for e in logs if e["event"] == "ztunnel_hello_version_unknown"]
+    assert (warned["version"], warned["log_level"]) == (7, "warning")
+    assert set(fake.workloads) == {"uid-p"}
+    await assert_still_served(server, fake, "after")
 
 
 @pytest.mark.parametrize(

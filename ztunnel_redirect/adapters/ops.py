@@ -241,6 +241,12 @@ class Metrics:
             "ztunnel processes connected to the agent (ZDS).",
             registry=r,
         )
+        self._snapshot_nacks = Counter(
+            f"{_PREFIX}_ztunnel_snapshot_nacks",
+            "Workloads that ztunnel refused inside a snapshot. As in Istio they are only logged "
+            "and counted: the pod stays enabled and in the host sets (ztunnel retries it).",
+            registry=r,
+        )
         self._replays_refused = Counter(
             f"{_PREFIX}_batch_replays_refused",
             "New pod tables installed through libnftables because the kernel refused the "
@@ -358,6 +364,9 @@ class Metrics:
         """`ztunnel_redirect_held_objects{kind}` reads `count()` at each scrape (on the event
         loop, which serves /metrics)."""
         self._held.labels(kind=kind.value).set_function(count)
+
+    def count_snapshot_nack(self) -> None:
+        self._snapshot_nacks.inc()
 
     def count_replay_refused(self) -> None:
         self._replays_refused.inc()

@@ -6,6 +6,12 @@ when its netns is known, `Keep` otherwise), then `SnapshotSent`. After that the 
 `Add` to the newest connection and `Del` to every connection. Every request waits for exactly one
 `WorkloadResponse{ack}`; one protobuf message per packet, at most 1024 bytes.
 
+As Istio's agent does, a hello of another version than V1 is logged and served, and connections
+are never refused: past a burst of 16, accepting is rate-limited (a ztunnel reconnecting in a
+loop must not exhaust the agent). A nack inside a snapshot is logged and counted only (ztunnel
+retries the workload itself); a Del that any connection nacks or loses fails, for the caller to
+retry.
+
 One task per connection owns its socket: it reads the hello, sends the snapshot, then serves
 requests queued by `add_workload`/`del_workload` one at a time. When idle it watches the socket;
 a peer that closes (or sends anything unasked) is dropped at once, and a periodic probe backs that
@@ -37,6 +43,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from ztunnel_redirect.adapters import unixsocket, zds_pb2
+from ztunnel_redirect.control.workqueue import MONOTONIC, Clock
 from ztunnel_redirect.core import constants
 from ztunnel_redirect.core.errors import (
     NetnsNotFoundError,
@@ -47,6 +54,8 @@ from ztunnel_redirect.core.model import Pod, PodUid
 from ztunnel_redirect.kernel.netns import NetnsId, open_netns
 
 __all__ = [
+    "ACCEPT_BURST",
+    "ACCEPT_RATE",
     "MAX_MESSAGE_SIZE",
     "DropReason",
     "NetnsOpenError",
@@ -67,6 +76,11 @@ log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_SIZE: Final = 1024
 """Largest ZDS packet, either direction (docs/design.md §9)."""
+ACCEPT_BURST: Final = 16
+"""Connections accepted at once before accepting is rate-limited (a node has one or two
+ztunnels; more is a ztunnel reconnecting in a loop)."""
+ACCEPT_RATE: Final = 5.0
+"""Connections accepted per second past the burst (Istio accepts at most 5 per second)."""
 _FD_SIZE: Final = array.array("i").itemsize
 _SERVER_MAX_FDS: Final = 4
 """Room for fds a misbehaving peer sends us, so that we receive them and can close them."""
@@ -106,7 +120,6 @@ class DropReason(enum.Enum):
     IO_ERROR = "io_error"
     UNDECODABLE = "undecodable"
     UNEXPECTED_MESSAGE = "unexpected_message"
-    UNSUPPORTED_VERSION = "unsupported_version"
     UNEXPECTED_FD = "unexpected_fd"
     MESSAGE_TOO_LARGE = "message_too_large"
     SERVER_CLOSED = "server_closed"
@@ -295,6 +308,33 @@ def _open_for_add(path: str, identity: NetnsId | None) -> int:
         raise NetnsOpenError(f"cannot open network namespace {path}: {exc}") from exc
 
 
+class _AcceptLimiter:
+    """A token bucket: `burst` accepts at once, then `rate` per second. Connections past it wait
+    in the listen backlog instead of being refused; the newest one is served once accepted."""
+
+    def __init__(self, *, burst: int, rate: float, clock: Clock) -> None:
+        if burst < 1 or rate <= 0:
+            raise ValueError(f"accept limit needs burst >= 1 and rate > 0, got {burst}, {rate}")
+        self._burst = burst
+        self._rate = rate
+        self._clock = clock
+        self._tokens = float(burst)
+        self._last = clock.now()
+
+    async def take(self) -> None:
+        """Until an accept is allowed."""
+        now = self._clock.now()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return
+        log.warning("ztunnel_accept_rate_limited", wait_s=round((1 - self._tokens) / self._rate, 3))
+        await self._clock.sleep((1 - self._tokens) / self._rate)
+        self._tokens = 0.0  # the token that came in while we slept is this accept's
+        self._last = self._clock.now()
+
+
 class ZtunnelServer:
     """Listens for ztunnel connections and sends them workloads.
 
@@ -306,8 +346,13 @@ class ZtunnelServer:
     A connection counts (`connections`, target of `add_workload`) from its hello on; it is
     *live* (`wait_connected`) once its snapshot was acknowledged.
 
-    `on_snapshot_nack(uid, reason)` is called for a pod that a snapshot did not hand over:
-    ztunnel nacked it, or its netns could not be opened (it went as `Keep`). The caller retries it.
+    `on_snapshot_nack(uid, reason)` is called for a pod that ztunnel nacked inside a snapshot:
+    as in Istio, that is only reported (ztunnel retries the workload itself; the pod stays
+    accepted). `on_snapshot_unsent(uid, reason)` is called for a pod whose netns could not be
+    opened, so that it went as `Keep`: the caller Adds it again.
+
+    Accepting is rate-limited past `accept_burst` connections (`accept_rate` per second, on
+    `clock`); no connection is refused.
     """
 
     def __init__(
@@ -317,15 +362,19 @@ class ZtunnelServer:
         snapshot: Callable[[], Sequence[Workload]],
         timeout: float = 5.0,
         keepalive_interval: float = 5.0,
-        max_connections: int = 16,
+        accept_burst: int = ACCEPT_BURST,
+        accept_rate: float = ACCEPT_RATE,
+        clock: Clock = MONOTONIC,
         on_snapshot_nack: Callable[[PodUid, str], None] | None = None,
+        on_snapshot_unsent: Callable[[PodUid, str], None] | None = None,
     ) -> None:
         self._path = path
         self._snapshot = snapshot
         self._timeout = timeout
         self._keepalive_interval = keepalive_interval
-        self._max_connections = max_connections
+        self._accepts = _AcceptLimiter(burst=accept_burst, rate=accept_rate, clock=clock)
         self._on_snapshot_nack = on_snapshot_nack
+        self._on_snapshot_unsent = on_snapshot_unsent
         self._listener: socket.socket | None = None
         self._socket_file: unixsocket.SocketFile | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -343,7 +392,10 @@ class ZtunnelServer:
         if self._listener is not None:
             return
         self._listener, self._socket_file = unixsocket.listen(
-            self._path, socket.SOCK_SEQPACKET, backlog=self._max_connections
+            # Connections past the accept rate wait here rather than being refused.
+            self._path,
+            socket.SOCK_SEQPACKET,
+            backlog=socket.SOMAXCONN,
         )
         self._accept_task = asyncio.create_task(self._accept_loop(), name="zds-accept")
         log.info("zds_server_listening", path=self._path)
@@ -429,11 +481,18 @@ class ZtunnelServer:
             raise ZtunnelNackError(f"ztunnel refused pod {pod.key} ({pod.uid}): {error}")
 
     async def del_workload(self, uid: PodUid) -> None:
-        """Send `Del` to every connection and wait for their acks; best effort, never raises
-        for a ztunnel that fails (a ztunnel that reconnects gets a snapshot without the pod)."""
+        """Send `Del` to every connection and wait for all their acks.
+
+        Raises ZtunnelNackError when a connection nacked it, ZtunnelUnavailableError when one
+        was lost before its ack: the caller retries (a retry goes to the connections open then;
+        a ztunnel that reconnected meanwhile has the pod only if its snapshot had it). With no
+        connection there is no ztunnel to tell: that succeeds.
+        """
         conns = list(self._greeted)
         futures = [conn.submit(RequestKind.DEL, uid, None, None) for conn in conns]
         results = await asyncio.gather(*futures, return_exceptions=True)
+        nacks: list[str] = []
+        lost: list[str] = []
         for conn, result in zip(conns, results, strict=True):
             if isinstance(result, asyncio.CancelledError):
                 raise result
@@ -441,8 +500,14 @@ class ZtunnelServer:
                 log.warning(
                     "workload_delete_failed", pod_uid=uid, conn=conn.number, reason=str(result)
                 )
+                lost.append(f"connection {conn.number}: {result}")
             elif result:
                 log.warning("workload_delete_nacked", pod_uid=uid, conn=conn.number, reason=result)
+                nacks.append(f"connection {conn.number}: {result}")
+        if nacks:
+            raise ZtunnelNackError(f"ztunnel refused to delete {uid}: {'; '.join(nacks + lost)}")
+        if lost:
+            raise ZtunnelUnavailableError(f"delete of {uid} not acked: {'; '.join(lost)}")
 
     # --- connections
 
@@ -450,6 +515,7 @@ class ZtunnelServer:
         assert self._listener is not None  # noqa: S101 - set by start() before this task exists
         loop = asyncio.get_running_loop()
         while True:
+            await self._accepts.take()
             try:
                 sock, _ = await loop.sock_accept(self._listener)
             except OSError as exc:
@@ -458,10 +524,6 @@ class ZtunnelServer:
                 await asyncio.sleep(0.1)
                 continue
             sock.setblocking(False)
-            if len(self._all) >= self._max_connections:
-                log.warning("ztunnel_connection_refused", reason="too_many_connections")
-                sock.close()
-                continue
             conn = _Connection(sock, next(self._numbers), _peer_pid(sock))
             self._all.append(conn)
             task = asyncio.create_task(self._serve(conn), name=f"zds-conn-{conn.number}")
@@ -532,7 +594,8 @@ class ZtunnelServer:
         except DecodeError as exc:
             raise _Dropped(DropReason.UNDECODABLE, "hello") from exc
         if hello.version != zds_pb2.V1:
-            raise _Dropped(DropReason.UNSUPPORTED_VERSION, f"version {hello.version}")
+            # Istio logs the version and serves the connection: a newer ztunnel still speaks V1.
+            log.warning("ztunnel_hello_version_unknown", conn=conn.number, version=hello.version)
 
     async def _exchange(
         self,
@@ -621,8 +684,8 @@ class ZtunnelServer:
                     "snapshot_netns_open_failed", pod_uid=pod.uid, pod=pod.key,
                     netns=workload.netns_path, reason=str(exc),
                 )  # fmt: skip
-                if self._on_snapshot_nack is not None:
-                    self._on_snapshot_nack(pod.uid, str(exc))
+                if self._on_snapshot_unsent is not None:
+                    self._on_snapshot_unsent(pod.uid, str(exc))
         return RequestKind.KEEP, await self._exchange(conn, RequestKind.KEEP, pod.uid)
 
     def _probe(self, conn: _Connection) -> None:

@@ -170,7 +170,8 @@ class Agent:
         zds = ZtunnelServer(
             path=s.ztunnel_uds,
             snapshot=functools.partial(_snapshot, records),
-            on_snapshot_nack=lambda uid, _error: records.snapshot_nacked(uid),
+            on_snapshot_nack=lambda _uid, _error: self.metrics.count_snapshot_nack(),
+            on_snapshot_unsent=lambda uid, _error: records.snapshot_unsent(uid),
         )
         self.metrics.follow_ztunnel_connections(lambda: zds.live_connections)
         kube = KubeClient(api)

@@ -90,7 +90,9 @@ class Ztunnel(Protocol):
     async def add_workload(
         self, pod: Pod, netns_path: str, *, identity: NetnsId | None = None
     ) -> None: ...
-    async def del_workload(self, uid: PodUid) -> None: ...
+    async def del_workload(self, uid: PodUid) -> None:
+        """Raises a RetryableError when a ztunnel nacked the Del or was lost before its ack."""
+        ...
 
 
 class ZtunnelLinks(Protocol):

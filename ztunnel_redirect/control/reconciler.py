@@ -8,6 +8,7 @@ the kernel, and writes only what differs. Add and remove follow docs/design.md �
 add:    netns → pod rules + routing → ztunnel Add (ack) → host set → annotation `enabled`
         (no ztunnel or a nack: annotation `pending`, retried with backoff)
 remove: host set → pod rules + routing (if the pod still runs) → ztunnel Del → annotation removed
+        (a Del nacked or not acked fails the run: retried with backoff, see `_ztunnel_del`)
 
 A pod's netns is named by a path, and a path found by the /proc scan (`/proc/<pid>/ns/net`) names
 whatever netns that pid is in now: the pid may exit and be reused, even by a host process. So the
@@ -201,18 +202,33 @@ class Reconciler:
         if listed:
             removed = await self._host_remove(record.pod.ips, record.pod.uid)
             record.left_host_set()
-            await self._ztunnel.del_workload(record.pod.uid)
+            record.del_owed = True
         if netns is not None:
             self._pod_rules.forget(netns)
         record.netns = record.netns_id = record.options = None
         record.phase = Phase.PENDING
         record.adopted = record.istio_rules_gone = False
         log.info("netns_vanished", netns=netns, reason=reason, host_elements=len(removed))
+        if record.del_owed:
+            await self._ztunnel_del(record.pod.uid, record)
+
+    async def _ztunnel_del(self, uid: PodUid, record: PodRecord | None) -> None:
+        """Del the pod from every ztunnel. A nack, or a connection lost before its ack, raises
+        (retryable): the pod's run fails and the queue retries it with backoff, sending the Del
+        again, until every connection acks it or none has the pod (a ztunnel that reconnected
+        got a snapshot without it: `PodRecords.snapshot` leaves out a pod that owes a Del)."""
+        if record is not None:
+            record.del_owed = True
+        await self._ztunnel.del_workload(uid)
+        if record is not None:
+            record.del_owed = False
 
     async def _enroll(self, pod: Pod) -> None:
         record = self.records.get(pod.uid)
         if record is None:
             record = self.records[pod.uid] = PodRecord(pod=pod)
+        if record.del_owed:  # ztunnel may hold a workload of the pod that should be gone
+            await self._ztunnel_del(pod.uid, record)
         options, warnings = self._policy.pod_options(pod)
         for warning in warnings:
             log.warning("pod_annotation_ignored", reason=warning)
@@ -326,6 +342,7 @@ class Reconciler:
         record = self.records.get(uid)
         if record is not None:
             record.withdraw()  # out of the desired host set (see `_netns_gone`)
+            record.del_owed = True  # and out of any snapshot from now on
         ips = record.pod.ips if record else pod.ips
         removed = await self._host_remove(ips, uid)
         netns = record.netns if record is not None else None
@@ -339,7 +356,7 @@ class Reconciler:
                     await self._remove_rules(netns, identity, pod, record)
                 except NetnsNotFoundError:
                     log.info("netns_vanished", netns=netns, reason="netns_gone")
-        await self._ztunnel.del_workload(uid)
+        await self._ztunnel_del(uid, record)
         if running:
             await self._status.set_redirection_status(pod, None)
         if record is not None and record.netns is not None:

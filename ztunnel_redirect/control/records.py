@@ -29,10 +29,12 @@ PENDING = "pending"
 class Phase(enum.Enum):
     """Where a pod stands between ztunnel and the host probe sets.
 
-    PENDING → ACCEPTED (ztunnel acked) → ENROLLED (its IPs written to the host sets). ztunnel
-    refusing it later (a snapshot nack), or its netns going, makes an ENROLLED pod WITHDRAWING
-    until its elements are removed, then PENDING. Only ACCEPTED and ENROLLED pods are in the
-    desired host set: a pending pod's probes must not pass while its traffic goes nowhere.
+    PENDING → ACCEPTED (ztunnel acked) → ENROLLED (its IPs written to the host sets). A snapshot
+    that could not hand its netns over, or its netns going, makes an ENROLLED pod WITHDRAWING
+    until its elements are removed, then PENDING. A nack inside a snapshot changes nothing (as
+    in Istio: ztunnel retries the workload itself, and istiod reads `enabled` as captured).
+    Only ACCEPTED and ENROLLED pods are in the desired host set: a pending pod's probes must not
+    pass while its traffic goes nowhere.
     """
 
     PENDING = "pending"
@@ -70,6 +72,10 @@ class PodRecord:
     istio_rules_gone: bool = False
     """Istio's iptables rules are known to be absent from its netns (removed by the migration,
     or never there: a new sandbox from a CNI ADD)."""
+    del_owed: bool = False
+    """ztunnel may still hold the workload: a Del failed (nacked, or its connection was lost
+    before the ack) or is under way. Snapshots leave the pod out, and its next reconcile sends
+    the Del again first."""
 
     def netns_current(self) -> bool:
         """Whether `netns` still names the netns it named when it was found."""
@@ -132,12 +138,17 @@ class PodRecords(dict[PodUid, PodRecord]):
         None: sent as Keep). A ztunnel just connected: pods it had not accepted yet would wait
         out a retry backoff of up to 30 s, pending and without their host set entry (probes),
         so they are retried now (their Add is queued behind this snapshot on the connection).
+        A pod that owes a Del is left out (the new ztunnel must not get it back) and retried now
+        too: its Del to the new connection is then a no-op.
 
         A path that no longer names the pod's netns is never sent: the pod goes as Keep and is
         reconciled at once (which finds out where its netns went)."""
         out: list[tuple[Pod, str | None, NetnsId | None]] = []
         for record in self.values():
             netns = record.netns
+            if record.del_owed:
+                self._store.touch(record.pod.uid)
+                continue
             if not record.phase.accepted or (netns is not None and not record.netns_current()):
                 self._store.touch(record.pod.uid)
             if netns is not None and not record.netns_current():
@@ -145,8 +156,9 @@ class PodRecords(dict[PodUid, PodRecord]):
             out.append((record.pod, netns, record.netns_id if netns is not None else None))
         return out
 
-    def snapshot_nacked(self, uid: PodUid) -> None:
-        """ztunnel refused the pod in a snapshot: not accepted any more, retried at once."""
+    def snapshot_unsent(self, uid: PodUid) -> None:
+        """A snapshot could not open the pod's netns (it went as Keep): not accepted any more,
+        retried at once."""
         record = self.get(uid)
         if record is not None:
             record.withdraw()

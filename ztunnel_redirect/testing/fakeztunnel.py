@@ -24,7 +24,7 @@ import os
 import socket
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from google.protobuf.message import DecodeError
 
@@ -147,16 +147,21 @@ class FakeZtunnel:
         data_plane: DataPlaneFactory | None = None,
         serve: bool = False,
         ipv6: bool = False,
+        version: int = zds_pb2.V1,
         hello: bytes | None = None,
     ) -> None:
-        """`hello`: raw bytes to send instead of `ZdsHello{V1}` (b"" sends no hello at all)."""
+        """`version`: the `ZdsHello` version to announce (a ztunnel newer than the agent);
+        `hello`: raw bytes to send instead of the hello (b"" sends no hello at all)."""
         self.path = path
         self.behaviour = behaviour or Behaviour()
         if data_plane is None and serve:
             data_plane = _standin_factory(ipv6=ipv6)
         self._data_plane = data_plane
         self._hello = (
-            zds_pb2.ZdsHello(version=zds_pb2.V1).SerializeToString() if hello is None else hello
+            # cast: proto3 enums are open, an unknown number is what a newer ztunnel sends.
+            zds_pb2.ZdsHello(version=cast(zds_pb2.Version, version)).SerializeToString()
+            if hello is None
+            else hello
         )
         self._state = _State()
         self._changed = asyncio.Condition()
