@@ -25,7 +25,7 @@ from ztunnel_redirect.testing.agentprocess import (
     standin_of,
 )
 from ztunnel_redirect.testing.apiserver import ApiServer
-from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
+from ztunnel_redirect.testing.fakeztunnel import Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.netnslab import Netns
 from ztunnel_redirect.testing.node import NODE_NAME, NodePod, TestNode
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
@@ -117,9 +117,15 @@ class Ztunnels:
         self.node = node
         self.connected: list[FakeZtunnel] = []
 
-    async def connect(self, *, serve: bool = True) -> FakeZtunnel:
+    async def connect(
+        self, *, serve: bool = True, behaviour: Behaviour | None = None
+    ) -> FakeZtunnel:
         fake = await connect_ztunnel(
-            self.node.ztunnel_socket, serve=serve, ipv6=self.node.ipv6, timeout=WAIT
+            self.node.ztunnel_socket,
+            serve=serve,
+            ipv6=self.node.ipv6,
+            behaviour=behaviour,
+            timeout=WAIT,
         )
         self.connected.append(fake)
         return fake

@@ -55,7 +55,7 @@ from ztunnel_redirect.testing.agentprocess import (
     metric,
     status_annotation,
 )
-from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
+from ztunnel_redirect.testing.fakeztunnel import Behaviour, FakeZtunnel
 from ztunnel_redirect.testing.node import KUBELET_UID, NodePod, TestNode
 from ztunnel_redirect.testing.traffic import App, request
 
@@ -182,6 +182,55 @@ async def test_deleting_pod_cleans_host_set_and_sends_del(
     assert host_set_elements(node) == {b.ips[0]: b.uid}
     assert PodUid(a.uid) not in ztunnel.workloads
     assert metric(await agent.metrics(), f"{PREFIX}_pods_enrolled") == 1
+
+
+async def test_a_nack_in_a_snapshot_is_counted_and_leaves_the_pod_enabled(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+    ztunnels: Ztunnels,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    probes = host_set_elements(node)
+
+    # A new ztunnel (a rolling restart) refuses `a` in its snapshot: as in Istio, ztunnel retries
+    # it itself, and istiod keeps reading `enabled` as captured.
+    newer = await ztunnels.connect(  # no stand-ins: the first ztunnel's still serve the pods
+        serve=False, behaviour=Behaviour(nack_uids=frozenset({a.uid}))
+    )
+    nacked = await agent.wait_event("snapshot_workload_nacked", pod_uid=a.uid, timeout=WAIT)
+    mark = agent.events.index(nacked)
+    await agent.wait_event("drift_pass_done", since=mark, timeout=3 * PERIOD + 1)
+
+    assert metric(await agent.metrics(), f"{PREFIX}_ztunnel_snapshot_nacks_total") == 1
+    assert host_set_elements(node) == probes
+    assert status_annotation(node.api, a) == "enabled"
+    assert [r.kind for r in newer.requests if r.uid == a.uid] == [RequestKind.ADD]  # no retry
+    assert agent.find("pod_status_set", since=mark) == []
+
+
+async def test_a_del_ztunnel_refuses_is_retried_until_acked(
+    node: TestNode,
+    pods: tuple[NodePod, NodePod],
+    agent: AgentProcess,
+    ztunnel: FakeZtunnel,
+) -> None:
+    a, b = pods
+    await enroll(node, a, b)
+    ztunnel.behaviour = Behaviour(nack_uids=frozenset({a.uid}))
+
+    node.api.delete_pod(NS, a.name)
+    await agent.wait_event("work_failed", key=a.uid, reason="ZtunnelNackError", timeout=WAIT)
+    assert agent.find("pod_removed", pod_uid=a.uid) == []
+    ztunnel.behaviour = Behaviour()
+
+    await agent.wait_event("pod_removed", pod_uid=a.uid, timeout=WAIT)
+    dels = [r.answer for r in ztunnel.requests if r.kind is RequestKind.DEL and r.uid == a.uid]
+    assert dels[0] != "" and dels[-1] == ""
+    assert PodUid(a.uid) not in ztunnel.workloads
+    assert host_set_elements(node) == {b.ips[0]: b.uid}
 
 
 async def test_drift_is_repaired_by_a_pass(
