@@ -46,6 +46,7 @@ from ztunnel_redirect.adapters import unixsocket, zds_pb2
 from ztunnel_redirect.control.workqueue import MONOTONIC, Clock
 from ztunnel_redirect.core import constants
 from ztunnel_redirect.core.errors import (
+    ConfigError,
     NetnsNotFoundError,
     RedirectError,
     RetryableError,
@@ -314,7 +315,7 @@ class _AcceptLimiter:
 
     def __init__(self, *, burst: int, rate: float, clock: Clock) -> None:
         if burst < 1 or rate <= 0:
-            raise ValueError(f"accept limit needs burst >= 1 and rate > 0, got {burst}, {rate}")
+            raise ConfigError(f"accept limit needs burst >= 1 and rate > 0, got {burst}, {rate}")
         self._burst = burst
         self._rate = rate
         self._clock = clock
@@ -391,11 +392,9 @@ class ZtunnelServer:
         """Listen (replacing a stale socket file); connections are served from then on."""
         if self._listener is not None:
             return
+        # Connections past the accept rate wait in the backlog rather than being refused.
         self._listener, self._socket_file = unixsocket.listen(
-            # Connections past the accept rate wait here rather than being refused.
-            self._path,
-            socket.SOCK_SEQPACKET,
-            backlog=socket.SOMAXCONN,
+            self._path, socket.SOCK_SEQPACKET, backlog=socket.SOMAXCONN
         )
         self._accept_task = asyncio.create_task(self._accept_loop(), name="zds-accept")
         log.info("zds_server_listening", path=self._path)
@@ -515,6 +514,8 @@ class ZtunnelServer:
         assert self._listener is not None  # noqa: S101 - set by start() before this task exists
         loop = asyncio.get_running_loop()
         while True:
+            # A token is taken for a connection that is there (the rate-limit log says so).
+            await _wait_ready(self._listener, writable=False)
             await self._accepts.take()
             try:
                 sock, _ = await loop.sock_accept(self._listener)
