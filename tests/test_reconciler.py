@@ -611,3 +611,19 @@ async def test_a_failed_del_of_a_vanished_netns_is_sent_again_first(
 
     assert calls.log == ["ztunnel_del", "locate"]
     assert w.records.snapshot() == [(pod(), None, None)]
+
+
+async def test_a_failed_del_of_a_pod_without_a_record_is_retried(w: World, calls: Calls) -> None:
+    # Enrolled by an earlier run, and deleted before this one adopted it.
+    gone = dataclasses.replace(pod(), annotations={c.STATUS_ANNOTATION: ENABLED})
+    w.store.upsert_pod(gone)
+    w.store.delete_pod(gone)
+    calls.del_failures = 1
+
+    with pytest.raises(RetryableError, match="refused to delete"):
+        await w.reconcile(UID)
+    assert w.records.snapshot() == []
+    await w.reconcile(UID)
+
+    assert calls.log == ["host_remove", "ztunnel_del_failed", "host_remove", "ztunnel_del"]
+    assert w.records == {}

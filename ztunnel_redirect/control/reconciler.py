@@ -356,7 +356,12 @@ class Reconciler:
                     await self._remove_rules(netns, identity, pod, record)
                 except NetnsNotFoundError:
                     log.info("netns_vanished", netns=netns, reason="netns_gone")
-        await self._ztunnel_del(uid, record)
+        try:
+            await self._ztunnel_del(uid, record)
+        except RetryableError:
+            if record is None:  # what the retry needs: a deleted pod's object is gone by then
+                self.records[uid] = PodRecord(pod=pod, del_owed=True)
+            raise
         if running:
             await self._status.set_redirection_status(pod, None)
         if record is not None and record.netns is not None:
