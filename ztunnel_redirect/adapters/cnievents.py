@@ -33,8 +33,7 @@ import json
 import posixpath
 import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
@@ -167,7 +166,7 @@ def _ignore_status(_status: int) -> None:
     """No one counts the answers."""
 
 
-class CniEventServer:
+class CniEventServer(unixsocket.HttpOnUnixSocket):
     """Serves `POST /cmdadd` on a Unix socket (mode 0600) and hands each event to `on_add`."""
 
     def __init__(
@@ -186,32 +185,19 @@ class CniEventServer:
         answer to a `/cmdadd` request (a metric)."""
         self._on_add = on_add
         self._on_response = on_response
-        self.socket_path = socket_path
         self._allowed = _normalise_dirs(allowed_netns_dirs)
         self._host_netns_paths = (_OWN_NETNS,) if host_netns is None else (_OWN_NETNS, host_netns)
         self._host_netns: frozenset[NetnsId] = frozenset()
         self._budget = budget
         app = web.Application(client_max_size=max_body)
         app.router.add_post("/cmdadd", self._handle_add)
-        self._server = unixsocket.HttpOnUnixSocket(socket_path, app)
+        super().__init__(socket_path, app)
         self._work: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def start(self) -> None:
         self._host_netns = self._identify_host_netns()
-        await self._server.start()
+        await super().start()
         log.info("cni_event_server_started", socket=self.socket_path)
 
     def _identify_host_netns(self) -> frozenset[NetnsId]:
@@ -225,7 +211,7 @@ class CniEventServer:
         return frozenset(keys)
 
     async def close(self) -> None:
-        await self._server.close()
+        await super().close()
         for task in list(self._work):
             task.cancel()
         if self._work:

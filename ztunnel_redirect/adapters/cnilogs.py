@@ -1,5 +1,5 @@
 """The CNI plugin's log lines in the agent's log: HTTP on `<run dir>/log.sock` taking `POST /log`
-(docs/design.md §8).
+(docs/design.md §8.3).
 
 The runtime keeps the plugin's stderr in its own log, on the node, where an operator rarely looks;
 so, as Istio's plugin does, ours also posts its lines here once it is done, and they appear in the
@@ -15,7 +15,7 @@ Each usable line is logged as `cni_plugin_log` at its level, with `source="cni-p
   logged all the same.
 - 413: the body is larger than `max_body`.
 
-The plugin does not wait for more than a fraction of a second and ignores the answer: logs never
+The plugin waits at most 200 ms and only logs a failure to its stderr at debug level: logs never
 delay or fail a pod.
 """
 
@@ -25,8 +25,7 @@ import json
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
@@ -128,35 +127,19 @@ def parse_plugin_logs(body: bytes) -> tuple[list[PluginLine], list[str]]:
     return lines, refused
 
 
-class PluginLogServer:
+class PluginLogServer(unixsocket.HttpOnUnixSocket):
     """Serves `POST /log` on a Unix socket (mode 0600) and logs each line as `cni_plugin_log`."""
 
     def __init__(
         self, *, socket_path: str = DEFAULT_SOCKET_PATH, max_body: int = DEFAULT_MAX_BODY
     ) -> None:
-        self.socket_path = socket_path
         app = web.Application(client_max_size=max_body)
         app.router.add_post("/log", self._handle_log)
-        self._server = unixsocket.HttpOnUnixSocket(socket_path, app)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+        super().__init__(socket_path, app)
 
     async def start(self) -> None:
-        await self._server.start()
+        await super().start()
         log.info("cni_log_server_started", socket=self.socket_path)
-
-    async def close(self) -> None:
-        await self._server.close()
 
     async def _handle_log(self, request: web.Request) -> web.Response:
         body = await request.read()  # raises 413 above client_max_size

@@ -14,6 +14,8 @@ import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
+from typing import Self
 
 import structlog
 from aiohttp import web
@@ -73,18 +75,30 @@ class HttpOnUnixSocket:
     """An aiohttp application served on a Unix stream socket made by `listen` (mode 0600).
 
     `close()` stops serving (requests in flight are cut after aiohttp's grace) and removes the file
-    unless a newer agent has replaced it.
+    unless a newer agent has replaced it. The servers of the CNI plugin's sockets are these.
     """
 
-    def __init__(self, path: str, app: web.Application, *, backlog: int = 128) -> None:
-        self.path = path
+    def __init__(self, socket_path: str, app: web.Application, *, backlog: int = 128) -> None:
+        self.socket_path = socket_path
         self._app = app
         self._backlog = backlog
         self._runner: web.AppRunner | None = None
         self._socket_file: SocketFile | None = None
 
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
     async def start(self) -> None:
-        sock, socket_file = listen(self.path, socket.SOCK_STREAM, backlog=self._backlog)
+        sock, socket_file = listen(self.socket_path, socket.SOCK_STREAM, backlog=self._backlog)
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         try:
             await runner.setup()

@@ -565,7 +565,7 @@ class Settings:
 
     @property
     def plugin_log_socket(self) -> str:
-        """Where the CNI plugin posts its log lines (docs/design.md §8)."""
+        """Where the CNI plugin posts its log lines (docs/design.md §8.3)."""
         return posixpath.join(self.run_dir, constants.PLUGIN_LOG_SOCKET)
 
     @property
