@@ -51,22 +51,7 @@ func (e *unreachableError) Error() string { return e.err.Error() }
 // postAddEvent posts the event; it returns nil when the agent answered 200, an *unreachableError
 // when it did not answer, and a *pluginError carrying the agent's answer otherwise.
 func postAddEvent(socketPath string, event *addEvent, timeout time.Duration) error {
-	body := mustMarshal(event)
-	deadline := time.Now().Add(timeout)
-	conn, err := net.DialTimeout("unix", socketPath, timeout)
-	if err != nil {
-		return &unreachableError{err}
-	}
-	defer conn.Close()
-	if err := conn.SetDeadline(deadline); err != nil {
-		return &unreachableError{err}
-	}
-	request := "POST /cmdadd HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" +
-		"Content-Length: " + strconv.Itoa(len(body)) + "\r\nConnection: close\r\n\r\n" + body
-	if _, err := io.WriteString(conn, request); err != nil {
-		return &unreachableError{err}
-	}
-	status, reason, text, err := readResponse(bufio.NewReader(conn))
+	status, reason, text, err := post(socketPath, "/cmdadd", mustMarshal(event), timeout)
 	if err != nil {
 		return &unreachableError{err}
 	}
@@ -85,6 +70,26 @@ func postAddEvent(socketPath string, event *addEvent, timeout time.Duration) err
 		"ztunnel-redirect agent refused pod: " + text,
 		fmt.Sprintf("HTTP %d from %s", status, socketPath),
 	}
+}
+
+// post sends one `POST <path>` of a JSON body over the Unix socket and reads the answer; timeout
+// bounds the whole exchange, connecting included.
+func post(socketPath, path, body string, timeout time.Duration) (status int, reason, text string, err error) {
+	deadline := time.Now().Add(timeout)
+	conn, err := net.DialTimeout("unix", socketPath, timeout)
+	if err != nil {
+		return 0, "", "", err
+	}
+	defer conn.Close()
+	if err := conn.SetDeadline(deadline); err != nil {
+		return 0, "", "", err
+	}
+	request := "POST " + path + " HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" +
+		"Content-Length: " + strconv.Itoa(len(body)) + "\r\nConnection: close\r\n\r\n" + body
+	if _, err := io.WriteString(conn, request); err != nil {
+		return 0, "", "", err
+	}
+	return readResponse(bufio.NewReader(conn))
 }
 
 // readResponse reads an HTTP/1.x response: its status, reason and the start of its body (at most

@@ -14,7 +14,8 @@
 //   - CHECK, GC, STATUS: succeed without output, from the CNI version that defines them on.
 //   - VERSION: prints the supported versions.
 //
-// Errors are the CNI error object on stdout with exit status 1; logs go to stderr only.
+// Errors are the CNI error object on stdout with exit status 1. Log lines go to stderr (the
+// runtime's log) and, once the command is done, to the agent's log socket (log.go).
 package main
 
 import (
@@ -66,6 +67,7 @@ func main() {
 		// Nothing to do about a failed write: the runtime reads the exit status too.
 		_, _ = os.Stdout.WriteString(out + "\n")
 	}
+	log.flush()
 	os.Exit(code)
 }
 
@@ -83,6 +85,8 @@ func environ(pairs []string) map[string]string {
 func run(env map[string]string, stdin io.Reader, log *logger) (status int, out string) {
 	command := env["CNI_COMMAND"]
 	version := latestVersion
+	args := parseCNIArgs(env["CNI_ARGS"])
+	log.pod = podRef{namespace: args["K8S_POD_NAMESPACE"], name: args["K8S_POD_NAME"]}
 	defer func() {
 		// A bug must still give the runtime an error object, never a Go stack trace alone.
 		if r := recover(); r != nil {
@@ -123,7 +127,7 @@ func dispatch(command string, raw map[string]json.RawMessage, env map[string]str
 	if err != nil {
 		return "", err
 	}
-	log.setLevel(conf.logLevel)
+	log.useConf(conf)
 	if !isSupported(conf.cniVersion) {
 		return "", &pluginError{
 			codeIncompatibleVersion,
@@ -161,7 +165,7 @@ func cmdDel(data []byte, readErr *pluginError, log *logger) {
 		log.warnf("DEL with an unusable network config (%s): nothing to do", err.msg)
 		return
 	}
-	log.setLevel(conf.logLevel)
+	log.useConf(conf)
 	if !isSupported(conf.cniVersion) {
 		log.warnf("DEL with unsupported CNI version %q: nothing to do", conf.cniVersion)
 	}

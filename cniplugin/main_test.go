@@ -59,6 +59,13 @@ func (o outcome) json(t *testing.T) map[string]any {
 // runWith runs one command as the runtime would, the pod's CNI_ARGS included.
 func runWith(t *testing.T, command string, stdin any, env map[string]string) outcome {
 	t.Helper()
+	o, _ := runLogged(t, command, stdin, env)
+	return o
+}
+
+// runLogged is runWith that also returns the logger, holding the lines for the agent's log.
+func runLogged(t *testing.T, command string, stdin any, env map[string]string) (outcome, *logger) {
+	t.Helper()
 	var data []byte
 	switch s := stdin.(type) {
 	case []byte:
@@ -86,9 +93,10 @@ func runWith(t *testing.T, command string, stdin any, env map[string]string) out
 			full[k] = v
 		}
 	}
-	var log bytes.Buffer
-	status, out := run(full, bytes.NewReader(data), newLogger(&log))
-	return outcome{status, out, log.String()}
+	var stderr bytes.Buffer
+	log := newLogger(&stderr)
+	status, out := run(full, bytes.NewReader(data), log)
+	return outcome{status, out, stderr.String()}, log
 }
 
 func absentSocket(t *testing.T) string { return filepath.Join(t.TempDir(), "pluginevent.sock") }

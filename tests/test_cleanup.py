@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,12 +83,16 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     )
     installer.install()
     # What an older version left: a kubeconfig with a token in the conf dir. And the decision
-    # file the agent keeps in its run dir (kept while the agent is away, gone on uninstall).
+    # file the agent keeps in its run dir (kept while the agent is away, gone on uninstall), and
+    # the log socket of an agent that was killed.
     legacy = tmp_path / "conf" / LEGACY_KUBECONFIG_NAME
     legacy.write_text('{"users": [{"user": {"token": "t"}}]}')
     decisions = tmp_path / "run" / c.DECISION_FILE
     decisions.parent.mkdir()
     decisions.write_text('{"version": 1}')
+    log_socket = tmp_path / "run" / c.PLUGIN_LOG_SOCKET
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(log_socket))
 
     first = run_cleanup(tmp_path, lab)
 
@@ -106,6 +111,7 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     assert not installer.binary_path.exists()
     assert not legacy.exists()
     assert not decisions.exists()
+    assert not log_socket.exists()
     assert sorted(p.name for p in (tmp_path / "conf").iterdir()) == ["10-calico.conflist"]
     conflist = json.loads((tmp_path / "conf" / "10-calico.conflist").read_text())
     assert [p["type"] for p in conflist["plugins"]] == ["calico", "portmap"]

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -256,6 +257,27 @@ async def test_add_hands_the_pod_to_ztunnel_before_returning_and_traffic_is_redi
     hop = await caught(cluster, zt, pod, server)
     assert hop.client[0] == pod.ips[0]
     assert zt.violations == []
+
+
+async def test_the_plugins_log_lines_appear_in_the_agents_log_with_the_pod(
+    cluster: Cluster,
+) -> None:
+    agent = await cluster.start_agent()
+    await cluster.ztunnel()
+    pod = await cluster.new_pod("web-0")
+    log_socket = Path(cluster.node.run_dir) / c.PLUGIN_LOG_SOCKET
+
+    outcome = await cluster.runtime.add(pod)
+
+    assert outcome.rc == 0, outcome.stdout + outcome.stderr
+    line = f"pod {MESH_NS}/web-0 handed to the agent"
+    assert line in outcome.stderr  # the runtime's log
+    event = await agent.wait_event("cni_plugin_log", pod=f"{MESH_NS}/web-0", source="cni-plugin")
+    assert line in event["message"]
+    assert event["level"] == "info"
+    assert stat.S_IMODE(log_socket.lstat().st_mode) == 0o600
+    await agent.stop()
+    assert not log_socket.exists()
 
 
 async def test_a_network_config_at_cni_0_3_0_adds_and_deletes(

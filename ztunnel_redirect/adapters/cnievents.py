@@ -19,9 +19,9 @@ So:
   old sandbox. The default budget (4.5 s) is below the plugin's 5 s socket timeout so that the
   plugin gets a 503 rather than a timeout.
 
-`close()` stops accepting, cancels work still running in the background (the reconciler redoes it
-from the pod informer after a restart) and removes the socket file, unless a newer agent has
-replaced it (`unixsocket`).
+`close()` stops accepting, removes the socket file unless a newer agent has replaced it
+(`unixsocket`), and cancels work still running in the background (the reconciler redoes it from
+the pod informer after a restart).
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ import ipaddress
 import json
 import posixpath
 import re
-import socket
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
@@ -172,7 +170,7 @@ def _ignore_status(_status: int) -> None:
     """No one counts the answers."""
 
 
-class CniEventServer:
+class CniEventServer(unixsocket.HttpOnUnixSocket):
     """Serves `POST /cmdadd` on a Unix socket (mode 0600) and hands each event to `on_add`."""
 
     def __init__(
@@ -191,45 +189,19 @@ class CniEventServer:
         answer to a `/cmdadd` request (a metric)."""
         self._on_add = on_add
         self._on_response = on_response
-        self.socket_path = socket_path
         self._allowed = _normalise_dirs(allowed_netns_dirs)
         self._host_netns_paths = (_OWN_NETNS,) if host_netns is None else (_OWN_NETNS, host_netns)
         self._host_netns: frozenset[NetnsId] = frozenset()
         self._budget = budget
-        self._max_body = max_body
-        self._runner: web.AppRunner | None = None
-        self._socket_file: unixsocket.SocketFile | None = None
+        app = web.Application(client_max_size=max_body)
+        app.router.add_post("/cmdadd", self._handle_add)
+        super().__init__(socket_path, app)
         self._work: set[asyncio.Task[None]] = set()
         self._late: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
     async def start(self) -> None:
         self._host_netns = self._identify_host_netns()
-        sock, socket_file = unixsocket.listen(self.socket_path, socket.SOCK_STREAM, backlog=128)
-        app = web.Application(client_max_size=self._max_body)
-        app.router.add_post("/cmdadd", self._handle_add)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        try:
-            await runner.setup()
-            await web.SockSite(runner, sock).start()
-        except BaseException:
-            await runner.cleanup()
-            sock.close()
-            socket_file.remove()
-            raise
-        self._runner = runner
-        self._socket_file = socket_file
+        await super().start()
         log.info("cni_event_server_started", socket=self.socket_path)
 
     def _identify_host_netns(self) -> frozenset[NetnsId]:
@@ -243,17 +215,11 @@ class CniEventServer:
         return frozenset(keys)
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await super().close()
         for task in list(self._work):
             task.cancel()
         if self._work:
             await asyncio.wait(list(self._work), timeout=_CLOSE_GRACE_S)
-        if self._socket_file is not None:
-            # A local unlink: no need to push it to a thread.
-            self._socket_file.remove()
-            self._socket_file = None
 
     async def _handle_add(self, request: web.Request) -> web.Response:
         try:

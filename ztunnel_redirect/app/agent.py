@@ -26,6 +26,7 @@ import structlog
 
 from ztunnel_redirect.adapters.cnievents import CniEventServer
 from ztunnel_redirect.adapters.cniinstall import CniInstaller, CniKeeper
+from ztunnel_redirect.adapters.cnilogs import PluginLogServer
 from ztunnel_redirect.adapters.decisions import DecisionFile, DecisionKeeper, agent_pods_of
 from ztunnel_redirect.adapters.kube import ApiClient, KubeClient, Watcher, load_client
 from ztunnel_redirect.adapters.ops import (
@@ -143,6 +144,8 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
+            # First: the plugin's lines while the agent starts (its ADDs that fail) matter most.
+            await parts.plugin_logs.start()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(_raise_when(stop), name="signals")
                 tasks.create_task(parts.watcher.run(), name="kube-watch")
@@ -153,6 +156,7 @@ class Agent:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await parts.cni.close()
+            await parts.plugin_logs.close()
             await parts.zds.close()
 
     def _build(self, api: ApiClient, runner: NetnsRunner, host_options: HostOptions) -> _Parts:
@@ -264,6 +268,7 @@ class Agent:
                 host_netns=s.host_netns,
                 on_response=self.metrics.count_plugin_request,
             ),
+            plugin_logs=PluginLogServer(socket_path=s.plugin_log_socket),
             installer=self._installer(),
             startup=Startup(store=store, records=records, locator=locator, queue=queue),
             drift_pass=DriftPass(
@@ -377,6 +382,7 @@ class _Parts:
     watcher: Watcher
     zds: ZtunnelServer
     cni: CniEventServer
+    plugin_logs: PluginLogServer
     installer: CniInstaller | None
     startup: Startup
     drift_pass: DriftPass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ class CleanupReport:
         out = [f"{netns}: removed {', '.join(items)}" for netns, items in self.pods.items()]
         out.append("host: removed table inet " + c.HOST_TABLE if self.host_table else "host: clean")
         if self.cni:
-            out.append("cni: removed plugin config, executable and decision file")
+            out.append("cni: removed plugin config, executable, decision file and log socket")
         return out
 
 
@@ -78,15 +78,18 @@ async def cleanup(
     proc_root: str = c.PROC_ROOT,
     netns_dirs: Iterable[str] = c.NETNS_DIRS,
     installer: CniInstaller | None = None,
-    decision_file: Path | None = None,
+    run_files: Sequence[Path] = (),
 ) -> CleanupReport:
+    """`run_files`: what the agent leaves for the plugin in its run directory (the decision file,
+    the log socket of an agent that did not stop cleanly)."""
     report = CleanupReport()
     if installer is not None:
         # First, so that no new pod is sent to an agent that is going away.
         report.cni = installer.binary_path.exists()
         await asyncio.to_thread(installer.uninstall)
-    if decision_file is not None and await asyncio.to_thread(_remove, decision_file):
-        report.cni = True
+    for run_file in run_files:
+        if await asyncio.to_thread(_remove, run_file):
+            report.cni = True
     paths = candidate_netns(proc_root=proc_root, netns_dirs=netns_dirs, host_netns=host_netns)
     for path in paths:
         with contextlib.suppress(NetnsNotFoundError):  # the process exited meanwhile

@@ -248,7 +248,11 @@ async def _cleanup(args: argparse.Namespace) -> int:
             proc_root=args.proc_root,
             netns_dirs=args.netns_dir or constants.NETNS_DIRS,
             installer=installer,
-            decision_file=Path(args.run_dir) / constants.DECISION_FILE if args.cni else None,
+            run_files=[
+                Path(args.run_dir) / name
+                for name in (constants.DECISION_FILE, constants.PLUGIN_LOG_SOCKET)
+                if args.cni
+            ],
         )
     for line in report.lines():
         print(line)

@@ -280,7 +280,8 @@ class Settings:
             "--run-dir",
             "CNI_AGENT_RUN_DIR",
             f"Directory shared with the CNI plugin; the agent listens on "
-            f"<dir>/{constants.PLUGIN_EVENT_SOCKET} for its events.",
+            f"<dir>/{constants.PLUGIN_EVENT_SOCKET} for its events and "
+            f"<dir>/{constants.PLUGIN_LOG_SOCKET} for its log lines.",
             check=_check_abs,
             metavar="DIR",
         ),
@@ -561,6 +562,11 @@ class Settings:
     def plugin_event_socket(self) -> str:
         """Where the CNI plugin posts its events (docs/design.md §8)."""
         return posixpath.join(self.run_dir, constants.PLUGIN_EVENT_SOCKET)
+
+    @property
+    def plugin_log_socket(self) -> str:
+        """Where the CNI plugin posts its log lines (docs/design.md §8.3)."""
+        return posixpath.join(self.run_dir, constants.PLUGIN_LOG_SOCKET)
 
     @property
     def decision_file(self) -> str:
