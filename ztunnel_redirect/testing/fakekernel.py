@@ -197,13 +197,17 @@ class _HostRules:
             kernel.host_elements = want
         return drifts
 
-    async def add_pod(self, ips: Iterable[str], uid: PodUid, *, ipv6: bool) -> None:
+    async def add_pod(
+        self, ips: Iterable[str], uid: PodUid, *, ipv6: bool, branch_eni_probe: bool = False
+    ) -> None:
         await self._kernel.enter("host_add", None, None)
         for ip in ips:
             if ipv6 or ":" not in ip:
                 self._kernel.host_elements[ip] = uid
 
-    async def remove_pod(self, ips: Iterable[str], uid: PodUid) -> list[str]:
+    async def remove_pod(
+        self, ips: Iterable[str], uid: PodUid, *, branch_eni_probe: bool = False
+    ) -> list[str]:
         await self._kernel.enter("host_remove", None, None)
         gone = [ip for ip in ips if self._kernel.host_elements.get(ip) == uid]
         for ip in gone:
