@@ -115,7 +115,7 @@ def probe_rules_in(lab: Lab) -> set[str]:
     return {
         " ".join(line.split())
         for line in lines
-        if line.startswith("512:") and "lookup main" not in line or "lookup local" in line
+        if (line.startswith("512:") and "lookup main" not in line) or "lookup local" in line
     } - {f"{Lab.VPC_CNI_LOCAL_PRIORITY}: from all lookup local"}
 
 
