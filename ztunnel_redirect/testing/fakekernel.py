@@ -61,6 +61,8 @@ class FakeKernel:
         """netns path → the options our rules there were applied with."""
         self.host_table: HostOptions | None = None
         self.host_elements: dict[str, PodUid] = {}
+        self.branch_eni_probe: list[tuple[str, bool]] = []
+        """(`add` or `remove`, the branch_eni_probe flag) of every host add and remove."""
         self.written: list[str] = []
         """Every pod netns path written to, in order."""
         self.forgotten: list[str] = []
@@ -201,6 +203,7 @@ class _HostRules:
         self, ips: Iterable[str], uid: PodUid, *, ipv6: bool, branch_eni_probe: bool = False
     ) -> None:
         await self._kernel.enter("host_add", None, None)
+        self._kernel.branch_eni_probe.append(("add", branch_eni_probe))
         for ip in ips:
             if ipv6 or ":" not in ip:
                 self._kernel.host_elements[ip] = uid
@@ -209,6 +212,7 @@ class _HostRules:
         self, ips: Iterable[str], uid: PodUid, *, branch_eni_probe: bool = False
     ) -> list[str]:
         await self._kernel.enter("host_remove", None, None)
+        self._kernel.branch_eni_probe.append(("remove", branch_eni_probe))
         gone = [ip for ip in ips if self._kernel.host_elements.get(ip) == uid]
         for ip in gone:
             del self._kernel.host_elements[ip]
