@@ -27,6 +27,7 @@ from typing import Final
 __all__ = [
     "FORWARD_PRIORITY",
     "TABLE_LOCAL",
+    "TABLE_MAIN",
     "HostRoute",
     "IpRule",
     "ProbeRule",

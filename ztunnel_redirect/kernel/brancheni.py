@@ -20,6 +20,7 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from ztunnel_redirect.core.brancheni import (
     TABLE_LOCAL,
+    TABLE_MAIN,
     HostRoute,
     IpRule,
     ProbeRule,
@@ -35,7 +36,6 @@ from ztunnel_redirect.kernel.routing import Rtnl, dump_request
 __all__ = ["add_pod_here", "early_demux_off", "remove_here", "remove_pod_here", "sync_here"]
 
 EARLY_DEMUX: Final = "/proc/sys/net/ipv4/tcp_early_demux"
-_TABLE_MAIN: Final = 254
 _RT_TABLE_COMPAT: Final = 252
 """The header's table byte when the table number does not fit (FRA_TABLE/RTA_TABLE carry it)."""
 _RTN_UNICAST: Final = 1
@@ -106,7 +106,7 @@ def _host_routes(rtnl: Rtnl) -> list[HostRoute]:
         oif = msg.get_attr("RTA_OIF")
         dst = msg.get_attr("RTA_DST")
         if (
-            table in (_TABLE_MAIN, TABLE_LOCAL)
+            table in (TABLE_MAIN, TABLE_LOCAL)
             or msg["type"] != _RTN_UNICAST
             or msg["dst_len"] != full
             or oif is None
