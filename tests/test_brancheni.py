@@ -231,3 +231,25 @@ async def test_nothing_happens_where_tcp_early_demux_is_on(runner: NetnsRunner, 
     await host.add_pod([pod.ip], A, ipv6=True, branch_eni_probe=True)
     assert probe_rules_in(lab) == set()
     assert await host.check(OPTIONS, {pod.ip: A}) == []
+
+
+@pytest.mark.kernel
+async def test_ipv6_branch_eni_pod(runner: NetnsRunner, sgp_lab: Lab) -> None:
+    """The same two rules for an IPv6 pod (the gate is the IPv4 sysctl, as in Istio)."""
+    node = sgp_lab.node
+    node.ip("link", "add", "vlan6", "type", "veth", "peer", "name", "pod6")
+    node.ip("link", "set", "vlan6", "up")
+    node.ip("-6", "route", "add", "fd00:1::5/128", "dev", "vlan6", "table", "300")
+    node.ip("-6", "rule", "add", "priority", "10", "iif", "vlan6", "lookup", "300")
+    host = HostRules(runner, netns=node.path)
+
+    await host.apply(OPTIONS, {"fd00:1::5": A})
+    rules = {" ".join(line.split()) for line in node.ip("-6", "rule", "show").splitlines()}
+    assert {"512: from all to fd00:1::5 lookup 300", "9: from all iif vlan6 lookup local"} <= rules
+    assert await host.check(OPTIONS, {"fd00:1::5": A}) == []
+
+    assert await host.remove_pod(["fd00:1::5"], A, branch_eni_probe=True) == ["fd00:1::5"]
+    rules_after = node.ip("-6", "rule", "show")
+    assert "fd00:1::5" not in rules_after
+    assert "lookup local" in rules_after  # the kernel's own
+    assert "iif vlan6 lookup local" not in rules_after
