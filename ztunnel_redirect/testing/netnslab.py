@@ -148,7 +148,7 @@ class Lab:
     def _branch_eni_node(self) -> None:
         """Once per node: the primary ENI (eth0, a default route through it) and the VPC CNI's
         move of the `lookup local` rule behind its per-pod iif rules."""
-        if "eth0" in self.node.ip("-o", "link", "show"):
+        if ": eth0@" in self.node.ip("-o", "link", "show"):
             return
         self.node.ip("link", "add", "eth0", "type", "veth", "peer", "name", "vpc0")
         self.node.ip("addr", "add", f"{self.NODE_ENI_V4}/24", "dev", "eth0")
