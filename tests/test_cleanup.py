@@ -69,6 +69,11 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     await HostRules(runner, netns=lab.node.path).apply(
         HostOptions(kubelet_uid=1), {enrolled[0].ipv4: PodUid("uid-a")}
     )
+    # The branch-ENI probe rules of a pod (docs/design.md §4.5), and the VPC CNI's to-pod rule of
+    # a regular pod, which has the same priority but looks up main: not ours.
+    lab.node.ip("rule", "add", "to", "192.168.9.9", "lookup", "109", "priority", "512")
+    lab.node.ip("rule", "add", "iif", "vlan9", "lookup", "local", "priority", "9")
+    lab.node.ip("rule", "add", "to", "10.0.9.9", "lookup", "main", "priority", "512")
     (tmp_path / "proc").mkdir()
     (tmp_path / "netns").mkdir()
     for pod in [*enrolled, istio_iptables_pod]:
@@ -107,6 +112,12 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     assert istio_iptables_pod.netns.name not in first.stdout
     assert f"host: removed table inet {c.HOST_TABLE}" in first.stdout
     assert "istio-ambient" not in lab.node.exec("nft", "list", "tables")
+    assert "host: removed ip rule to 192.168.9.9/32 lookup 109 priority 512" in first.stdout
+    assert "host: removed ip rule iif vlan9 lookup local priority 9" in first.stdout
+    host_rules = lab.node.ip("rule")
+    assert "lookup 109" not in host_rules
+    assert "vlan9" not in host_rules
+    assert "to 10.0.9.9 lookup main" in host_rules
     assert "cni: removed" in first.stdout
     assert not installer.binary_path.exists()
     assert not legacy.exists()

@@ -184,7 +184,15 @@ class World:
         await self.reconciler.reconcile(key)
 
 
-def build(calls: Calls, *, migration: FakeMigration | None = None) -> World:
+HOST_OPTIONS = HostOptions(kubelet_uid=1)
+
+
+def build(
+    calls: Calls,
+    *,
+    migration: FakeMigration | None = None,
+    host_options: HostOptions = HOST_OPTIONS,
+) -> World:
     store = ClusterStore()
     store.subscribe(calls.enqueued.append)
     store.upsert_namespace(Namespace("demo", {c.ENROLL_LABEL: c.ENROLL_VALUE}))
@@ -197,7 +205,7 @@ def build(calls: Calls, *, migration: FakeMigration | None = None) -> World:
         policy=policy,
         pod_rules=kernel.pod_rules,
         host_rules=kernel.host_rules,
-        host_options=HostOptions(kubelet_uid=1),
+        host_options=host_options,
         ztunnel=FakeZtunnel(calls),
         status=FakeStatus(calls, store),
         locator=FakeLocator(calls),
@@ -253,6 +261,16 @@ async def test_leaving_the_mesh_follows_spec_order(w: World, calls: Calls) -> No
     await w.reconcile("uid-a")
     assert calls.log == ["host_remove", "remove_rules", "ztunnel_del", "status=None"]
     assert w.records == {}
+
+
+@pytest.mark.parametrize("on", [True, False])
+async def test_the_branch_eni_probe_setting_reaches_the_host_writes(calls: Calls, on: bool) -> None:
+    w = build(calls, host_options=HostOptions(kubelet_uid=1, aws_branch_eni_probe=on))
+    w.store.upsert_pod(pod())
+    await w.reconcile("uid-a")
+    w.store.delete_pod(pod())
+    await w.reconcile("uid-a")
+    assert w.kernel.branch_eni_probe == [("add", on), ("remove", on)]
 
 
 async def test_a_deleted_pod_is_forgotten_everywhere(w: World, calls: Calls, netns: str) -> None:

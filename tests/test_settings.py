@@ -30,6 +30,7 @@ ENV_NAMES = (
     "AMBIENT_DNS_CAPTURE",
     "AMBIENT_IPV6",
     "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP",
+    "AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE",
     "EXCLUDE_NAMESPACES",
     "AMBIENT_ENABLEMENT_SELECTOR",
     "ZTUNNEL_UDS_ADDRESS",
@@ -83,6 +84,7 @@ def test_defaults_follow_the_spec() -> None:
     assert s.dns_capture is True
     assert s.ipv6 is True
     assert s.reconcile_on_startup is True
+    assert s.aws_branch_eni_probe is True
     assert s.exclude_namespaces == frozenset({"kube-system"})
     assert s.enablement_selectors == DEFAULT_ENABLEMENT_SELECTORS
     assert s.ztunnel_uds == "/var/run/ztunnel/ztunnel.sock"
@@ -155,6 +157,7 @@ def test_every_setting_is_read_from_its_environment_variable() -> None:
         "AMBIENT_DNS_CAPTURE": "false",
         "AMBIENT_IPV6": "0",
         "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP": "F",
+        "AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE": "false",
         "EXCLUDE_NAMESPACES": "kube-system, istio-system ,,monitoring",
         "AMBIENT_ENABLEMENT_SELECTOR": "- namespaceSelector:\n    matchLabels: {team: web}\n",
         "ZTUNNEL_UDS_ADDRESS": "/run/zt/zt.sock",
@@ -192,6 +195,7 @@ def test_every_setting_is_read_from_its_environment_variable() -> None:
         dns_capture=False,
         ipv6=False,
         reconcile_on_startup=False,
+        aws_branch_eni_probe=False,
         exclude_namespaces=frozenset({"kube-system", "istio-system", "monitoring"}),
         enablement_selectors=(
             EnablementSelector(

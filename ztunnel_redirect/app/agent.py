@@ -127,6 +127,7 @@ class Agent:
                 ipv6=s.ipv6,
                 probe_snat_v4=s.probe_snat_v4,
                 probe_snat_v6=s.probe_snat_v6,
+                aws_branch_eni_probe=s.aws_branch_eni_probe,
             )
             api = await load_client(kubeconfig=s.kubeconfig)
             await ops.start()

@@ -6,8 +6,9 @@ uninstall). Every network namespace that can be found is visited: those of runni
 our policy routing too, but only where our tables were (an identical ip rule may belong to
 Istio's iptables backend). Then the host table and the CNI plugin (our config entry or files, the
 executable, the decision file in the agent's run dir, and a kubeconfig an older version wrote
-into the CNI conf dir). Safe to run twice: the second run finds nothing. Not run on upgrade
-restarts (the decision file is kept then: the plugin reads it while the agent is away).
+into the CNI conf dir), and the host's branch-ENI probe rules (recognised by their shape, which is
+Istio's: one Istio left behind goes too). Safe to run twice: the second run finds nothing. Not run
+on upgrade restarts (the decision file is kept then: the plugin reads it while the agent is away).
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ class CleanupReport:
     pods: dict[str, list[str]] = field(default_factory=dict)
     """netns path -> what was removed there"""
     host_table: bool = False
+    host_probe_rules: list[str] = field(default_factory=list)
+    """the branch-ENI probe rules removed from the host"""
     cni: bool = False
 
     def lines(self) -> list[str]:
         out = [f"{netns}: removed {', '.join(items)}" for netns, items in self.pods.items()]
         out.append("host: removed table inet " + c.HOST_TABLE if self.host_table else "host: clean")
+        out += [f"host: removed {rule}" for rule in self.host_probe_rules]
         if self.cni:
             out.append("cni: removed plugin config, executable, decision file and log socket")
         return out
@@ -96,5 +100,7 @@ async def cleanup(
             removed = await runner.run(path, _remove_if_ours)
             if removed:
                 report.pods[path] = removed
-    report.host_table = await HostRules(runner, netns=host_netns).remove()
+    host = HostRules(runner, netns=host_netns)
+    report.host_table = await host.remove()
+    report.host_probe_rules = await host.remove_probe_rules()
     return report

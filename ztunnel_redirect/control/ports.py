@@ -72,10 +72,18 @@ class HostRuleWriter(Protocol):
         """Bring the table (and, when given, the set elements) to the desired state."""
         ...
 
-    async def add_pod(self, ips: Iterable[str], uid: PodUid, *, ipv6: bool) -> None: ...
+    async def add_pod(
+        self, ips: Iterable[str], uid: PodUid, *, ipv6: bool, branch_eni_probe: bool = False
+    ) -> None:
+        """The pod's elements; with `branch_eni_probe`, its probe rules if it is an AWS
+        branch-ENI pod."""
+        ...
 
-    async def remove_pod(self, ips: Iterable[str], uid: PodUid) -> list[str]:
-        """Remove the pod's elements whose IP and UID both match; returns the IPs removed."""
+    async def remove_pod(
+        self, ips: Iterable[str], uid: PodUid, *, branch_eni_probe: bool = False
+    ) -> list[str]:
+        """Remove the pod's elements whose IP and UID both match (with `branch_eni_probe`, their
+        probe rules too); returns the IPs removed."""
         ...
 
     def installer(

@@ -392,11 +392,18 @@ class Reconciler:
 
     async def _host_add(self, pod: Pod) -> None:
         async with self._host_writes:
-            await self._host_rules.add_pod(pod.ips, pod.uid, ipv6=self._host_options.ipv6)
+            await self._host_rules.add_pod(
+                pod.ips,
+                pod.uid,
+                ipv6=self._host_options.ipv6,
+                branch_eni_probe=self._host_options.aws_branch_eni_probe,
+            )
 
     async def _host_remove(self, ips: Sequence[str], uid: PodUid) -> list[str]:
         async with self._host_writes:
-            return await self._host_rules.remove_pod(ips, uid)
+            return await self._host_rules.remove_pod(
+                ips, uid, branch_eni_probe=self._host_options.aws_branch_eni_probe
+            )
 
     def _enqueue_host_check(self) -> None:
         self._store.touch(HOST_KEY)

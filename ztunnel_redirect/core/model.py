@@ -59,6 +59,9 @@ class HostOptions:
     ipv6: bool = True
     probe_snat_v4: str = constants.PROBE_SNAT_V4
     probe_snat_v6: str = constants.PROBE_SNAT_V6
+    aws_branch_eni_probe: bool = True
+    """The ip rules that let probes reach AWS branch-ENI pods (§4.5), where tcp_early_demux
+    is 0."""
 
 
 @dataclass(frozen=True)

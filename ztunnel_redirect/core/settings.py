@@ -237,6 +237,16 @@ class Settings:
             "and metric) and left until the pod's next event or periodic check.",
         ),
     )
+    aws_branch_eni_probe: bool = field(
+        default=True,
+        metadata=_setting(
+            "--aws-branch-eni-probe",
+            "AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE",
+            "On EKS with Security Groups for Pods (detected by net.ipv4.tcp_early_demux=0 on the "
+            "host), add Istio's two ip rules per enrolled branch-ENI pod so kubelet probes reach "
+            "it through its veth and the replies come back to the host.",
+        ),
+    )
     exclude_namespaces: frozenset[str] = field(
         default=frozenset(constants.EXCLUDE_NAMESPACES),
         metadata=_setting(

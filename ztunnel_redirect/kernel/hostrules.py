@@ -7,6 +7,9 @@ missing from the set (probes would be redirected to ztunnel and fail).
 
 Beyond Istio, which writes these rules once at start, they are checked and repaired like the pod
 rules (a firewall reload otherwise leaves probes failing for good, istio#60607).
+
+The probe rules for AWS branch-ENI pods (`kernel.brancheni`, docs/design.md §4.5) are host state
+too: added with a pod's element, removed with it, and checked in every host pass.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from ztunnel_redirect.core.drift import Drift, DriftKind, TableListing
 from ztunnel_redirect.core.errors import ConfigError, NotFoundError
 from ztunnel_redirect.core.model import HostOptions, PodUid
 from ztunnel_redirect.core.render import element_family_set, host_ruleset
+from ztunnel_redirect.kernel import brancheni
 from ztunnel_redirect.kernel.dumpproof import element_comment_here
 from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.kernel.nft import GenerationGate, Nft, Verified, generation
@@ -207,6 +211,18 @@ def remove_here() -> bool:
     return True
 
 
+def _add_pod_here(ips: tuple[str, ...], uid: str, *, ipv6: bool, branch_eni: bool) -> None:
+    add_pod_here(ips, uid, ipv6=ipv6)
+    brancheni.add_pod_here([ip for ip in ips if ipv6 or ":" not in ip], enabled=branch_eni)
+
+
+def _remove_pod_here(ips: tuple[str, ...], uid: str, *, branch_eni: bool) -> list[str]:
+    gone = remove_pod_here(ips, uid)
+    if gone:
+        brancheni.remove_pod_here(gone, enabled=branch_eni)
+    return gone
+
+
 _Sync = Callable[[HostOptions, Elements | None, KernelForms], list[Drift]]
 
 
@@ -216,16 +232,27 @@ def _gated_here(
     elements: Elements | None,
     forms: KernelForms,
     verified: Verified | None,
+    *,
+    repair: bool,
 ) -> tuple[list[Drift], Verified | None]:
     """Skip the listing (the set may hold thousands of elements) while the host netns's
-    nftables generation has not moved since the same desired state was verified."""
+    nftables generation has not moved since the same desired state was verified.
+
+    The branch-ENI probe rules are ip rules, which no nftables generation covers: they are
+    checked on every call that names the elements (one rule dump; nothing more off EKS).
+    """
     gate = GenerationGate(
         generation(), (options, None if elements is None else frozenset(elements.items()))
     )
     if gate.unchanged(verified):
-        return [], verified
-    drifts = sync(options, elements, forms)
-    return drifts, gate.verified(drifts)
+        drifts: list[Drift] = []
+    else:
+        drifts = sync(options, elements, forms)
+        verified = gate.verified(drifts)
+    if elements is not None:
+        ips = _wanted(elements, options)
+        drifts += brancheni.sync_here(ips, enabled=options.aws_branch_eni_probe, repair=repair)
+    return drifts, verified
 
 
 class HostRules:
@@ -238,24 +265,42 @@ class HostRules:
         self._verified: Verified | None = None
 
     async def _gated(
-        self, sync: _Sync, options: HostOptions, elements: Elements | None
+        self, sync: _Sync, options: HostOptions, elements: Elements | None, *, repair: bool
     ) -> list[Drift]:
         drifts, self._verified = await self._runner.run(
-            self._netns, _gated_here, sync, options, elements, self._forms, self._verified
+            self._netns,
+            functools.partial(_gated_here, repair=repair),
+            sync,
+            options,
+            elements,
+            self._forms,
+            self._verified,
         )
         return drifts
 
     async def apply(self, options: HostOptions, elements: Elements | None = None) -> list[Drift]:
-        return await self._gated(apply_here, options, elements)
+        return await self._gated(apply_here, options, elements, repair=True)
 
     async def check(self, options: HostOptions, elements: Elements | None = None) -> list[Drift]:
-        return await self._gated(check_here, options, elements)
+        return await self._gated(check_here, options, elements, repair=False)
 
-    async def add_pod(self, ips: Iterable[str], uid: PodUid, *, ipv6: bool) -> None:
-        await self._runner.run(self._netns, add_pod_here, tuple(ips), uid, ipv6=ipv6)
+    async def add_pod(
+        self, ips: Iterable[str], uid: PodUid, *, ipv6: bool, branch_eni_probe: bool = False
+    ) -> None:
+        """The pod's elements, and with `branch_eni_probe` its probe rules if it is a
+        branch-ENI pod (AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE)."""
+        await self._runner.run(
+            self._netns, _add_pod_here, tuple(ips), uid, ipv6=ipv6, branch_eni=branch_eni_probe
+        )
 
-    async def remove_pod(self, ips: Iterable[str], uid: PodUid) -> list[str]:
-        return await self._runner.run(self._netns, remove_pod_here, tuple(ips), uid)
+    async def remove_pod(
+        self, ips: Iterable[str], uid: PodUid, *, branch_eni_probe: bool = False
+    ) -> list[str]:
+        """Remove the pod's elements (IP and UID must match), and with `branch_eni_probe` the
+        probe rules of the IPs removed; returns those IPs."""
+        return await self._runner.run(
+            self._netns, _remove_pod_here, tuple(ips), uid, branch_eni=branch_eni_probe
+        )
 
     def installer(self, options: HostOptions, elements: Elements) -> Callable[[], list[Drift]]:
         """`apply_here` with `options` and `elements`, to run on a worker in the host netns
@@ -264,3 +309,7 @@ class HostRules:
 
     async def remove(self) -> bool:
         return await self._runner.run(self._netns, remove_here)
+
+    async def remove_probe_rules(self) -> list[str]:
+        """Every branch-ENI probe rule of ours (`cleanup`)."""
+        return await self._runner.run(self._netns, brancheni.remove_here)

@@ -106,7 +106,7 @@ def _route_msg(family: Family, kind: int, flags: int) -> bytes:
 
 
 @cache
-def _dump_msg(cls: Any, kind: int) -> bytes:
+def dump_request(cls: Any, kind: int) -> bytes:
     """A dump of both families at once (family AF_UNSPEC): one round trip instead of two."""
     msg = cls()
     msg["family"] = socket.AF_UNSPEC
@@ -227,7 +227,7 @@ def present(rtnl: Rtnl) -> set[RoutingItem]:
     directly (decoding every message with pyroute2 dominated a check). Dumps are read to the end.
     """
     found: set[RoutingItem] = set()
-    for raw in rtnl.dump(_dump_msg(fibmsg, RTM_GETRULE)):
+    for raw in rtnl.dump(dump_request(fibmsg, RTM_GETRULE)):
         if raw[_TABLE] != c.ROUTE_TABLE or raw[_FAMILY] not in _FAMILIES:
             continue
         attrs = _u32_attrs(raw)
@@ -237,7 +237,7 @@ def present(rtnl: Rtnl) -> set[RoutingItem]:
             and attrs.get(_FRA_FWMASK) == c.CONNMARK_MASK
         ):
             found.add(RoutingItem(RoutingKind.IP_RULE, _FAMILIES[raw[_FAMILY]]))
-    for raw in rtnl.dump(_dump_msg(rtmsg, RTM_GETROUTE)):
+    for raw in rtnl.dump(dump_request(rtmsg, RTM_GETROUTE)):
         if (
             raw[_TABLE] != c.ROUTE_TABLE
             or raw[_TYPE] != _RTN_LOCAL

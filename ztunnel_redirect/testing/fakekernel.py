@@ -61,6 +61,8 @@ class FakeKernel:
         """netns path → the options our rules there were applied with."""
         self.host_table: HostOptions | None = None
         self.host_elements: dict[str, PodUid] = {}
+        self.branch_eni_probe: list[tuple[str, bool]] = []
+        """(`add` or `remove`, the branch_eni_probe flag) of every host add and remove."""
         self.written: list[str] = []
         """Every pod netns path written to, in order."""
         self.forgotten: list[str] = []
@@ -197,14 +199,20 @@ class _HostRules:
             kernel.host_elements = want
         return drifts
 
-    async def add_pod(self, ips: Iterable[str], uid: PodUid, *, ipv6: bool) -> None:
+    async def add_pod(
+        self, ips: Iterable[str], uid: PodUid, *, ipv6: bool, branch_eni_probe: bool = False
+    ) -> None:
         await self._kernel.enter("host_add", None, None)
+        self._kernel.branch_eni_probe.append(("add", branch_eni_probe))
         for ip in ips:
             if ipv6 or ":" not in ip:
                 self._kernel.host_elements[ip] = uid
 
-    async def remove_pod(self, ips: Iterable[str], uid: PodUid) -> list[str]:
+    async def remove_pod(
+        self, ips: Iterable[str], uid: PodUid, *, branch_eni_probe: bool = False
+    ) -> list[str]:
         await self._kernel.enter("host_remove", None, None)
+        self._kernel.branch_eni_probe.append(("remove", branch_eni_probe))
         gone = [ip for ip in ips if self._kernel.host_elements.get(ip) == uid]
         for ip in gone:
             del self._kernel.host_elements[ip]

@@ -67,6 +67,24 @@ class LabPod:
         return self.netns.path
 
 
+@dataclass(frozen=True)
+class BranchEniPod:
+    """A pod wired as the AWS VPC CNI wires a branch-ENI pod (`Lab.add_branch_eni_pod`)."""
+
+    netns: Netns
+    ip: str
+    veth: str
+    """The host end of the pod's veth."""
+    vlan: str
+    """The pod's VLAN link on the host."""
+    table: int
+    gateway: str
+
+    @property
+    def path(self) -> str:
+        return self.netns.path
+
+
 class Lab:
     """A node netns and any number of pods routed through it (like a primary CNI would)."""
 
@@ -119,6 +137,68 @@ class Lab:
             ns.ip("-6", "route", "add", f"{self.NODE_V6}/128", "dev", "eth0")
             ns.ip("-6", "route", "add", "default", "via", self.NODE_V6, "dev", "eth0")
         return LabPod(netns=ns, ipv4=ipv4, ipv6=ipv6, node_side=node_side)
+
+    NODE_ENI_V4: Final = "10.0.0.10"
+    """The node's primary ENI address in a branch-ENI lab (`add_branch_eni_pod`)."""
+    VPC_CNI_IIF_PRIORITY: Final = 10
+    VPC_CNI_LOCAL_PRIORITY: Final = 20
+    POD_GATEWAY: Final = "169.254.1.1"
+    """The pods' link-local gateway, answered by the host veth's MAC (a static neighbour)."""
+
+    def _branch_eni_node(self) -> None:
+        """Once per node: the primary ENI (eth0, a default route through it) and the VPC CNI's
+        move of the `lookup local` rule behind its per-pod iif rules."""
+        if ": eth0@" in self.node.ip("-o", "link", "show"):
+            return
+        self.node.ip("link", "add", "eth0", "type", "veth", "peer", "name", "vpc0")
+        self.node.ip("addr", "add", f"{self.NODE_ENI_V4}/24", "dev", "eth0")
+        for link in ("eth0", "vpc0"):
+            self.node.ip("link", "set", link, "up")
+        self.node.ip("route", "add", "default", "via", "10.0.0.1", "dev", "eth0")
+        self.node.ip("rule", "add", "priority", str(self.VPC_CNI_LOCAL_PRIORITY), "lookup", "local")
+        self.node.ip("rule", "del", "priority", "0", "lookup", "local")
+
+    def add_branch_eni_pod(self, name: str, *, vlan_id: int) -> BranchEniPod:
+        """A pod the way the AWS VPC CNI wires a branch-ENI pod (Security Groups for Pods,
+        strict mode): a host veth `vlan<n>` with no route in main, table `vlan_id + 100` holding
+        the host route to the pod through that veth and a default route out of the pod's VLAN
+        link, and `iif <veth> lookup <table>` and `iif <vlan link> lookup <table>` at priority
+        10. The VLAN link is a veth here (the lab kernel may lack 802.1q) whose far end stays on
+        the node, unanswered: what reaches it is lost, as the VPC fabric loses a probe."""
+        self._branch_eni_node()
+        n = next(self._index)
+        ns = self.add_netns(name)
+        veth, vlan, table = f"vlan{n}", f"vlan.eth.{vlan_id}", vlan_id + 100
+        ip, gateway = f"192.168.{vlan_id}.{n + 10}", f"192.168.{vlan_id}.1"
+        self.node.ip("link", "add", vlan, "type", "veth", "peer", "name", f"trunk{vlan_id}")
+        self.node.ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        for link in (vlan, f"trunk{vlan_id}", veth):
+            self.node.ip("link", "set", link, "up")
+        ns.ip("link", "set", "lo", "up")
+        ns.ip("addr", "add", f"{ip}/32", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        mac = self.node.ip("-o", "link", "show", veth).split("link/ether ")[1].split()[0]
+        ns.ip("route", "add", self.POD_GATEWAY, "dev", "eth0", "scope", "link")
+        ns.ip("route", "add", "default", "via", self.POD_GATEWAY, "dev", "eth0")
+        ns.ip("neigh", "add", self.POD_GATEWAY, "lladdr", mac, "dev", "eth0", "nud", "permanent")
+        t = str(table)
+        self.node.ip("route", "add", gateway, "dev", vlan, "scope", "link", "table", t)
+        self.node.ip("route", "add", "default", "via", gateway, "dev", vlan, "table", t)
+        self.node.ip("route", "add", f"{ip}/32", "dev", veth, "scope", "link", "table", t)
+        for iif in (vlan, veth):
+            self.node.ip(
+                "rule", "add", "priority", str(self.VPC_CNI_IIF_PRIORITY), "iif", iif,
+                "lookup", t,
+            )  # fmt: skip
+        return BranchEniPod(ns, ip, veth, vlan, table, gateway)
+
+    def remove_branch_eni_pod(self, pod: BranchEniPod) -> None:
+        """What the VPC CNI's teardown leaves behind: no pod netns (its veth goes with it, and the
+        route through it), no VLAN link, no iif rules for its table."""
+        self.delete(pod.netns)
+        self.node.ip("link", "del", pod.vlan)
+        for iif in (pod.vlan, pod.veth):
+            self.node.ip("rule", "del", "priority", str(self.VPC_CNI_IIF_PRIORITY), "iif", iif)
 
     def delete(self, ns: Netns) -> None:
         """Delete one namespace now (a pod that went away)."""
