@@ -283,10 +283,10 @@ def entry_restore_markdown(restore: dict[str, Any] | None) -> list[str]:
 
 RUNTIME_ROWS: Final = (
     ("no_plugin", "primary alone (no plugin in the chain)"),
-    ("mesh", "our plugin, a mesh pod"),
     ("not_in_mesh", "our plugin, a pod not in the mesh"),
+    ("mesh", "our plugin, a mesh pod"),
 )
-"""(series in the `runtime` section, its row's name)."""
+"""(series in the `runtime` section, its row's name), in the order they run."""
 
 
 def _runtime_cells(phase: dict[str, Any], added: dict[str, float] | None) -> str:
@@ -309,9 +309,9 @@ def runtime_markdown(runtime: dict[str, Any] | None) -> list[str]:
     lines += [
         f"containerd {runtime['runtime']} (CRI), runc, a bridge/host-local primary; "
         f"{runtime['sandboxes']} sandboxes per series, one at a time, each run, stopped and "
-        "removed over CRI as kubelet does. Mesh and non-mesh pods alternate; the primary alone "
-        "runs first. Added time and ratio are against the primary alone (on a shared machine, "
-        "judge the ratio).",
+        "removed over CRI as kubelet does, each series as a block in the order below (one "
+        "untimed sandbox leads each). Added time and ratio are against the primary alone (on a "
+        "shared machine, judge the ratio).",
         "",
         "| chain | RunPodSandbox p50 / p99 ms | added ms | ratio | "
         "Stop + Remove p50 / p99 ms | added ms | ratio |",

@@ -786,11 +786,10 @@ class RuntimeNode:
     async def pod(self, name: str, namespace: str) -> Sandbox:
         return await self.run_sandbox(name, namespace, self.create_pod(name, namespace))
 
-    async def timed_pod(self, name: str, namespace: str) -> tuple[str, SandboxTiming]:
-        """A new pod's sandbox run, stopped and removed, timed (`timed_sandbox`); its UID."""
-        uid = self.create_pod(name, namespace)
+    async def timed_pod(self, name: str, namespace: str, uid: str) -> SandboxTiming:
+        """The pod's sandbox run, stopped and removed, timed (`timed_sandbox`)."""
         config = sandbox_config(name, namespace, uid)
-        return uid, await asyncio.to_thread(timed_sandbox, self.containerd, config)
+        return await asyncio.to_thread(timed_sandbox, self.containerd, config)
 
     async def remove(self, sandbox: Sandbox) -> None:
         """StopPodSandbox (the CNI DEL) and RemovePodSandbox."""
@@ -825,17 +824,20 @@ class RuntimeNode:
 
 
 @contextlib.asynccontextmanager
-async def runtime_node() -> AsyncIterator[RuntimeNode]:
+async def runtime_node(*, under: Path | None = None) -> AsyncIterator[RuntimeNode]:
     """A node with a real container runtime, for the tests and the benchmark: the API server and
     a `TestNode`, containerd started in the node's netns (`Containerd.on_node`: its own socket,
     state and CNI dirs in a temporary directory, the bridge/host-local primary, the pause image
     imported), namespaces `MESH_NAMESPACE` (enrolled) and `PLAIN_NAMESPACE`. No agent yet.
+    The temporary directory goes `under` a directory of the caller's if given (the benchmark
+    puts it on a tmpfs: containerd syncs its database to disk on every write, and each sandbox's
+    root is a copy, which on a disk would time the disk).
 
     On the way out, also after a failure: agents, fake ztunnels and apps stopped, containerd
     closed (sandboxes removed, stopped by pid), the node's netns removed and with it the bridge,
     the temporary directory deleted.
     """
-    work = Path(tempfile.mkdtemp(prefix="zr-containerd-"))
+    work = Path(tempfile.mkdtemp(prefix="zr-containerd-", dir=under))
     try:
         async with contextlib.AsyncExitStack() as stack:
             api = await stack.enter_async_context(ApiServer())
