@@ -722,9 +722,9 @@ class RuntimeNode:
     node: TestNode
     containerd: Containerd
     work: Path
+    stops: contextlib.AsyncExitStack
+    """Stops what is started on the node (last first) when `runtime_node` is left."""
     agents: list[AgentProcess] = field(default_factory=list)
-    ztunnels: list[FakeZtunnel] = field(default_factory=list)
-    apps: list[App] = field(default_factory=list)
 
     @property
     def agent(self) -> AgentProcess:
@@ -745,6 +745,7 @@ class RuntimeNode:
             log_path=self.work / f"agent-{len(self.agents)}.log",
         )  # fmt: skip
         self.agents.append(agent)
+        self.stops.push_async_callback(agent.stop)
         await agent.start()
         await agent.wait_event("cni_plugin_installed")
         return agent
@@ -752,7 +753,7 @@ class RuntimeNode:
     async def ztunnel(self) -> FakeZtunnel:
         """A fake ztunnel connected to the agent, starting a stand-in in each netns it gets."""
         zt = await connect_ztunnel(self.node.ztunnel_socket)
-        self.ztunnels.append(zt)
+        self.stops.push_async_callback(zt.close)
         return zt
 
     def create_pod(self, name: str, namespace: str) -> str:
@@ -798,29 +799,8 @@ class RuntimeNode:
     def app(self, sandbox: Sandbox, port: int) -> App:
         app = App(sandbox.path, port, name=sandbox.name)
         app.start()
-        self.apps.append(app)
+        self.stops.push_async_callback(asyncio.to_thread, app.close)
         return app
-
-    async def close(self) -> None:
-        """Stop the fake ztunnels, apps and agents (containerd is `runtime_node`'s)."""
-        errors: list[BaseException] = []
-        for zt in reversed(self.ztunnels):
-            try:
-                await zt.close()
-            except Exception as exc:
-                errors.append(exc)
-        for app in self.apps:
-            try:
-                await asyncio.to_thread(app.close)
-            except Exception as exc:
-                errors.append(exc)
-        for agent in self.agents:
-            try:
-                await agent.stop()
-            except Exception as exc:
-                errors.append(exc)
-        if errors:
-            raise errors[0]
 
 
 @contextlib.asynccontextmanager
@@ -847,8 +827,6 @@ async def runtime_node(*, under: Path | None = None) -> AsyncIterator[RuntimeNod
             await asyncio.to_thread(runtime.start)
             test_node.namespace(MESH_NAMESPACE, {c.ENROLL_LABEL: c.ENROLL_VALUE})
             test_node.namespace(PLAIN_NAMESPACE)
-            node = RuntimeNode(api, test_node, runtime, work)
-            stack.push_async_callback(node.close)
-            yield node
+            yield RuntimeNode(api, test_node, runtime, work, stack)
     finally:
         shutil.rmtree(work, ignore_errors=True)
