@@ -116,12 +116,6 @@ async def measure_runtime(sandboxes: int = DEFAULT_SANDBOXES) -> dict[str, Any]:
     samples: Samples = {s: {"run_ms": [], "stop_remove_ms": []} for s in SERIES}
     uids: dict[str, list[str]] = {s: [] for s in SERIES}
 
-    async def timed(node: ctd.RuntimeNode, series: str, uid: str) -> None:
-        name, namespace = names[uid]
-        timing = await node.timed_pod(name, namespace, uid)
-        samples[series]["run_ms"].append(timing.run_s * 1e3)
-        samples[series]["stop_remove_ms"].append(timing.remove_s * 1e3)
-
     async with ctd.runtime_node(under=TMPFS if TMPFS.is_dir() else None) as node:
         names: dict[str, tuple[str, str]] = {}
         for series, namespace in SERIES_NAMESPACES.items():
@@ -142,7 +136,9 @@ async def measure_runtime(sandboxes: int = DEFAULT_SANDBOXES) -> dict[str, Any]:
             lead = f"lead-{series.replace('_', '-')}", namespace
             await node.timed_pod(*lead, node.create_pod(*lead))
             for uid in uids[series]:
-                await timed(node, series, uid)
+                timing = await node.timed_pod(*names[uid], uid)
+                samples[series]["run_ms"].append(timing.run_s * 1e3)
+                samples[series]["stop_remove_ms"].append(timing.remove_s * 1e3)
         if zt is None:  # pragma: no cover - SERIES holds the plugin's series
             raise RuntimeBenchError("no series ran with the plugin")
         # The agent tells ztunnel after the DEL has returned.
