@@ -281,6 +281,52 @@ def entry_restore_markdown(restore: dict[str, Any] | None) -> list[str]:
     ]
 
 
+RUNTIME_ROWS: Final = (
+    ("no_plugin", "primary alone (no plugin in the chain)"),
+    ("not_in_mesh", "our plugin, a pod not in the mesh"),
+    ("mesh", "our plugin, a mesh pod"),
+)
+"""(series in the `runtime` section, its row's name), in the order they run."""
+
+
+def _runtime_cells(phase: dict[str, Any], added: dict[str, float] | None) -> str:
+    cells = f"{phase['p50_ms']:.1f} / {phase['p99_ms']:.1f}"
+    if added is None:
+        return f"{cells} | | "
+    return (
+        f"{cells} | {added['p50_added_ms']:+.1f} / {added['p99_added_ms']:+.1f} | "
+        f"x{added['p50_ratio']:.2f} / x{added['p99_ratio']:.2f}"
+    )
+
+
+def runtime_markdown(runtime: dict[str, Any] | None) -> list[str]:
+    """The plugin's overhead in a real container runtime (`bench.runtime`), or why not measured."""
+    if not runtime:
+        return []
+    lines = ["", "## A real container runtime: what our plugin adds to a pod sandbox", ""]
+    if "skipped" in runtime:
+        return [*lines, f"Not measured: {runtime['skipped']}.", ""]
+    lines += [
+        f"containerd {runtime['runtime']} (CRI), runc, a bridge/host-local primary; "
+        f"{runtime['sandboxes']} sandboxes per series, one at a time, each run, stopped and "
+        "removed over CRI as kubelet does, each series as a block in the order below (one "
+        "untimed sandbox leads each). Added time and ratio are against the primary alone (on a "
+        "shared machine, judge the ratio).",
+        "",
+        "| chain | RunPodSandbox p50 / p99 ms | added ms | ratio | "
+        "Stop + Remove p50 / p99 ms | added ms | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    over = runtime["overhead"]
+    for series, name in RUNTIME_ROWS:
+        run = _runtime_cells(
+            runtime["run_pod_sandbox"][series], over["run_pod_sandbox"].get(series)
+        )
+        stop = _runtime_cells(runtime["stop_remove"][series], over["stop_remove"].get(series))
+        lines.append(f"| {name} | {run} | {stop} |")
+    return [*lines, ""]
+
+
 def add_targets(add: dict[str, Any] | None, n: int, *, mesh: bool) -> list[Target]:
     """Issue 10: the whole ADD as the runtime sees it (plugin start to exit, agent work
     included) of a mesh pod (`mesh`: its targets are for N = 1000), of a pod not in the mesh,
@@ -509,6 +555,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines += growth_markdown(data["sizes"])
     lines += fast_paths_markdown(data.get("fast_paths"))
     lines += entry_restore_markdown(data.get("cni_entry_restore"))
+    lines += runtime_markdown(data.get("runtime"))
     lines += agent_markdown(data.get("agent"))
     n, found = targets(data)
     lines += [

@@ -14,7 +14,10 @@ goes into an empty netns) and measures, on this machine and in this run:
 4. once, the core's fast paths (batch replay, dump proof) against the fallbacks they replace;
 5. the real agent as a process (`bench.agent`; `--no-agent` skips it), for each N of
    `--agent-sizes`: enrollment by a namespace label, CNI ADD end to end, its RSS, fds and CPU per
-   drift pass, repair latency from a manual flush to repaired, and restart catch-up.
+   drift pass, repair latency from a manual flush to repaired, and restart catch-up;
+6. what our plugin adds to a pod sandbox's start and removal in a real container runtime
+   (`bench.runtime`: containerd over CRI, `--runtime-sandboxes` per series; `--no-runtime` skips
+   it, and it is reported as skipped, with the reason, where containerd cannot run).
 
 Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
 Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
@@ -67,6 +70,7 @@ from bench.methods import (
     tables_first_check_here,
     tables_install_here,
 )
+from bench.runtime import DEFAULT_SANDBOXES, QUICK_SANDBOXES, measure_runtime
 from bench.steps import apply_steps_here, check_steps_here
 from bench.summary import Latency, Phase, evenly, merge
 from ztunnel_redirect.core import constants as c
@@ -118,6 +122,8 @@ class Config:
     options: PodOptions = field(default_factory=PodOptions)
     agent: AgentConfig | None = None
     """The agent-level measurements (None: not run)."""
+    runtime_sandboxes: int = 0
+    """Sandboxes per series in a real container runtime (0: not run)."""
 
 
 def netns_of_this_thread() -> str:
@@ -666,6 +672,12 @@ async def bench_all(
             },
             "duration_s": round(time.perf_counter() - t0, 1),
         }
+    if bench.config.runtime_sandboxes:
+        k = bench.config.runtime_sandboxes
+        say(f"real runtime: {k} pod sandboxes each without our plugin, mesh, not in the mesh")
+        data["runtime"] = await measure_runtime(k)
+        if "skipped" in data["runtime"]:
+            say(f"real runtime: skipped: {data['runtime']['skipped']}")
     return data, raw
 
 
@@ -687,6 +699,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agent-repair-samples", type=int, default=5, help="pods flushed by hand per N")
     p.add_argument("--restore-rounds", type=int, default=50, help="conflist rewrites timed")
     p.add_argument("--no-agent", action="store_true", help="skip the agent-level measurements")
+    p.add_argument(
+        "--runtime-sandboxes",
+        type=int,
+        default=DEFAULT_SANDBOXES,
+        help="pod sandboxes per series in the real container runtime",
+    )
+    p.add_argument("--no-runtime", action="store_true", help="skip the real container runtime")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
     p.add_argument(
@@ -705,6 +724,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_drift_passes = 1
         args.agent_repair_samples = 3
         args.restore_rounds = 10
+        args.runtime_sandboxes = QUICK_SANDBOXES
     return args
 
 
@@ -714,6 +734,8 @@ def config_of(args: argparse.Namespace) -> Config:
         raise SystemExit("--sizes needs positive counts, --concurrency at least 1")
     options = PodOptions(ipv6=not args.no_ipv6, dns_capture=not args.no_dns_capture)
     agent_sizes = tuple(int(x) for x in str(args.agent_sizes or args.sizes).split(",") if x.strip())
+    if args.runtime_sandboxes < 1:
+        raise SystemExit("--runtime-sandboxes needs at least 1 (--no-runtime skips the part)")
     if not agent_sizes or min(agent_sizes) < 1 or args.agent_samples < 1:
         raise SystemExit("--agent-sizes needs positive counts, --agent-samples at least 1")
     agent = AgentConfig(
@@ -736,6 +758,7 @@ def config_of(args: argparse.Namespace) -> Config:
         restore_rounds=max(1, args.restore_rounds),
         options=options,
         agent=None if args.no_agent else agent,
+        runtime_sandboxes=0 if args.no_runtime else args.runtime_sandboxes,
     )
 
 

@@ -17,9 +17,17 @@ from typing import Any
 
 import pytest
 
-from bench.report import add_targets, fast_paths_markdown, growth_markdown, targets
-from bench.run import parse_args
+from bench import runtime
+from bench.report import (
+    add_targets,
+    fast_paths_markdown,
+    growth_markdown,
+    runtime_markdown,
+    targets,
+)
+from bench.run import config_of, parse_args
 from bench.summary import Latency, percentile
+from ztunnel_redirect.testing import containerd as ctd
 from ztunnel_redirect.testing.cheappods import BENCH_PREFIX, NETNS_DIR, unpin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,6 +209,67 @@ def test_quick_run_measures_the_agent_process(quick_run: tuple[Path, str]) -> No
     floor = agent["baseline"]
     assert 0 < floor["python_bare_rss_kib"] < floor["imports_rss_kib"]
     assert "kubernetes_asyncio" in floor["by_import_kib"]
+
+
+@pytest.mark.kernel
+def test_quick_run_times_pod_sandboxes_in_a_real_runtime_or_says_why_not(
+    quick_run: tuple[Path, str],
+) -> None:
+    out, _ = quick_run
+    section = json.loads((out / "latest.json").read_text())["runtime"]
+    md = (out / "latest.md").read_text()
+    assert "## A real container runtime: what our plugin adds to a pod sandbox\n" in md
+    reason = ctd.unavailable()
+    if reason is not None:
+        assert section == {"skipped": reason}
+        assert f"Not measured: {reason}." in md
+        return
+    assert section["sandboxes"] == runtime.QUICK_SANDBOXES
+    assert section["runtime"]  # containerd's version, from CRI
+    for phase in ("run_pod_sandbox", "stop_remove"):
+        assert set(section[phase]) == set(runtime.SERIES)
+        for lat in section[phase].values():
+            ordered(lat, runtime.QUICK_SANDBOXES)
+        for series in (runtime.MESH, runtime.NOT_IN_MESH):
+            assert section["overhead"][phase][series]["p50_ratio"] > 0
+    for series, by_phase in section["samples"].items():
+        assert [len(v) for v in by_phase.values()] == [runtime.QUICK_SANDBOXES] * 2, series
+    assert "| our plugin, a mesh pod | " in md
+
+
+def test_runtime_part_is_on_by_default_and_can_be_switched_off() -> None:
+    assert config_of(parse_args([])).runtime_sandboxes == runtime.DEFAULT_SANDBOXES >= 20
+    assert config_of(parse_args(["--quick"])).runtime_sandboxes == runtime.QUICK_SANDBOXES
+    assert config_of(parse_args(["--runtime-sandboxes", "40"])).runtime_sandboxes == 40
+    assert config_of(parse_args(["--no-runtime"])).runtime_sandboxes == 0
+    with pytest.raises(SystemExit):
+        config_of(parse_args(["--runtime-sandboxes", "0"]))
+
+
+def test_runtime_overhead_is_against_the_chain_without_our_plugin() -> None:
+    def series(base: float) -> dict[str, list[float]]:
+        return {"run_ms": [base - 10.0, base, base + 10.0], "stop_remove_ms": [base / 2] * 3}
+
+    samples = {
+        runtime.NO_PLUGIN: series(50.0),
+        runtime.MESH: series(60.0),
+        runtime.NOT_IN_MESH: series(52.5),
+    }
+    section = runtime.summarise(samples, sandboxes=3, runtime_version="1.6.20")
+    run = section["overhead"]["run_pod_sandbox"]
+    assert set(run) == {runtime.MESH, runtime.NOT_IN_MESH}  # no row against itself
+    assert run[runtime.MESH]["p50_added_ms"] == 10.0
+    assert run[runtime.MESH]["p50_ratio"] == 1.2
+    assert run[runtime.NOT_IN_MESH]["p50_ratio"] == 1.05
+    assert run[runtime.MESH]["p99_added_ms"] == pytest.approx(10.0)
+    assert section["overhead"]["stop_remove"][runtime.MESH]["p50_ratio"] == 1.2
+    md = "\n".join(runtime_markdown(section))
+    assert "containerd 1.6.20 (CRI)" in md
+    assert "| our plugin, a mesh pod | 60.0 / 69.8 | +10.0 / +10.0 | x1.20 / x1.17 |" in md
+    assert "| primary alone (no plugin in the chain) | 50.0 / 59.8 | |  |" in md
+    skipped = "\n".join(runtime_markdown({"skipped": "containerd end-to-end needs root"}))
+    assert "Not measured: containerd end-to-end needs root." in skipped
+    assert runtime_markdown(None) == []
 
 
 @pytest.mark.kernel

@@ -17,13 +17,16 @@ plugin), runc and the reference CNI plugins, driven over CRI as kubelet drives t
 - `primary_conflist` is a real bridge + host-local chain on a private range, on a bridge of our
   own, with host-local's state under the work directory; `cni_bin_dir` links the reference plugins
   into a directory of the test's (the agent installs ours there, as on a node).
-- `run_pod_sandbox_latency` times `RunPodSandbox` for the benchmark and the tests.
+- `runtime_node` is the whole node the tests and the benchmark run pods on: the test API server,
+  a `TestNode` whose netns holds containerd and the bridge, the real agent and a fake ztunnel
+  when asked for (`RuntimeNode`); `timed_sandbox` times a sandbox's run and its stop + remove.
 
 Nothing here touches /etc/cni, /opt/cni or the root network namespace.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -32,37 +35,47 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import tarfile
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import grpc
 from google.protobuf.message import Message
 
+from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.testing import cri_pb2
+from ztunnel_redirect.testing.agentprocess import AgentProcess, built_plugin, connect_ztunnel
+from ztunnel_redirect.testing.apiserver import ApiServer
+from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
+from ztunnel_redirect.testing.node import NODE_NAME, TestNode
+from ztunnel_redirect.testing.traffic import App
 
 __all__ = [
     "BRIDGE",
+    "MESH_NAMESPACE",
     "PAUSE_IMAGE",
+    "PLAIN_NAMESPACE",
     "PRIMARY_CONF",
     "SUBNET",
     "Containerd",
     "ContainerdError",
     "CriClient",
-    "Latency",
+    "RuntimeNode",
     "Sandbox",
+    "SandboxTiming",
     "build_pause_image",
     "cni_bin_dir",
     "pod_cgroup_parent",
     "primary_conflist",
-    "run_pod_sandbox_latency",
+    "runtime_node",
     "sandbox_config",
+    "timed_sandbox",
     "unavailable",
 ]
 
@@ -81,6 +94,10 @@ SUBNET: Final = "10.233.0.0/24"
 """Private, and only inside the test's node netns: no traffic leaves the test's namespaces."""
 NETWORK_NAME: Final = "zr-bridge"
 PRIMARY_CONF: Final = "10-zr-bridge.conflist"
+MESH_NAMESPACE: Final = "shop"
+"""Labelled for the mesh on a `runtime_node`."""
+PLAIN_NAMESPACE: Final = "plain"
+"""Not labelled: its pods are not in the mesh."""
 K8S_NAMESPACE: Final = "k8s.io"
 """containerd namespace of the CRI plugin's images and sandboxes."""
 START_TIMEOUT: Final = 30.0
@@ -672,45 +689,144 @@ class Containerd:
 
 
 @dataclass(frozen=True)
-class Latency:
-    """Seconds per call of `count` calls."""
+class SandboxTiming:
+    """One sandbox's life as kubelet drives it, in seconds."""
 
-    samples: tuple[float, ...]
+    run_s: float
+    """RunPodSandbox: the whole CNI chain's ADD runs inside it."""
+    remove_s: float
+    """StopPodSandbox (the chain's DEL) and RemovePodSandbox."""
+
+
+def timed_sandbox(containerd: Containerd, config: cri_pb2.PodSandboxConfig) -> SandboxTiming:
+    """Run the sandbox, then stop and remove it, timing both (blocking)."""
+    containerd.cgroup_parents.add(config.linux.cgroup_parent)
+    started = time.perf_counter()
+    sandbox_id = containerd.cri.run_pod_sandbox(config)
+    ran = time.perf_counter()
+    containerd.sandboxes[sandbox_id] = None
+    containerd.remove(sandbox_id)
+    return SandboxTiming(run_s=ran - started, remove_s=time.perf_counter() - ran)
+
+
+# --- a node with a real runtime ----------------------------------------------------------------
+
+
+@dataclass
+class RuntimeNode:
+    """What `runtime_node` yields: the test API server, the node (`TestNode`: its netns holds
+    containerd, the bridge and every sandbox's veth), containerd with the node's CNI dirs, and
+    the agents, fake ztunnels and apps started on it (all stopped when the node is left)."""
+
+    api: ApiServer
+    node: TestNode
+    containerd: Containerd
+    work: Path
+    stops: contextlib.AsyncExitStack
+    """Stops what is started on the node (last first) when `runtime_node` is left."""
+    agents: list[AgentProcess] = field(default_factory=list)
 
     @property
-    def p50(self) -> float:
-        return statistics.median(self.samples)
+    def agent(self) -> AgentProcess:
+        return self.agents[-1]
 
-    @property
-    def p99(self) -> float:
-        ordered = sorted(self.samples)
-        return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    async def start_agent(
+        self, *, log_level: str = "debug", reconcile_period: float | None = 2.0
+    ) -> AgentProcess:
+        """The real agent, installing and chaining our plugin into the node's CNI dirs; returns
+        once its entry is in the primary's conflist. `reconcile_period` None: the agent's own."""
+        period = () if reconcile_period is None else ("--reconcile-period", str(reconcile_period))
+        agent = AgentProcess.for_node(
+            self.node,
+            "--log-level", log_level, *period, "--proc-root", "/proc",
+            "--install-cni", "--cni-bin-dir", str(self.containerd.cni_bin_dir),
+            "--cni-conf-dir", str(self.containerd.cni_conf_dir),
+            "--cni-plugin-binary", str(built_plugin()),
+            log_path=self.work / f"agent-{len(self.agents)}.log",
+        )  # fmt: skip
+        self.agents.append(agent)
+        self.stops.push_async_callback(agent.stop)
+        await agent.start()
+        await agent.wait_event("cni_plugin_installed")
+        return agent
 
-    def summary(self) -> str:
-        return (
-            f"n={len(self.samples)} p50={self.p50 * 1e3:.1f}ms p99={self.p99 * 1e3:.1f}ms "
-            f"max={max(self.samples) * 1e3:.1f}ms"
+    async def ztunnel(self) -> FakeZtunnel:
+        """A fake ztunnel connected to the agent, starting a stand-in in each netns it gets."""
+        zt = await connect_ztunnel(self.node.ztunnel_socket)
+        self.stops.push_async_callback(zt.close)
+        return zt
+
+    def create_pod(self, name: str, namespace: str) -> str:
+        """The pod in the API, scheduled here, before its sandbox exists (no IPs); its UID."""
+        created = self.api.create_pod(
+            {
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"nodeName": NODE_NAME, "containers": [{"name": "app", "image": "app"}]},
+                "status": {"phase": "Pending"},
+            }
         )
+        return str(created["metadata"]["uid"])
+
+    async def run_sandbox(self, name: str, namespace: str, uid: str) -> Sandbox:
+        """RunPodSandbox as kubelet asks for it; then kubelet reports its IPs in the API."""
+        config = sandbox_config(name, namespace, uid)
+        sandbox = await asyncio.to_thread(self.containerd.run, config)
+        self.api.patch_pod(
+            namespace,
+            name,
+            {
+                "status": {
+                    "phase": "Running",
+                    "podIP": sandbox.ips[0],
+                    "podIPs": [{"ip": ip} for ip in sandbox.ips],
+                }
+            },
+        )
+        return sandbox
+
+    async def pod(self, name: str, namespace: str) -> Sandbox:
+        return await self.run_sandbox(name, namespace, self.create_pod(name, namespace))
+
+    async def timed_pod(self, name: str, namespace: str, uid: str) -> SandboxTiming:
+        """The pod's sandbox run, stopped and removed, timed (`timed_sandbox`)."""
+        config = sandbox_config(name, namespace, uid)
+        return await asyncio.to_thread(timed_sandbox, self.containerd, config)
+
+    async def remove(self, sandbox: Sandbox) -> None:
+        """StopPodSandbox (the CNI DEL) and RemovePodSandbox."""
+        await asyncio.to_thread(self.containerd.remove, sandbox.id)
+
+    def app(self, sandbox: Sandbox, port: int) -> App:
+        app = App(sandbox.path, port, name=sandbox.name)
+        app.start()
+        self.stops.push_async_callback(asyncio.to_thread, app.close)
+        return app
 
 
-def run_pod_sandbox_latency(
-    containerd: Containerd,
-    configs: Iterable[cri_pb2.PodSandboxConfig],
-    *,
-    after: Callable[[Sandbox], None] | None = None,
-) -> Latency:
-    """Time `RunPodSandbox` for each config (the whole CNI chain runs inside it); each sandbox is
-    handed to `after` (untimed), then stopped and removed before the next one starts."""
-    samples = []
-    for config in configs:
-        containerd.cgroup_parents.add(config.linux.cgroup_parent)
-        started = time.perf_counter()
-        sandbox_id = containerd.cri.run_pod_sandbox(config)
-        samples.append(time.perf_counter() - started)
-        containerd.sandboxes[sandbox_id] = None
-        if after is not None:
-            after(containerd.cri.sandbox(sandbox_id))
-        containerd.remove(sandbox_id)
-    if not samples:
-        raise ValueError("no sandbox to time")
-    return Latency(tuple(samples))
+@contextlib.asynccontextmanager
+async def runtime_node(*, under: Path | None = None) -> AsyncIterator[RuntimeNode]:
+    """A node with a real container runtime, for the tests and the benchmark: the API server and
+    a `TestNode`, containerd started in the node's netns (`Containerd.on_node`: its own socket,
+    state and CNI dirs in a temporary directory, the bridge/host-local primary, the pause image
+    imported), namespaces `MESH_NAMESPACE` (enrolled) and `PLAIN_NAMESPACE`. No agent yet.
+    The temporary directory goes `under` a directory of the caller's if given (the benchmark
+    puts it on a tmpfs: containerd syncs its database to disk on every write, and each sandbox's
+    root is a copy, which on a disk would time the disk).
+
+    On the way out, also after a failure: agents, fake ztunnels and apps stopped, containerd
+    closed (sandboxes removed, stopped by pid), the node's netns removed and with it the bridge,
+    the temporary directory deleted.
+    """
+    work = Path(tempfile.mkdtemp(prefix="zr-containerd-", dir=under))
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            api = await stack.enter_async_context(ApiServer())
+            test_node = stack.enter_context(TestNode(api))
+            runtime = Containerd.on_node(test_node.lab.node.path, work)
+            stack.push_async_callback(asyncio.to_thread, runtime.close)
+            await asyncio.to_thread(runtime.start)
+            test_node.namespace(MESH_NAMESPACE, {c.ENROLL_LABEL: c.ENROLL_VALUE})
+            test_node.namespace(PLAIN_NAMESPACE)
+            yield RuntimeNode(api, test_node, runtime, work, stack)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
