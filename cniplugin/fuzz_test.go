@@ -51,9 +51,9 @@ func FuzzRun(f *testing.F) {
 		f.Add(uint8(i), seed, "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0")
 	}
 	f.Add(uint8(0), []byte(`{"cniVersion":"1.0.0"}`), ";;=;K8S_POD_NAME=;K8S_POD_NAMESPACE")
+	socket := filepath.Join(f.TempDir(), "pluginevent.sock")
 	f.Fuzz(func(t *testing.T, which uint8, stdin []byte, cniArgs string) {
 		command := fuzzCommands[int(which)%len(fuzzCommands)]
-		socket := filepath.Join(t.TempDir(), "pluginevent.sock")
 		var raw map[string]json.RawMessage
 		if json.Unmarshal(stdin, &raw) == nil && raw != nil {
 			raw["plugin_event_socket"], _ = json.Marshal(socket)

@@ -2,12 +2,14 @@
 
 Two budgets: `ci` (the default, in `make test`) is derandomised, so every run tries the same
 examples and a failure reproduces; `fuzz` (`make fuzz`) is random and far longer. Choose with
-pytest's `--hypothesis-profile`.
+`HYPOTHESIS_PROFILE=fuzz`. Neither keeps an example database: nothing is written into the
+repository, and a failure prints the example (and, under `fuzz`, the seed to reproduce it).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -23,11 +25,13 @@ settings.register_profile(
 )
 settings.register_profile(
     "fuzz",
-    max_examples=5000,
+    max_examples=int(os.environ.get("FUZZ_EXAMPLES", "3000")),
     deadline=None,
+    database=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-settings.load_profile("ci")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DEEP: int = 20_000
 """Nesting depth of the deepest documents tried: far past the interpreter's recursion limit,

@@ -29,7 +29,7 @@ SELECTOR = """
 selector_texts = st.one_of(
     st.just(SELECTOR),
     st.integers(0, len(SELECTOR)).map(lambda n: SELECTOR[:n]),
-    json_values.map(lambda value: yaml.safe_dump(value)),
+    json_values.map(yaml.safe_dump),
     st.lists(
         st.fixed_dictionaries(
             {"podSelector": json_values, "namespaceSelector": json_values}, optional={}
