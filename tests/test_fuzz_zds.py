@@ -5,7 +5,9 @@ errors to the caller, and goes on serving the other connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -71,24 +73,33 @@ async def _served(server: ZtunnelServer, good: FakeZtunnel, name: str) -> None:
     assert not good.closed.is_set()
 
 
-async def _hello_scenario(hello: bytes) -> None:
+@contextlib.asynccontextmanager
+async def _server_and_peers(
+    bad_hello: bytes | None = None,
+) -> AsyncIterator[tuple[ZtunnelServer, FakeZtunnel, FakeZtunnel]]:
+    """A server with a good peer connected and snapshotted, and a bad peer not yet started."""
     with tempfile.TemporaryDirectory(prefix="zr-fuzz-") as tmp:
         path = str(Path(tmp) / "ztunnel.sock")
         server = ZtunnelServer(path=path, snapshot=lambda: (), timeout=1.0)
         await server.start()
         good = FakeZtunnel(path)
-        bad = FakeZtunnel(path, hello=hello)
+        bad = FakeZtunnel(path, hello=bad_hello)
         try:
             await good.start()
             async with asyncio.timeout(WAIT):
                 await good.snapshot_done.wait()
-            await bad.start()
-            await _until_served_or_closed(bad)
-            await _served(server, good, "after")
+            yield server, good, bad
         finally:
             await bad.close()
             await good.close()
             await server.close()
+
+
+async def _hello_scenario(hello: bytes) -> None:
+    async with _server_and_peers(hello) as (server, good, bad):
+        await bad.start()
+        await _until_served_or_closed(bad)
+        await _served(server, good, "after")
 
 
 @given(_messages())
@@ -97,32 +108,21 @@ def test_any_hello_drops_or_serves_only_that_connection(hello: bytes) -> None:
 
 
 async def _answer_scenario(answer: bytes) -> None:
-    with tempfile.TemporaryDirectory(prefix="zr-fuzz-") as tmp:
-        path = str(Path(tmp) / "ztunnel.sock")
-        server = ZtunnelServer(path=path, snapshot=lambda: (), timeout=1.0)
-        await server.start()
-        good = FakeZtunnel(path)
-        bad = FakeZtunnel(path)
+    async with _server_and_peers() as (server, good, bad):
+        await bad.start()
+        async with asyncio.timeout(WAIT):
+            await bad.snapshot_done.wait()
+        bad.behaviour = Behaviour(reply=answer)
         try:
-            for fake in (good, bad):
-                await fake.start()
-                async with asyncio.timeout(WAIT):
-                    await fake.snapshot_done.wait()
-            bad.behaviour = Behaviour(reply=answer)
-            try:
-                async with asyncio.timeout(WAIT):
-                    await server.add_workload(_pod("p"), SELF_NETNS)  # to the newest: bad
-            except RedirectError:
-                pass  # a nack, or the connection dropped: both typed
-            assert [r.kind for r in bad.requests][-1] is RequestKind.ADD
-            # Whether the bad peer's connection survived (its answer was an ack or a nack) or
-            # not, the next pod is handed over: to it, now well-behaved, or to the good one.
-            bad.behaviour = Behaviour()
-            await _served(server, good, "after")
-        finally:
-            await bad.close()
-            await good.close()
-            await server.close()
+            async with asyncio.timeout(WAIT):
+                await server.add_workload(_pod("p"), SELF_NETNS)  # to the newest: bad
+        except RedirectError:
+            pass  # a nack, or the connection dropped: both typed
+        assert [r.kind for r in bad.requests][-1] is RequestKind.ADD
+        # Whether the bad peer's connection survived (its answer was an ack or a nack) or
+        # not, the next pod is handed over: to it, now well-behaved, or to the good one.
+        bad.behaviour = Behaviour()
+        await _served(server, good, "after")
 
 
 @given(_messages())
