@@ -61,13 +61,14 @@ bench-quick: setup system-packages
 	$(BIN)/python -m bench.run --quick --out bench/results/quick
 
 # Every parser of outside input fuzzed longer than `make test` does: the Hypothesis tests (marker
-# `fuzz`) random, FUZZ_EXAMPLES examples each, then each Go target of the plugin for FUZZ_TIME.
+# `fuzz`) random, FUZZ_EXAMPLES examples each and no per-test timeout, then each Go target of
+# the plugin for FUZZ_TIME.
 # A Go failure leaves its input in cniplugin/testdata/fuzz/, which `go test` replays from then on.
 FUZZ_EXAMPLES ?= 3000
 FUZZ_TIME ?= 60s
 GO_FUZZ_TARGETS := FuzzRun FuzzParseDecisions FuzzReadResponse
 fuzz: setup system-packages
-	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz -p no:randomly
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz -p no:randomly --timeout 0
 	cd cniplugin && for target in $(GO_FUZZ_TARGETS); do \
 		GOPROXY=off go test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZ_TIME) . || exit 1; \
 	done
