@@ -42,17 +42,17 @@ func stdinSeeds(t testing.TB) [][]byte {
 	return seeds
 }
 
-// FuzzRun runs each command on any stdin and CNI_ARGS: the plugin answers status 0, or status 1
+// FuzzRun runs each command on any stdin, CNI_ARGS and CNI_NETNS: the plugin answers status 0, or status 1
 // with a CNI error object, never a Go panic (run turns one into "internal error"). The agent's
 // socket is always an absent one in a temporary directory, so ADD falls back to the (absent)
 // decision file and no fuzzed path is ever connected to.
 func FuzzRun(f *testing.F) {
 	for i, seed := range stdinSeeds(f) {
-		f.Add(uint8(i), seed, "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0")
+		f.Add(uint8(i), seed, "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0", testNetns)
 	}
-	f.Add(uint8(0), []byte(`{"cniVersion":"1.0.0"}`), ";;=;K8S_POD_NAME=;K8S_POD_NAMESPACE")
+	f.Add(uint8(0), []byte(`{"cniVersion":"1.0.0"}`), ";;=;K8S_POD_NAME=;K8S_POD_NAMESPACE", "")
 	socket := filepath.Join(f.TempDir(), "pluginevent.sock")
-	f.Fuzz(func(t *testing.T, which uint8, stdin []byte, cniArgs string) {
+	f.Fuzz(func(t *testing.T, which uint8, stdin []byte, cniArgs, netns string) {
 		command := fuzzCommands[int(which)%len(fuzzCommands)]
 		var raw map[string]json.RawMessage
 		if json.Unmarshal(stdin, &raw) == nil && raw != nil {
@@ -60,7 +60,7 @@ func FuzzRun(f *testing.F) {
 			stdin, _ = json.Marshal(raw)
 		}
 		env := map[string]string{
-			"CNI_COMMAND": command, "CNI_CONTAINERID": "c", "CNI_NETNS": testNetns,
+			"CNI_COMMAND": command, "CNI_CONTAINERID": "c", "CNI_NETNS": netns,
 			"CNI_IFNAME": "eth0", "CNI_ARGS": cniArgs, "CNI_PATH": "/opt/cni/bin",
 		}
 		var log bytes.Buffer
