@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# Hypothesis also caches (literals it found in our code, Unicode tables) under `.hypothesis/` in
+# the working directory; keep that out of the checkout too.
+if not os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+    set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "ztunnel-redirect-hypothesis")
 
 settings.register_profile(
     "ci",
