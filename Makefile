@@ -13,7 +13,7 @@ APT_PACKAGES := nftables iproute2 util-linux iptables ipset \
 # no paths, VCS stamp or build id in it, so that two builds are byte-identical.
 CNI_PLUGIN ?= build/cni/ztunnel-redirect-cni
 
-.PHONY: setup system-packages cni-plugin test lint demo proto bench bench-quick soak image clean
+.PHONY: setup system-packages cni-plugin test lint demo proto bench bench-quick soak image clean fuzz
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,19 @@ bench: setup system-packages
 # The same harness in seconds (CI runs it through tests/test_bench.py).
 bench-quick: setup system-packages
 	$(BIN)/python -m bench.run --quick --out bench/results/quick
+
+# Every parser of outside input fuzzed longer than `make test` does: the Hypothesis tests (marker
+# `fuzz`) random, FUZZ_EXAMPLES examples each and no per-test timeout, then each Go target of
+# the plugin for FUZZ_TIME.
+# A Go failure leaves its input in cniplugin/testdata/fuzz/, which `go test` replays from then on.
+FUZZ_EXAMPLES ?= 3000
+FUZZ_TIME ?= 60s
+GO_FUZZ_TARGETS := FuzzRun FuzzParseDecisions FuzzReadResponse
+fuzz: setup system-packages
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -m fuzz -p no:randomly --timeout 0
+	cd cniplugin && for target in $(GO_FUZZ_TARGETS); do \
+		GOPROXY=off go test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZ_TIME) . || exit 1; \
+	done
 
 # The churn soak: 10,000 pods through the real agent in waves, with restarts and faults, and leak
 # accounting every 1,000 (minutes; as root). SOAK_ARGS="--pods 3000" etc. to change it.

@@ -103,7 +103,8 @@ func readResponse(r *bufio.Reader) (status int, reason, text string, err error) 
 	proto, rest, _ := strings.Cut(line, " ")
 	code, reason, _ := strings.Cut(rest, " ")
 	status, convErr := strconv.Atoi(code)
-	if !strings.HasPrefix(proto, "HTTP/1.") || convErr != nil || len(code) != 3 {
+	// Three digits, 100 to 999: "000", "-12" and "+99" pass Atoi and the length check alone.
+	if !strings.HasPrefix(proto, "HTTP/1.") || convErr != nil || len(code) != 3 || status < 100 {
 		return 0, "", "", fmt.Errorf("not an HTTP response: %q", truncate(line, 80))
 	}
 	header, err := tp.ReadMIMEHeader()

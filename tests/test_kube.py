@@ -494,3 +494,23 @@ def test_backoff_grows_with_jitter_and_is_capped() -> None:
 async def test_load_client_with_a_missing_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         await load_client(kubeconfig=str(tmp_path / "missing"))
+
+
+async def test_a_malformed_pod_is_skipped_and_the_others_kept(server: ApiServer, api: Any) -> None:
+    bad_listed = pod("bad-listed")
+    bad_listed["metadata"]["labels"] = {"app": 7}
+    server.create_pod(bad_listed)
+    server.create_pod(pod("good-listed"))
+    async with running(server, api) as h:
+        await asyncio.wait_for(h.watcher.synced.wait(), TIMEOUT)
+        await server.wait_for(lambda: server.open_watches == 2, timeout=TIMEOUT)
+        bad_watched = pod("bad-watched")
+        bad_watched["status"]["podIPs"] = [{"ip": "not-an-ip"}]
+        server.create_pod(bad_watched)
+        server.create_pod(pod("good-watched"))
+
+        await h.store.wait_for(lambda: ("upsert_pod", "good-watched") in h.store.pod_calls())
+
+        assert h.store.names("replace_pods") == [["good-listed"]]
+        assert h.store.pod_calls() == [("upsert_pod", "good-watched")]
+        assert h.restarts == [], "a malformed object must not break the watch"

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import json
 import posixpath
 import re
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -39,7 +38,7 @@ import structlog
 from aiohttp import web
 
 from ztunnel_redirect.adapters import unixsocket
-from ztunnel_redirect.core import constants
+from ztunnel_redirect.core import constants, untrusted
 from ztunnel_redirect.core.errors import ConfigError, RedirectError
 from ztunnel_redirect.core.model import CniAddEvent, PodUid
 from ztunnel_redirect.kernel.netns import NetnsId, netns_id
@@ -151,8 +150,8 @@ def parse_add_event(
 ) -> CniAddEvent:
     """Validate the plugin's JSON; raises InvalidCniEventError naming the first problem."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        payload = untrusted.load_json(body)
+    except ValueError as exc:
         raise InvalidCniEventError(f"body is not JSON: {exc}") from None
     if not isinstance(payload, dict):
         raise InvalidCniEventError("body must be a JSON object")

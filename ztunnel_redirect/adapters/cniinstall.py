@@ -49,7 +49,7 @@ from typing import Any, Final, Self
 
 import structlog
 
-from ztunnel_redirect.core import constants
+from ztunnel_redirect.core import constants, untrusted
 from ztunnel_redirect.core.errors import ConfigError, RetryableError
 
 __all__ = [
@@ -136,8 +136,8 @@ def _parse(path: Path, data: bytes) -> tuple[dict[str, Any], bool]:
     A single-plugin config is wrapped in a list, as libcni does.
     """
     try:
-        config = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        config = untrusted.load_json(data)
+    except ValueError as exc:
         raise CniConfigError(path, f"not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise CniConfigError(path, "not a JSON object")
@@ -190,7 +190,7 @@ def probe_plugin(path: Path) -> str | None:
     if done.returncode != 0:
         return f"VERSION exited with status {done.returncode}" + (f": {tail}" if tail else "")
     try:
-        answer = json.loads(done.stdout)
+        answer = untrusted.load_json(done.stdout)
     except ValueError:
         return "VERSION did not print JSON"
     versions = answer.get("supportedVersions") if isinstance(answer, dict) else None

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
+import ipaddress
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
 import structlog
@@ -30,7 +30,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
 from ztunnel_redirect.control.workqueue import Backoff
-from ztunnel_redirect.core import constants
+from ztunnel_redirect.core import constants, untrusted
 from ztunnel_redirect.core.errors import ConfigError, RedirectError, RetryableError
 from ztunnel_redirect.core.model import Namespace, Pod, PodUid
 
@@ -52,6 +52,7 @@ log = structlog.get_logger(__name__)
 ApiClient = Any
 """`kubernetes_asyncio.client.ApiClient` (the library ships no type information)."""
 JSON = Mapping[str, Any]
+_T = TypeVar("_T")
 
 MERGE_PATCH: Final = "application/merge-patch+json"
 
@@ -100,34 +101,102 @@ async def load_client(*, kubeconfig: str | None = None) -> ApiClient:
 # --- translation ---------------------------------------------------------------------------------
 
 
-def pod_from_api(obj: JSON) -> Pod:
-    """A pod in the API's wire shape (`metadata`, `spec`, `status` dicts) as our model."""
-    metadata = obj.get("metadata") or {}
-    spec = obj.get("spec") or {}
-    status = obj.get("status") or {}
-    ips = tuple(entry["ip"] for entry in status.get("podIPs") or () if entry.get("ip"))
+class MalformedObjectError(KubeApiError):
+    """An object from the API without the shape of its kind (a field of the wrong type, an
+    address that is not one). A watch skips it with a warning and goes on; a single read fails
+    retryably."""
+
+
+def _object(value: Any, what: str) -> JSON:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise MalformedObjectError(f"{what} is not an object")
+    return value
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedObjectError(f"{what} is not a string")
+    return value
+
+
+def _string_map(value: Any, what: str) -> Mapping[str, str]:
+    mapping = _object(value, what)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise MalformedObjectError(f"{what} does not map strings to strings")
+    return mapping
+
+
+def _address(value: Any, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(_text(value, what)))
+    except ValueError:
+        raise MalformedObjectError(f"{what} {value!r} is not an IP address") from None
+
+
+def _pod_ips(status: JSON) -> tuple[str, ...]:
+    entries = status.get("podIPs")
+    if entries is not None and not isinstance(entries, list):
+        raise MalformedObjectError("status.podIPs is not a list")
+    ips = tuple(
+        _address(ip, "status.podIPs[].ip")
+        for entry in entries or ()
+        if (ip := _object(entry, "status.podIPs[]").get("ip"))
+    )
     if not ips and status.get("podIP"):
-        ips = (status["podIP"],)
+        ips = (_address(status["podIP"], "status.podIP"),)
+    return ips
+
+
+def pod_from_api(obj: Any) -> Pod:
+    """A pod in the API's wire shape (`metadata`, `spec`, `status` dicts) as our model; raises
+    `MalformedObjectError` naming the first field that does not have its type."""
+    pod = _object(obj, "pod")
+    metadata = _object(pod.get("metadata"), "metadata")
+    spec = _object(pod.get("spec"), "spec")
+    status = _object(pod.get("status"), "status")
+    host_network = spec.get("hostNetwork")
+    if host_network is not None and not isinstance(host_network, bool):
+        raise MalformedObjectError("spec.hostNetwork is not a boolean")
     return Pod(
-        uid=PodUid(metadata.get("uid") or ""),
-        name=metadata.get("name") or "",
-        namespace=metadata.get("namespace") or "",
-        node_name=spec.get("nodeName") or "",
-        ips=ips,
-        labels=metadata.get("labels") or {},
-        annotations=metadata.get("annotations") or {},
-        host_network=bool(spec.get("hostNetwork")),
-        phase=status.get("phase") or "Pending",
-        service_account=spec.get("serviceAccountName") or "default",
+        uid=PodUid(_text(metadata.get("uid"), "metadata.uid")),
+        name=_text(metadata.get("name"), "metadata.name"),
+        namespace=_text(metadata.get("namespace"), "metadata.namespace"),
+        node_name=_text(spec.get("nodeName"), "spec.nodeName"),
+        ips=_pod_ips(status),
+        labels=_string_map(metadata.get("labels"), "metadata.labels"),
+        annotations=_string_map(metadata.get("annotations"), "metadata.annotations"),
+        host_network=bool(host_network),
+        phase=_text(status.get("phase"), "status.phase") or "Pending",
+        service_account=_text(spec.get("serviceAccountName"), "spec.serviceAccountName")
+        or "default",
         # A terminating pod (deletionTimestamp set) stays enrolled while it drains, as in
         # Istio; only the DELETED event marks it deleted.
         deleted=False,
     )
 
 
-def namespace_from_api(obj: JSON) -> Namespace:
-    metadata = obj.get("metadata") or {}
-    return Namespace(name=metadata.get("name") or "", labels=metadata.get("labels") or {})
+def namespace_from_api(obj: Any) -> Namespace:
+    metadata = _object(_object(obj, "namespace").get("metadata"), "metadata")
+    return Namespace(
+        name=_text(metadata.get("name"), "metadata.name"),
+        labels=_string_map(metadata.get("labels"), "metadata.labels"),
+    )
+
+
+def _well_formed(resource: str, translate: Callable[[Any], _T], items: Sequence[Any]) -> list[_T]:
+    """The items of a list that have their kind's shape; the others are skipped with a
+    warning, so that one bad object never keeps the node's pods from being listed."""
+    out = []
+    for item in items:
+        try:
+            out.append(translate(item))
+        except MalformedObjectError as exc:
+            log.warning("list_object_malformed", resource=resource, error=str(exc))
+    return out
 
 
 # --- errors at the boundary ----------------------------------------------------------------------
@@ -135,7 +204,7 @@ def namespace_from_api(obj: JSON) -> Namespace:
 
 def _error_from_response(status: int, body: bytes, what: str) -> Exception:
     try:
-        parsed = json.loads(body)
+        parsed = untrusted.load_json(body)
         message = parsed.get("message") or body.decode(errors="replace")
     except (ValueError, AttributeError):
         message = body.decode(errors="replace")[:200]
@@ -154,7 +223,7 @@ def _uid_changed(status: int, body: bytes) -> bool:
     if status != 422:
         return False
     with contextlib.suppress(ValueError, AttributeError, TypeError):
-        causes = json.loads(body).get("details", {}).get("causes") or []
+        causes = untrusted.load_json(body).get("details", {}).get("causes") or []
         return any(cause.get("field") == "metadata.uid" for cause in causes)
     return False
 
@@ -166,7 +235,7 @@ async def _request(what: str) -> AsyncIterator[None]:
         yield
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise KubeApiError(f"{what}: {type(exc).__name__}: {exc}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a malformed line or body
+    except untrusted.MalformedDocumentError as exc:  # a malformed line or body
         raise KubeApiError(f"{what}: malformed response: {exc}") from exc
 
 
@@ -178,7 +247,7 @@ async def _read(response: Any, what: str) -> Any:
         response.release()
     if not 200 <= response.status < 300:
         raise _error_from_response(response.status, body, what)
-    return json.loads(body)
+    return untrusted.load_json(body)
 
 
 # --- the store the watcher feeds -----------------------------------------------------------------
@@ -300,7 +369,9 @@ class Watcher:
                 name="pods",
                 list_call=self._core.list_pod_for_all_namespaces,
                 field_selector=f"spec.nodeName={self._node_name}",
-                replace=lambda items: self._store.replace_pods([pod_from_api(o) for o in items]),
+                replace=lambda items: self._store.replace_pods(
+                    _well_formed("pods", pod_from_api, items)
+                ),
                 upsert=lambda obj: self._store.upsert_pod(pod_from_api(obj)),
                 delete=lambda obj: self._store.delete_pod(
                     dataclasses.replace(pod_from_api(obj), deleted=True)
@@ -311,7 +382,7 @@ class Watcher:
                 list_call=self._core.list_namespace,
                 field_selector=None,
                 replace=lambda items: self._store.replace_namespaces(
-                    [namespace_from_api(o) for o in items]
+                    _well_formed("namespaces", namespace_from_api, items)
                 ),
                 upsert=lambda obj: self._store.upsert_namespace(namespace_from_api(obj)),
                 delete=lambda obj: self._store.delete_namespace(namespace_from_api(obj)),
@@ -386,14 +457,17 @@ class Watcher:
                 _preload_content=False,
                 _request_timeout=self._request_timeout,
             )
-            body = await _read(response, what)
+            body = _object(await _read(response, what), what)
         items = body.get("items") or []
+        if not isinstance(items, list):
+            raise MalformedObjectError(f"{what}: items is not a list")
         kind.replace(items)
         if self._on_event is not None:
             event_type = "update" if kind.name in self._listed else "add"
             for _item in items:
                 self._on_event(kind.name, event_type)
-        cursor.resource_version = str(body.get("metadata", {}).get("resourceVersion") or "0")
+        metadata = _object(body.get("metadata"), f"{what}: metadata")
+        cursor.resource_version = str(metadata.get("resourceVersion") or "0")
         log.info(
             "resource_listed",
             resource=kind.name,
@@ -430,28 +504,42 @@ class Watcher:
                 # Bounded by the server's timeoutSeconds and our sock_read timeout.
                 while line := await response.content.readline():
                     if line.strip():
-                        self._apply(kind, cursor, json.loads(line))
+                        self._apply(kind, cursor, untrusted.load_json(line))
             finally:
                 response.close()
 
-    def _apply(self, kind: _Kind, cursor: _Cursor, event: JSON) -> None:
+    def _apply(self, kind: _Kind, cursor: _Cursor, event: Any) -> None:
+        """One line of a watch stream. A line without an event's shape breaks the stream (the
+        watch resumes from our version); an object in it without its kind's shape is skipped
+        with a warning, so that one bad object never stops the node's watch."""
+        try:
+            event = _object(event, "event")
+            obj = _object(event.get("object"), "object")
+            resource_version = _object(obj.get("metadata"), "object.metadata").get(
+                "resourceVersion"
+            )
+        except MalformedObjectError as exc:
+            raise MalformedObjectError(f"watch {kind.name}: {exc}") from None
         event_type = event.get("type")
-        obj = event.get("object") or {}
         if event_type == "ERROR":
             code = obj.get("code")
             text = f"watch {kind.name}: {obj.get('reason')}: {obj.get('message')}"
             if code == 410:
                 raise _ExpiredError(text)
             raise KubeApiError(text, status=code if isinstance(code, int) else 500)
-        resource_version = (obj.get("metadata") or {}).get("resourceVersion")
         cursor.events += 1
-        if event_type in ("ADDED", "MODIFIED"):
-            kind.upsert(obj)
-        elif event_type == "DELETED":
-            kind.delete(obj)
-        elif event_type != "BOOKMARK":
-            log.warning("watch_event_unknown", resource=kind.name, type=event_type)
-            return
+        try:
+            if event_type in ("ADDED", "MODIFIED"):
+                kind.upsert(obj)
+            elif event_type == "DELETED":
+                kind.delete(obj)
+            elif event_type != "BOOKMARK":
+                log.warning("watch_event_unknown", resource=kind.name, type=str(event_type))
+                return
+        except MalformedObjectError as exc:
+            log.warning(
+                "watch_object_malformed", resource=kind.name, type=event_type, error=str(exc)
+            )
         counted = _EVENT_TYPES.get(str(event_type))
         if counted is not None and self._on_event is not None:
             self._on_event(kind.name, counted)

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import yaml
 
-from ztunnel_redirect.core import constants
+from ztunnel_redirect.core import constants, untrusted
 
 __all__ = [
     "DEFAULT_ENABLEMENT_SELECTORS",
@@ -241,7 +241,9 @@ def parse_enablement_selectors(text: str) -> tuple[EnablementSelector, ...]:
     `[]` is valid and selects no pod. Anything that is not a list, `null` included, is refused.
     """
     try:
-        document = yaml.safe_load(text)
+        document = untrusted.load_yaml(text)
+    except untrusted.MalformedDocumentError as exc:
+        raise SelectorError(f"is not valid YAML ({exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

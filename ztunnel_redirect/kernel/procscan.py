@@ -114,9 +114,13 @@ def parse_start_time(stat: str) -> int | None:
         return None
     fields = stat[close + 1 :].split()
     index = _STARTTIME_FIELD - 3  # the fields after ')' start at field 3
-    if len(fields) <= index or not fields[index].isdigit():
-        return None
-    return int(fields[index])
+    return _number(fields[index]) if len(fields) > index else None
+
+
+def _number(text: str) -> int | None:
+    """A decimal number as `/proc` writes it (ASCII digits only: `str.isdigit` also takes
+    superscripts, which `int` refuses)."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _read(path: str) -> bytes | None:
@@ -156,9 +160,7 @@ def _real_uid(status: str) -> int | None:
     for line in status.splitlines():
         if line.startswith("Uid:"):
             fields = line.split()
-            if len(fields) >= 2 and fields[1].isdigit():
-                return int(fields[1])
-            return None
+            return _number(fields[1]) if len(fields) >= 2 else None
     return None
 
 
