@@ -14,7 +14,9 @@ goes into an empty netns) and measures, on this machine and in this run:
 4. once, the core's fast paths (batch replay, dump proof) against the fallbacks they replace;
 5. the real agent as a process (`bench.agent`; `--no-agent` skips it), for each N of
    `--agent-sizes`: enrollment by a namespace label, CNI ADD end to end, its RSS, fds and CPU per
-   drift pass, repair latency from a manual flush to repaired, and restart catch-up.
+   drift pass, repair latency from a manual flush to repaired, and restart catch-up;
+6. the agent's footprint at its default settings (`bench.footprint`; `--no-footprint` skips it),
+   for each N of `--agent-sizes`: RSS, open fds and CPU over an idle window (`--idle-window`).
 
 Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
 Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
@@ -49,6 +51,12 @@ import structlog
 from bench import report
 from bench.agent import AgentConfig, measure_agent, memory_floor
 from bench.cniwatch import measure_entry_restore
+from bench.footprint import (
+    DEFAULT_IDLE_WINDOW_S,
+    QUICK_IDLE_WINDOW_S,
+    FootprintConfig,
+    measure_footprint,
+)
 from bench.methods import (
     Method,
     baseline_full_here,
@@ -113,6 +121,8 @@ class Config:
     options: PodOptions = field(default_factory=PodOptions)
     agent: AgentConfig | None = None
     """The agent-level measurements (None: not run)."""
+    footprint: FootprintConfig | None = None
+    """The agent's footprint at its defaults (None: not run)."""
 
 
 def netns_of_this_thread() -> str:
@@ -661,6 +671,10 @@ async def bench_all(
             },
             "duration_s": round(time.perf_counter() - t0, 1),
         }
+    if bench.config.footprint is not None:
+        fp = bench.config.footprint
+        say(f"footprint: sizes {list(fp.sizes)}, idle window {fp.idle_window_s:g} s")
+        data["footprint"] = await measure_footprint(bench.runner, bench.factory, fp)
     return data, raw
 
 
@@ -682,6 +696,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agent-repair-samples", type=int, default=5, help="pods flushed by hand per N")
     p.add_argument("--restore-rounds", type=int, default=50, help="conflist rewrites timed")
     p.add_argument("--no-agent", action="store_true", help="skip the agent-level measurements")
+    p.add_argument("--no-footprint", action="store_true", help="skip the agent's idle footprint")
+    p.add_argument(
+        "--idle-window",
+        type=float,
+        default=DEFAULT_IDLE_WINDOW_S,
+        help="seconds of idle CPU per N (the issue's figure: 600)",
+    )
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
     p.add_argument(
@@ -700,6 +721,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_drift_passes = 1
         args.agent_repair_samples = 3
         args.restore_rounds = 10
+        args.idle_window = QUICK_IDLE_WINDOW_S
     return args
 
 
@@ -731,6 +753,9 @@ def config_of(args: argparse.Namespace) -> Config:
         restore_rounds=max(1, args.restore_rounds),
         options=options,
         agent=None if args.no_agent else agent,
+        footprint=None
+        if args.no_footprint
+        else FootprintConfig(agent_sizes, max(1.0, args.idle_window), options),
     )
 
 
