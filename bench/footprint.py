@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.agent import PREFIX, AgentConfig, agent_bench, memory_floor, say
-from bench.pods import PodFactory
 from ztunnel_redirect.core.model import PodOptions
 from ztunnel_redirect.core.settings import Settings
 from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.testing.agentprocess import Samples, metric
+from ztunnel_redirect.testing.cheappods import PodFactory
 
 DEFAULT_IDLE_WINDOW_S: Final = 60.0
 """The full bench's idle window; the issue's figure is over 10 minutes (`--idle-window 600`)."""
