@@ -446,7 +446,7 @@ def test_agent_targets_say_met_or_missed_and_why() -> None:
     ]
     assert all(t.met for t in agent.values())
 
-    _, found = targets(data | {"agent": synthetic_agent(3, 120 * 1024, 1.5)})
+    _, found = targets(data | {"agent": synthetic_agent(3, 100 * 1024, 1.5)})
     agent = {t.name.split(" with")[0].split(" of")[0]: t for t in found[5:]}
     assert not agent["restart catch-up"].met
     assert agent["restart catch-up"].margin == "missed by 3"
