@@ -231,15 +231,12 @@ def agent_targets(agent: dict[str, Any] | None, load: str) -> list[Target]:
         )
     )
     rss = max(res["after_enrollment"]["rss_kib"], res["after_drift_pass"]["rss_kib"]) / 1024
-    met, margin = _at_most(rss, AGENT_RSS_MIB, "MiB")
     out.append(
-        Target(
+        _rss_target(
             f"agent RSS with {pods} pods enrolled",
-            f"<= {AGENT_RSS_MIB:.0f} MiB",
-            f"{rss:.1f} MiB (open fds {res['after_drift_pass']['open_fds']})",
-            met,
-            margin,
-            "" if met else _rss_why(agent, rss),
+            rss,
+            f"open fds {res['after_drift_pass']['open_fds']}",
+            agent,
         )
     )
     dp = res["drift_pass"]
@@ -381,6 +378,19 @@ def repair_targets(repair: dict[str, Any] | None, drift_pass: dict[str, Any]) ->
     return out
 
 
+def _rss_target(name: str, rss_mib: float, detail: str, measured: dict[str, Any]) -> Target:
+    """The agent's RSS against its target; when missed, why (from `measured`'s memory floor)."""
+    met, margin = _at_most(rss_mib, AGENT_RSS_MIB, "MiB")
+    return Target(
+        name,
+        f"<= {AGENT_RSS_MIB:.0f} MiB",
+        f"{rss_mib:.1f} MiB" + (f" ({detail})" if detail else ""),
+        met,
+        margin,
+        "" if met else _rss_why(measured, rss_mib),
+    )
+
+
 def _rss_why(agent: dict[str, Any], rss_mib: float) -> str:
     base = agent.get("baseline")
     if not base:
@@ -424,15 +434,9 @@ def footprint_targets(fp: dict[str, Any] | None) -> list[Target]:
     per_pod = _per_pod(fp, n, "rss_kib")
     if per_pod is not None:
         parts.append(f"{per_pod[0]:.1f} KiB per pod above N = {per_pod[1]}")
-    met, margin = _at_most(rss, AGENT_RSS_MIB, "MiB")
     out = [
-        Target(
-            f"agent RSS at its defaults, {at['pods']} pods enrolled",
-            f"<= {AGENT_RSS_MIB:.0f} MiB",
-            f"{rss:.1f} MiB" + (f" ({'; '.join(parts)})" if parts else ""),
-            met,
-            margin,
-            "" if met else _rss_why(fp, rss),
+        _rss_target(
+            f"agent RSS at its defaults, {at['pods']} pods enrolled", rss, "; ".join(parts), fp
         )
     ]
     idle = at["idle"]
