@@ -577,8 +577,8 @@ IMPORT_ORDER: Final = (
     "structlog",
     "prometheus_client",
     "google.protobuf",
-    "pyroute2",
-    "kubernetes_asyncio",
+    "ztunnel_redirect.kernel.routing",  # pyroute2's netlink messages, as the agent imports them
+    "ztunnel_redirect.adapters.kube",  # kubernetes_asyncio's client, as the agent imports it
     "ztunnel_redirect.app.agent",
     "ztunnel_redirect.app.cli",
 )

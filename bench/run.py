@@ -17,7 +17,9 @@ goes into an empty netns) and measures, on this machine and in this run:
    drift pass, repair latency from a manual flush to repaired, and restart catch-up;
 6. what our plugin adds to a pod sandbox's start and removal in a real container runtime
    (`bench.runtime`: containerd over CRI, `--runtime-sandboxes` per series; `--no-runtime` skips
-   it, and it is reported as skipped, with the reason, where containerd cannot run).
+   it, and it is reported as skipped, with the reason, where containerd cannot run);
+7. the agent's footprint at its default settings (`bench.footprint`; `--no-footprint` skips it),
+   for each N of `--agent-sizes`: RSS, open fds and CPU over an idle window (`--idle-window`).
 
 Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
 Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
@@ -52,6 +54,12 @@ import structlog
 from bench import report
 from bench.agent import AgentConfig, measure_agent, memory_floor
 from bench.cniwatch import measure_entry_restore
+from bench.footprint import (
+    DEFAULT_IDLE_WINDOW_S,
+    QUICK_IDLE_WINDOW_S,
+    FootprintConfig,
+    measure_footprint,
+)
 from bench.methods import (
     Method,
     baseline_full_here,
@@ -124,6 +132,8 @@ class Config:
     """The agent-level measurements (None: not run)."""
     runtime_sandboxes: int = 0
     """Sandboxes per series in a real container runtime (0: not run)."""
+    footprint: FootprintConfig | None = None
+    """The agent's footprint at its defaults (None: not run)."""
 
 
 def netns_of_this_thread() -> str:
@@ -678,6 +688,10 @@ async def bench_all(
         data["runtime"] = await measure_runtime(k)
         if "skipped" in data["runtime"]:
             say(f"real runtime: skipped: {data['runtime']['skipped']}")
+    if bench.config.footprint is not None:
+        fp = bench.config.footprint
+        say(f"footprint: sizes {list(fp.sizes)}, idle window {fp.idle_window_s:g} s")
+        data["footprint"] = await measure_footprint(bench.runner, bench.factory, fp)
     return data, raw
 
 
@@ -706,6 +720,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="pod sandboxes per series in the real container runtime",
     )
     p.add_argument("--no-runtime", action="store_true", help="skip the real container runtime")
+    p.add_argument("--no-footprint", action="store_true", help="skip the agent's idle footprint")
+    p.add_argument(
+        "--idle-window",
+        type=float,
+        default=DEFAULT_IDLE_WINDOW_S,
+        help="seconds of idle CPU per N (the issue's figure: 600)",
+    )
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
     p.add_argument(
@@ -725,6 +746,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_repair_samples = 3
         args.restore_rounds = 10
         args.runtime_sandboxes = QUICK_SANDBOXES
+        args.idle_window = QUICK_IDLE_WINDOW_S
     return args
 
 
@@ -759,6 +781,9 @@ def config_of(args: argparse.Namespace) -> Config:
         options=options,
         agent=None if args.no_agent else agent,
         runtime_sandboxes=0 if args.no_runtime else args.runtime_sandboxes,
+        footprint=None
+        if args.no_footprint
+        else FootprintConfig(agent_sizes, max(1.0, args.idle_window), options),
     )
 
 

@@ -127,7 +127,9 @@ def test_quick_run_writes_well_formed_json(quick_run: tuple[Path, str]) -> None:
             continue
         assert value > 0, where
     names = [t["name"] for t in data["targets"]["results"]]
-    assert len(names) == 16, names
+    assert len(names) == 19, names
+    assert any(name.startswith("agent RSS at its defaults") for name in names)
+    assert any(name.startswith("agent CPU while idle") for name in names)
     assert any(name.startswith("whole CNI ADD of a pod not in the mesh") for name in names)
     assert any(name.startswith("restart catch-up of") for name in names)
     assert any(name.startswith("agent RSS") for name in names)
@@ -208,7 +210,20 @@ def test_quick_run_measures_the_agent_process(quick_run: tuple[Path, str]) -> No
     assert 0 < restore["p50_ms"] <= restore["p99_ms"] <= restore["max_ms"]
     floor = agent["baseline"]
     assert 0 < floor["python_bare_rss_kib"] < floor["imports_rss_kib"]
-    assert "kubernetes_asyncio" in floor["by_import_kib"]
+    assert "ztunnel_redirect.adapters.kube" in floor["by_import_kib"]
+
+
+@pytest.mark.kernel
+def test_quick_run_measures_the_footprint(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    fp = json.loads((out / "latest.json").read_text())["footprint"]
+    at = fp["sizes"]["3"]
+    assert at["pods"] == 3
+    for when in ("enrolled", "after_idle"):
+        assert at[when]["rss_kib"] > 10_000
+        assert at[when]["open_fds"] >= 3  # at least a netns fd per pod
+    assert at["idle"]["window_s"] > 0 and at["idle"]["cpu_s"] >= 0
+    assert fp["baseline"]["imports_rss_kib"] > fp["baseline"]["python_bare_rss_kib"]
 
 
 @pytest.mark.kernel
@@ -500,7 +515,7 @@ def test_agent_targets_say_met_or_missed_and_why() -> None:
     ]
     assert all(t.met for t in agent.values())
 
-    _, found = targets(data | {"agent": synthetic_agent(3, 120 * 1024, 1.5)})
+    _, found = targets(data | {"agent": synthetic_agent(3, 100 * 1024, 1.5)})
     agent = {t.name.split(" with")[0].split(" of")[0]: t for t in found[5:]}
     assert not agent["restart catch-up"].met
     assert agent["restart catch-up"].margin == "missed by 3"

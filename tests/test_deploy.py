@@ -29,7 +29,7 @@ import pytest
 import yaml
 from kubernetes_asyncio.client import CoreV1Api
 
-from ztunnel_redirect.adapters import decisions
+from ztunnel_redirect.adapters import decisions, kube
 from ztunnel_redirect.app import cli
 from ztunnel_redirect.core import constants, enrollment, labelselector, settings
 
@@ -187,54 +187,29 @@ def _core_method_request(name: str) -> tuple[str, str]:
     return match["path"], match["method"]
 
 
-def _core_api_holders(tree: ast.AST) -> set[str]:
-    """Names (`x` or `self.x`) that kube.py binds to a `CoreV1Api(...)`."""
-    holders = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, ast.Call):
-            func = node.value.func
-            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            if called != "CoreV1Api":
-                continue
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            for target in targets:
-                if isinstance(target, ast.Attribute):
-                    holders.add(target.attr)
-                elif isinstance(target, ast.Name):
-                    holders.add(target.id)
-    return holders
-
-
 def _agent_grants_needed() -> set[tuple[str, str]]:
-    """Every `CoreV1Api` method that kube.py calls on its `CoreV1Api` objects; list calls also
-    need watch when kube.py calls anything with `watch=True` (its watch reuses the list method,
-    as the API does)."""
+    """Every request in kube.py's `API_CALLS`, each checked to be what the `CoreV1Api` method of
+    that name sends; list calls also need watch when kube.py sends anything with a `"watch": True`
+    query (its watch reuses the list request, as the API does)."""
     tree = ast.parse((ROOT / "ztunnel_redirect" / "adapters" / "kube.py").read_text())
-    holders = _core_api_holders(tree)
-    assert holders, "kube.py creates no CoreV1Api: has the adapter moved?"
-    methods = set()
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Attribute):
-            continue
-        owner = node.value
-        owner_name = owner.attr if isinstance(owner, ast.Attribute) else getattr(owner, "id", "")
-        if owner_name in holders:
-            assert hasattr(CoreV1Api, f"{node.attr}_with_http_info"), node.attr
-            methods.add(node.attr)
     watches = any(
-        isinstance(node, ast.keyword)
-        and node.arg == "watch"
-        and isinstance(node.value, ast.Constant)
-        and node.value.value is True
+        isinstance(node, ast.Dict)
+        and any(
+            isinstance(key, ast.Constant)
+            and key.value == "watch"
+            and isinstance(value, ast.Constant)
+            and value.value is True
+            for key, value in zip(node.keys, node.values, strict=True)
+        )
         for node in ast.walk(tree)
     )
-    assert methods, "kube.py calls no CoreV1Api method: has the adapter moved?"
+    assert kube.API_CALLS, "kube.py declares no API call: has the adapter moved?"
     needed = set()
-    for name in methods:
-        path, method = _core_method_request(name)
-        needed.add(_request_info(path, method))
-        if watches and _request_info(path, method)[1] == "list":
-            needed.add(_request_info(path, method, watch=True))
+    for name, call in kube.API_CALLS.items():
+        assert _core_method_request(name) == (call.path, call.method), name
+        needed.add(_request_info(call.path, call.method))
+        if watches and _request_info(call.path, call.method)[1] == "list":
+            needed.add(_request_info(call.path, call.method, watch=True))
     return needed
 
 

@@ -9,6 +9,13 @@ that a 410 requires. Our loop decides: resume from the last resourceVersion (boo
 after a dropped stream, re-list and `replace_*` after 410 Gone, back off with jitter on errors.
 Requests use `_preload_content=False` and the wire JSON is translated once, by `pod_from_api` /
 `namespace_from_api`, the same way for lists and watch events.
+
+Of kubernetes_asyncio the agent uses the connection machinery (`ApiClient`, its `Configuration`,
+the kubeconfig and in-cluster loaders) and nothing generated: the five requests it sends are
+written below as `ApiCall`s, with the method and path its `CoreV1Api` would send (a test checks
+them against the library). The library's package `__init__`s import every generated API and model
+class (about 39 MiB of RSS, a third of the agent's); they are deferred (`core.packageinit`), so
+the agent loads only what it runs.
 """
 
 from __future__ import annotations
@@ -26,16 +33,32 @@ from typing import Any, Final, Protocol, TypeVar
 
 import aiohttp
 import structlog
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
 
 from ztunnel_redirect.control.workqueue import Backoff
 from ztunnel_redirect.core import constants, untrusted
 from ztunnel_redirect.core.errors import ConfigError, RedirectError, RetryableError
 from ztunnel_redirect.core.model import Namespace, Pod, PodUid
+from ztunnel_redirect.core.packageinit import defer_package_init
+
+# Before the first import of kubernetes_asyncio: its package __init__s stay unrun (see above).
+# `kubernetes_asyncio.config` imports `ApiClient` and `Configuration` from the client package.
+defer_package_init(
+    "kubernetes_asyncio.client",
+    reexports={
+        "ApiClient": "kubernetes_asyncio.client.api_client",
+        "Configuration": "kubernetes_asyncio.client.configuration",
+    },
+)
+defer_package_init("kubernetes_asyncio.client.models")  # api_client imports it, for typed bodies
+
+from kubernetes_asyncio import config as k8s_config  # noqa: E402 - after the deferral above
+from kubernetes_asyncio.client.api_client import ApiClient as _ApiClient  # noqa: E402
+from kubernetes_asyncio.client.configuration import Configuration  # noqa: E402
 
 __all__ = [
+    "API_CALLS",
     "WATCH_BACKOFF",
+    "ApiCall",
     "KubeApiError",
     "KubeClient",
     "KubeRequestError",
@@ -55,6 +78,59 @@ JSON = Mapping[str, Any]
 _T = TypeVar("_T")
 
 MERGE_PATCH: Final = "application/merge-patch+json"
+
+
+@dataclass(frozen=True)
+class ApiCall:
+    """One request of the core API: its HTTP method and path template (`{name}` parameters)."""
+
+    method: str
+    path: str
+
+
+LIST_PODS: Final = ApiCall("GET", "/api/v1/pods")
+LIST_NAMESPACES: Final = ApiCall("GET", "/api/v1/namespaces")
+READ_POD: Final = ApiCall("GET", "/api/v1/namespaces/{namespace}/pods/{name}")
+READ_NAMESPACE: Final = ApiCall("GET", "/api/v1/namespaces/{name}")
+PATCH_POD_STATUS: Final = ApiCall("PATCH", "/api/v1/namespaces/{namespace}/pods/{name}/status")
+
+API_CALLS: Final = {
+    "list_pod_for_all_namespaces": LIST_PODS,
+    "list_namespace": LIST_NAMESPACES,
+    "read_namespaced_pod": READ_POD,
+    "read_namespace": READ_NAMESPACE,
+    "patch_namespaced_pod_status": PATCH_POD_STATUS,
+}
+"""Every request the agent sends, by the name of the `CoreV1Api` method that sends the same (the
+cluster role grants exactly these; lists are also watched)."""
+
+
+async def _send(
+    api: ApiClient,
+    call: ApiCall,
+    *,
+    request_timeout: float | aiohttp.ClientTimeout,
+    path: Mapping[str, str] | None = None,
+    query: Mapping[str, object] | None = None,
+    body: object = None,
+    content_type: str | None = None,
+) -> Any:
+    """Send `call` as `CoreV1Api` would (same headers, auth and parameter encoding); the raw
+    aiohttp response, whatever its status."""
+    headers = {"Accept": "application/json"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    return await api.call_api(
+        call.path,
+        call.method,
+        path_params=dict(path or {}),
+        query_params=[(key, value) for key, value in (query or {}).items() if value is not None],
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+        _preload_content=False,
+        _request_timeout=request_timeout,
+    )
 
 
 class KubeApiError(RetryableError):
@@ -83,7 +159,7 @@ class _NotFoundError(Exception):
 
 async def load_client(*, kubeconfig: str | None = None) -> ApiClient:
     """An API client from the pod's service account, or from `kubeconfig` when given."""
-    configuration = k8s_client.Configuration()
+    configuration = Configuration()
     try:
         if kubeconfig:
             await k8s_config.load_kube_config(
@@ -95,7 +171,7 @@ async def load_client(*, kubeconfig: str | None = None) -> ApiClient:
     except (k8s_config.ConfigException, OSError, ValueError) as exc:
         source = kubeconfig or "in-cluster service account"
         raise ConfigError(f"cannot load Kubernetes client config from {source}: {exc}") from exc
-    return k8s_client.ApiClient(configuration=configuration)
+    return _ApiClient(configuration=configuration)
 
 
 # --- translation ---------------------------------------------------------------------------------
@@ -299,7 +375,7 @@ _EVENT_TYPES: Final = {"ADDED": "add", "MODIFIED": "update", "DELETED": "delete"
 @dataclass(frozen=True)
 class _Kind:
     name: str
-    list_call: Callable[..., Awaitable[Any]]
+    call: ApiCall
     field_selector: str | None
     replace: Callable[[Sequence[JSON]], None]
     upsert: Callable[[JSON], None]
@@ -337,7 +413,7 @@ class Watcher:
     ) -> None:
         if not node_name:
             raise ConfigError("node name is required to watch this node's pods")
-        self._core: Any = k8s_client.CoreV1Api(api)
+        self._api = api
         self._node_name = node_name
         self._store = store
         self._backoff = backoff
@@ -367,7 +443,7 @@ class Watcher:
         kinds = (
             _Kind(
                 name="pods",
-                list_call=self._core.list_pod_for_all_namespaces,
+                call=LIST_PODS,
                 field_selector=f"spec.nodeName={self._node_name}",
                 replace=lambda items: self._store.replace_pods(
                     _well_formed("pods", pod_from_api, items)
@@ -379,7 +455,7 @@ class Watcher:
             ),
             _Kind(
                 name="namespaces",
-                list_call=self._core.list_namespace,
+                call=LIST_NAMESPACES,
                 field_selector=None,
                 replace=lambda items: self._store.replace_namespaces(
                     _well_formed("namespaces", namespace_from_api, items)
@@ -452,10 +528,11 @@ class Watcher:
     async def _list(self, kind: _Kind, cursor: _Cursor) -> None:
         what = f"list {kind.name}"
         async with _request(what):
-            response = await kind.list_call(
-                field_selector=kind.field_selector,
-                _preload_content=False,
-                _request_timeout=self._request_timeout,
+            response = await _send(
+                self._api,
+                kind.call,
+                query={"fieldSelector": kind.field_selector},
+                request_timeout=self._request_timeout,
             )
             body = _object(await _read(response, what), what)
         items = body.get("items") or []
@@ -489,14 +566,17 @@ class Watcher:
             sock_read=self._watch_timeout + self._request_timeout,
         )
         async with _request(what):
-            response = await kind.list_call(
-                field_selector=kind.field_selector,
-                watch=True,
-                resource_version=cursor.resource_version,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self._watch_timeout,
-                _preload_content=False,
-                _request_timeout=timeout,
+            response = await _send(
+                self._api,
+                kind.call,
+                query={
+                    "allowWatchBookmarks": True,
+                    "fieldSelector": kind.field_selector,
+                    "resourceVersion": cursor.resource_version,
+                    "timeoutSeconds": self._watch_timeout,
+                    "watch": True,
+                },
+                request_timeout=timeout,
             )
             try:
                 if response.status != 200:
@@ -554,7 +634,7 @@ class KubeClient:
     """Single reads and the redirection status patch, on an `ApiClient` from `load_client`."""
 
     def __init__(self, api: ApiClient, *, request_timeout: float = 10.0) -> None:
-        self._core: Any = k8s_client.CoreV1Api(api)
+        self._api = api
         self._request_timeout = request_timeout
 
     async def get_pod(self, namespace: str, name: str) -> Pod | None:
@@ -562,11 +642,11 @@ class KubeClient:
         what = f"get pod {namespace}/{name}"
         try:
             async with _request(what):
-                response = await self._core.read_namespaced_pod(
-                    name,
-                    namespace,
-                    _preload_content=False,
-                    _request_timeout=self._request_timeout,
+                response = await _send(
+                    self._api,
+                    READ_POD,
+                    path={"namespace": namespace, "name": name},
+                    request_timeout=self._request_timeout,
                 )
                 return pod_from_api(await _read(response, what))
         except _NotFoundError:
@@ -576,8 +656,11 @@ class KubeClient:
         what = f"get namespace {name}"
         try:
             async with _request(what):
-                response = await self._core.read_namespace(
-                    name, _preload_content=False, _request_timeout=self._request_timeout
+                response = await _send(
+                    self._api,
+                    READ_NAMESPACE,
+                    path={"name": name},
+                    request_timeout=self._request_timeout,
                 )
                 return namespace_from_api(await _read(response, what))
         except _NotFoundError:
@@ -592,13 +675,13 @@ class KubeClient:
         what = f"patch pod {pod.key} status"
         body = {"metadata": {"uid": pod.uid, "annotations": {constants.STATUS_ANNOTATION: value}}}
         async with _request(what):
-            response = await self._core.patch_namespaced_pod_status(
-                pod.name,
-                pod.namespace,
-                body,
-                _content_type=MERGE_PATCH,
-                _preload_content=False,
-                _request_timeout=self._request_timeout,
+            response = await _send(
+                self._api,
+                PATCH_POD_STATUS,
+                path={"namespace": pod.namespace, "name": pod.name},
+                body=body,
+                content_type=MERGE_PATCH,
+                request_timeout=self._request_timeout,
             )
             try:
                 payload = await response.read()

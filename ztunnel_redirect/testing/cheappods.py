@@ -283,7 +283,9 @@ class CheapLab(Lab):
         for _ in range(count):
             self._count += 1
             n = self._count + 1
-            ns = await self._factory.create("agent", n)
+            # The lab's run id in the name: two agents' labs on one factory (the agent bench,
+            # then the footprint) must not both make `agent-2`.
+            ns = await self._factory.create(f"agent{self.run_id}", n)
             ipv4 = f"10.244.{n // 250}.{n % 250 + 2}"
             await self._runner.run(ns.path, plumb_here, ipv4)
             self._ready.append(LabPod(netns=ns, ipv4=ipv4, ipv6=None, node_side=""))
