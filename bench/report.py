@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench.repair import repair_markdown
+
 TARGET_N: Final = 1000
 RULES_P99_MS: Final = 1.0
 RULES_SPEEDUP: Final = 5.0
@@ -494,6 +496,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines += fast_paths_markdown(data.get("fast_paths"))
     lines += entry_restore_markdown(data.get("cni_entry_restore"))
     lines += agent_markdown(data.get("agent"))
+    lines += repair_markdown(data.get("repair"))
     n, found = targets(data)
     lines += [
         "## Targets",

@@ -14,7 +14,9 @@ goes into an empty netns) and measures, on this machine and in this run:
 4. once, the core's fast paths (batch replay, dump proof) against the fallbacks they replace;
 5. the real agent as a process (`bench.agent`; `--no-agent` skips it), for each N of
    `--agent-sizes`: enrollment by a namespace label, CNI ADD end to end, its RSS, fds and CPU per
-   drift pass, repair latency from a manual flush to repaired, and restart catch-up.
+   drift pass, repair latency from a manual flush to repaired, and restart catch-up;
+6. repair on kernel notification (`bench.repair`; `--no-repair` skips it), for each N of
+   `--repair-sizes`: a flush or `ip rule del` by hand to the rules back, a storm, fds per pod.
 
 Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
 Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
@@ -68,6 +70,7 @@ from bench.methods import (
     tables_install_here,
 )
 from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, evenly, remove_leftovers
+from bench.repair import RepairConfig, measure_repair
 from bench.steps import apply_steps_here, check_steps_here
 from bench.summary import Latency, Phase, merge
 from ztunnel_redirect.core import constants as c
@@ -113,6 +116,8 @@ class Config:
     options: PodOptions = field(default_factory=PodOptions)
     agent: AgentConfig | None = None
     """The agent-level measurements (None: not run)."""
+    repair: RepairConfig | None = None
+    """Repair on kernel notification (None: not run)."""
 
 
 def netns_of_this_thread() -> str:
@@ -661,6 +666,9 @@ async def bench_all(
             },
             "duration_s": round(time.perf_counter() - t0, 1),
         }
+    if bench.config.repair is not None:
+        say(f"repair on notification: sizes {list(bench.config.repair.sizes)}")
+        data["repair"] = await measure_repair(bench.runner, bench.config.repair)
     return data, raw
 
 
@@ -682,6 +690,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--agent-repair-samples", type=int, default=5, help="pods flushed by hand per N")
     p.add_argument("--restore-rounds", type=int, default=50, help="conflist rewrites timed")
     p.add_argument("--no-agent", action="store_true", help="skip the agent-level measurements")
+    p.add_argument("--repair-sizes", help="pods N for repair on notification (default: --sizes)")
+    p.add_argument("--repair-samples", type=int, default=20, help="pods changed by hand per N")
+    p.add_argument("--no-repair", action="store_true", help="skip repair on notification")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
     p.add_argument(
@@ -699,6 +710,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_samples = 3
         args.agent_drift_passes = 1
         args.agent_repair_samples = 3
+        args.repair_sizes = "3"
+        args.repair_samples = 3
         args.restore_rounds = 10
     return args
 
@@ -731,6 +744,14 @@ def config_of(args: argparse.Namespace) -> Config:
         restore_rounds=max(1, args.restore_rounds),
         options=options,
         agent=None if args.no_agent else agent,
+        repair=None
+        if args.no_repair
+        else RepairConfig(
+            sizes=tuple(int(x) for x in str(args.repair_sizes or args.sizes).split(",") if x),
+            samples=max(1, args.repair_samples),
+            host_samples=max(1, min(5, args.repair_samples)),
+            options=options,
+        ),
     )
 
 

@@ -204,6 +204,30 @@ def test_quick_run_measures_the_agent_process(quick_run: tuple[Path, str]) -> No
 
 
 @pytest.mark.kernel
+def test_quick_run_measures_repair_on_notification(quick_run: tuple[Path, str]) -> None:
+    out, log = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    repair = data["repair"]
+    assert set(repair["sizes"]) == {"3"}
+    at = repair["sizes"]["3"]
+    assert at["passes_seen"] == 0  # every repair came from a notification
+    for kind in ("pod_nat_flush", "pod_ip_rule_del", "host_postrouting_flush"):
+        ordered(
+            {k: v for k, v in at[kind].items() if k != "samples_ms"}, len(at[kind]["samples_ms"])
+        )
+        assert at[kind]["event"]["p50_ms"] > 0
+    assert at["pod_nat_flush"]["count"] == at["pod_ip_rule_del"]["count"] == 3
+    storm = at["storm"]
+    assert storm["pods"] == storm["pods_repaired"] == storm["repairs"] == 3
+    assert storm["first_flush_to_last_repair_ms"] > 0
+    assert storm["fds_after"] <= storm["fds_before"]
+    assert at["fds"]["per_pod"] >= 2  # a notification socket for nftables and rtnetlink each
+    md = (out / "latest.md").read_text()
+    assert "## Repair on kernel notification\n" in md
+    assert "agent: N=3: storm: 3 pods repaired" in log
+
+
+@pytest.mark.kernel
 def test_quick_run_writes_markdown_and_png(quick_run: tuple[Path, str]) -> None:
     out, log = quick_run
     md = (out / "latest.md").read_text()

@@ -39,14 +39,18 @@ from ztunnel_redirect.kernel.netns import NetnsId, entered
 
 __all__ = [
     "FDS_PER_POD",
+    "NFT_MSG_NEWGEN",
     "FdLimit",
     "Feed",
     "FeedOpener",
     "NftFeed",
     "RouteFeed",
+    "committer",
+    "groups_mask",
     "open_feeds",
     "own_thread",
     "raise_fd_limit",
+    "subscribe",
 ]
 
 # linux/netfilter/nfnetlink.h, linux/rtnetlink.h
@@ -56,7 +60,7 @@ RTNLGRP_IPV4_RULE: Final = 8
 RTNLGRP_IPV6_ROUTE: Final = 11
 RTNLGRP_IPV6_RULE: Final = 19
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWRULE, RTM_DELRULE = 24, 25, 32, 33
-_NEWGEN: Final = netlink.nft_type(15)
+NFT_MSG_NEWGEN: Final = netlink.nft_type(15)
 _NFTA_TABLE: Final = 1
 """The table name attribute of every nftables object message."""
 _NFTA_GEN_PROC_PID: Final = 2
@@ -75,7 +79,7 @@ FDS_PER_POD: Final = 2
 """Notification sockets per watched pod netns: nftables, and rtnetlink rules/routes."""
 
 
-def _groups(*numbers: int) -> int:
+def groups_mask(*numbers: int) -> int:
     """The bind() bitmask of multicast groups (group n is bit n - 1; all ours are below 32)."""
     mask = 0
     for n in numbers:
@@ -139,9 +143,9 @@ class NftFeed(Feed):
 
     def _consume(self, kind: int, data: bytes, start: int, end: int) -> bool:
         body = start + netlink.NFGENMSG.size
-        if kind == _NEWGEN:
+        if kind == NFT_MSG_NEWGEN:
             touched, self._touched = self._touched, False
-            return touched and not own_thread(_committer(data, body, end))
+            return touched and not own_thread(committer(data, body, end))
         if not self._touched:
             for attr, at, attr_end in netlink.attributes(data, body, end):
                 if attr & netlink.NLA_TYPE_MASK == _NFTA_TABLE:
@@ -153,8 +157,9 @@ class NftFeed(Feed):
         self._touched = False
 
 
-def _committer(data: bytes, start: int, end: int) -> int:
-    """The task id in an NFT_MSG_NEWGEN (0, never ours, when it is missing)."""
+def committer(data: bytes, start: int, end: int) -> int:
+    """The task id in an NFT_MSG_NEWGEN whose attributes are data[start:end] (0, never ours,
+    when it is missing)."""
     for attr, at, _end in netlink.attributes(data, start, end):
         if attr & netlink.NLA_TYPE_MASK == _NFTA_GEN_PROC_PID:
             tid: int = _BE32.unpack_from(data, at)[0]
@@ -189,7 +194,8 @@ _OUR_RULE_ATTRS: Final = {
 """Attributes (u32) whose value makes a rule or route notification one of ours."""
 
 
-def _subscribed(protocol: int, groups: int) -> socket.socket:
+def subscribe(protocol: int, groups: int) -> socket.socket:
+    """A non-blocking netlink socket of the calling thread's current netns, in `groups`."""
     sock = socket.socket(
         socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, protocol
     )
@@ -204,13 +210,15 @@ def _subscribed(protocol: int, groups: int) -> socket.socket:
 def open_feeds(*, routes: bool) -> list[Feed]:
     """Feeds of the calling thread's current netns: nftables, and with `routes` rtnetlink rules
     and routes (IPv4 and IPv6: a v6 rule of ours may be deleted on a v4-only pod too)."""
-    feeds: list[Feed] = [NftFeed(_subscribed(netlink.NETLINK_NETFILTER, _groups(NFNLGRP_NFTABLES)))]
+    feeds: list[Feed] = [
+        NftFeed(subscribe(netlink.NETLINK_NETFILTER, groups_mask(NFNLGRP_NFTABLES)))
+    ]
     if routes:
         try:
-            groups = _groups(
+            groups = groups_mask(
                 RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE
             )
-            feeds.append(RouteFeed(_subscribed(netlink.NETLINK_ROUTE, groups)))
+            feeds.append(RouteFeed(subscribe(netlink.NETLINK_ROUTE, groups)))
         except BaseException:
             feeds[0].close()
             raise
