@@ -13,7 +13,7 @@ APT_PACKAGES := nftables iproute2 util-linux iptables ipset \
 # no paths, VCS stamp or build id in it, so that two builds are byte-identical.
 CNI_PLUGIN ?= build/cni/ztunnel-redirect-cni
 
-.PHONY: setup system-packages cni-plugin test lint demo proto bench bench-quick image clean
+.PHONY: setup system-packages cni-plugin test lint demo proto bench bench-quick soak image clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +59,11 @@ bench: setup system-packages
 # The same harness in seconds (CI runs it through tests/test_bench.py).
 bench-quick: setup system-packages
 	$(BIN)/python -m bench.run --quick --out bench/results/quick
+
+# The churn soak: 10,000 pods through the real agent in waves, with restarts and faults, and leak
+# accounting every 1,000 (minutes; as root). SOAK_ARGS="--pods 3000" etc. to change it.
+soak: setup system-packages
+	$(BIN)/python -m ztunnel_redirect.testing.soak --out bench/results/soak $(SOAK_ARGS)
 
 # The agent's image from the Dockerfile, with podman (tools/build-image says how and why).
 image: system-packages

@@ -24,16 +24,14 @@ For each N of the sweep, one agent (started once, pods added as N grows):
    drift pass after the restart), and the write events it logged.
 
 Pods are cheap (creating 1000 lab pods with `ip` takes minutes): a netns made in-process
-(`PodFactory`), with a veth pair whose both ends stay in the pod (`eth0` carries the pod IP, for
-the /proc scan's IP check, and the default route), and an unreachable route for ztunnel-marked
-sockets so that the stand-in's relay of a test connection fails at once instead of waiting for
-ARP. The agent runs at its default log level, info, as on a node.
+(`testing.cheappods`: a veth pair inside the pod, the pod IP on eth0, an unreachable route for
+ztunnel-marked sockets so that the stand-in's relay of a test connection fails at once).
+The agent runs at its default log level, info, as on a node.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import io
 import json
@@ -50,27 +48,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
-from pyroute2.netlink.rtnl import RTM_NEWADDR, RTM_NEWLINK, RTM_NEWROUTE, RTM_NEWRULE
-from pyroute2.netlink.rtnl.fibmsg import FR_ACT_TO_TBL, fibmsg
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
-
 from bench.methods import flush_host_here, flush_nat_here, nft_genid_here
-from bench.pods import PodFactory, evenly
-from bench.summary import Latency
+from bench.summary import Latency, evenly
 from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.core.errors import RedirectError
 from ztunnel_redirect.core.model import PodOptions
-from ztunnel_redirect.kernel.netlink import (
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_EXCL,
-    NLM_F_REQUEST,
-    pyroute2_bytes,
-)
 from ztunnel_redirect.kernel.netns import NetnsRunner
-from ztunnel_redirect.kernel.routing import Rtnl
 from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     CniRuntime,
@@ -81,10 +64,10 @@ from ztunnel_redirect.testing.agentprocess import (
     standin_of,
 )
 from ztunnel_redirect.testing.apiserver import ApiServer
+from ztunnel_redirect.testing.cheappods import CheapNode, PodFactory
 from ztunnel_redirect.testing.fakeztunnel import DataPlane, FakeZtunnel
 from ztunnel_redirect.testing.netnslab import PREFIX as LAB_PREFIX
-from ztunnel_redirect.testing.netnslab import Lab, LabPod, Netns
-from ztunnel_redirect.testing.node import NodePod, TestNode
+from ztunnel_redirect.testing.node import NodePod
 from ztunnel_redirect.testing.standin import Hop, HopKind, Standin
 
 PREFIX: Final = "ztunnel_redirect"
@@ -100,14 +83,6 @@ CONNECT_TIMEOUT: Final = 3.0
 HOP_TIMEOUT: Final = 5.0
 WRITE_EVENTS: Final = ("pod_rules_applied", "drift_repaired", "host_drift_repaired")
 """Agent events that mean it wrote rules (restart catch-up must log none)."""
-_UNREACHABLE_TABLE: Final = 101
-_RTN_UNICAST, _RTN_UNREACHABLE = 1, 7
-_RT_SCOPE_LINK: Final = 253
-_RTPROT_BOOT: Final = 3
-_MAIN_TABLE: Final = 254
-_IFF_UP: Final = 1
-_ETH0, _PEER = 2, 3
-"""Interface indexes in a new netns (lo is 1): fixed in the create request."""
 
 
 class AgentBenchError(RedirectError):
@@ -129,137 +104,6 @@ class AgentConfig:
 
     def period_for(self, pods: int) -> float:
         return max(self.reconcile_period, 1.0 + pods / 500)
-
-
-# --- cheap pods -------------------------------------------------------------------------------
-
-
-def _encode(msg: Any, kind: int, *, create: bool = True) -> bytes:
-    flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if create else 0)
-    return pyroute2_bytes(msg, kind, flags)
-
-
-def _veth_message() -> bytes:
-    link = ifinfmsg()
-    link["index"] = _ETH0
-    peer = {"index": _PEER, "attrs": [("IFLA_IFNAME", "eth0p")]}
-    link["attrs"] = [
-        ("IFLA_IFNAME", "eth0"),
-        (
-            "IFLA_LINKINFO",
-            {
-                "attrs": [
-                    ("IFLA_INFO_KIND", "veth"),
-                    ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", peer)]}),
-                ]
-            },
-        ),
-    ]
-    return _encode(link, RTM_NEWLINK)
-
-
-def _up_message(index: int) -> bytes:
-    link = ifinfmsg()
-    link["index"] = index
-    link["flags"] = _IFF_UP
-    link["change"] = _IFF_UP
-    return _encode(link, RTM_NEWLINK, create=False)
-
-
-def _static_messages() -> list[bytes]:
-    """Default route via eth0; ztunnel-marked sockets get an unreachable route instead."""
-    default = rtmsg()
-    default["family"] = socket.AF_INET
-    default["table"] = _MAIN_TABLE
-    default["proto"] = _RTPROT_BOOT
-    default["scope"] = _RT_SCOPE_LINK
-    default["type"] = _RTN_UNICAST
-    default["attrs"] = [("RTA_OIF", _ETH0)]
-    rule = fibmsg()
-    rule["family"] = socket.AF_INET
-    rule["action"] = FR_ACT_TO_TBL
-    rule["table"] = _UNREACHABLE_TABLE
-    rule["attrs"] = [
-        ("FRA_PRIORITY", 1000),
-        ("FRA_FWMARK", c.ZTUNNEL_MARK),
-        ("FRA_FWMASK", c.CONNMARK_MASK),  # 0xfff, the mask of both marks
-        ("FRA_TABLE", _UNREACHABLE_TABLE),
-    ]
-    unreachable = rtmsg()
-    unreachable["family"] = socket.AF_INET
-    unreachable["table"] = _UNREACHABLE_TABLE
-    unreachable["proto"] = _RTPROT_BOOT
-    unreachable["type"] = _RTN_UNREACHABLE
-    return [
-        _encode(default, RTM_NEWROUTE),
-        _encode(rule, RTM_NEWRULE),
-        _encode(unreachable, RTM_NEWROUTE),
-    ]
-
-
-_VETH: Final = _veth_message()
-_UPS: Final = [_up_message(_ETH0), _up_message(_PEER)]
-_STATIC: Final = _static_messages()
-
-
-def _address_message(ipv4: str) -> bytes:
-    addr = ifaddrmsg()
-    addr["family"] = socket.AF_INET
-    addr["prefixlen"] = 32
-    addr["index"] = _ETH0
-    addr["attrs"] = [("IFA_LOCAL", ipv4), ("IFA_ADDRESS", ipv4)]
-    return _encode(addr, RTM_NEWADDR)
-
-
-def plumb_here(ipv4: str) -> None:
-    """On a worker in a new pod netns (lo up): eth0 with the pod IP, the routes above."""
-    with Rtnl() as rtnl:
-        rtnl.request([_VETH])
-        rtnl.request(_UPS)
-        rtnl.request([_address_message(ipv4), *_STATIC])
-
-
-class CheapLab(Lab):
-    """The lab of a `TestNode` (its node netns), whose pods are made in-process: `prepare(k)`
-    makes k pod namespaces ahead (async), `add_pod` hands out the next one."""
-
-    def __init__(self, base: Lab, runner: NetnsRunner, factory: PodFactory) -> None:
-        # Takes over the base lab (its node netns and the names it created); not a new lab.
-        vars(self).update(vars(base))
-        self._runner = runner
-        self._factory = factory
-        self._ready: collections.deque[LabPod] = collections.deque()
-        self._count = 0
-
-    async def prepare(self, count: int) -> None:
-        for _ in range(count):
-            self._count += 1
-            n = self._count + 1
-            ns = await self._factory.create("agent", n)
-            ipv4 = f"10.244.{n // 250}.{n % 250 + 2}"
-            await self._runner.run(ns.path, plumb_here, ipv4)
-            self._ready.append(LabPod(netns=ns, ipv4=ipv4, ipv6=None, node_side=""))
-
-    def add_pod(self, name: str) -> LabPod:
-        if not self._ready:
-            raise AgentBenchError(f"no prepared pod netns left for {name}")
-        return self._ready.popleft()
-
-    def delete(self, ns: Netns) -> None:
-        self._factory.remove([ns])
-
-
-class BenchNode(TestNode):
-    """A `TestNode` whose pods come from a `CheapLab`."""
-
-    __test__ = False
-
-    def __init__(
-        self, api: ApiServer, runner: NetnsRunner, factory: PodFactory, *, ipv6: bool
-    ) -> None:
-        super().__init__(api, ipv6=ipv6)
-        self.cheap = CheapLab(self.lab, runner, factory)
-        self.lab = self.cheap
 
 
 # --- the fake ztunnel: stand-ins only in the sample pods ------------------------------------
@@ -357,7 +201,7 @@ class AgentBench:
         self.runner = runner
         self.config = config
         self.work = work
-        self.node = BenchNode(api, runner, factory, ipv6=config.options.ipv6)
+        self.node = CheapNode(api, runner, factory, ipv6=config.options.ipv6)
         self.runtime = CniRuntime.for_node(self.node, work / "bin", built_plugin())
         self.planes = SampledDataPlanes(ipv6=config.options.ipv6)
         self.agent: AgentProcess | None = None
@@ -368,7 +212,7 @@ class AgentBench:
 
     # --- lifecycle
 
-    def _agent(self) -> AgentProcess:
+    def running_agent(self) -> AgentProcess:
         if self.agent is None:
             raise AgentBenchError("no agent running")
         return self.agent
@@ -415,7 +259,7 @@ class AgentBench:
     # --- 1. grow the node to N by a namespace label
 
     async def grow(self, n: int) -> dict[str, Any]:
-        agent = self._agent()
+        agent = self.running_agent()
         k = n - len(self.bulk)
         if k <= 0:
             return {"pods_added": 0}
@@ -444,7 +288,7 @@ class AgentBench:
     # --- 2. CNI ADD end to end
 
     async def sample(self, n: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
-        agent, fake = self._agent(), self.fake
+        agent, fake = self.running_agent(), self.fake
         if fake is None:
             raise AgentBenchError("no ztunnel connected")
         k = self.config.samples
@@ -498,8 +342,7 @@ class AgentBench:
             samples.append(outcome.seconds * 1e3)
             # Not in the mesh: the agent holds nothing for it, so nothing to wait for.
             self.api.delete_pod(pod.namespace, pod.name)
-            del self.node.pods[pod.name]
-            self.node.cheap.delete(pod.lab.netns)
+            self.node.remove_sandbox(pod)
         return samples
 
     async def _adds_at_once(self, n: int) -> list[float]:
@@ -515,17 +358,16 @@ class AgentBench:
         return [o.seconds * 1e3 for o in outcomes]
 
     async def _delete(self, pod: NodePod) -> None:
-        agent = self._agent()
+        agent = self.running_agent()
         mark = agent.mark
         self.api.delete_pod(pod.namespace, pod.name)
         await agent.wait_event("pod_removed", pod_uid=pod.uid, since=mark, timeout=30)
-        del self.node.pods[pod.name]
-        self.node.cheap.delete(pod.lab.netns)
+        self.node.remove_sandbox(pod)
 
     # --- 3. memory, fds, CPU per drift pass
 
     async def resources(self, n: int) -> dict[str, Any]:
-        agent = self._agent()
+        agent = self.running_agent()
         after_enrollment = {"rss_kib": agent.rss_kib(), "open_fds": agent.fds()}
         passes = self.config.drift_passes
         say(f"N={n}: CPU of {passes} drift passes over {len(self.bulk)} healthy pods")
@@ -582,7 +424,7 @@ class AgentBench:
         the flush to the agent's `event` with `fields`, that event)."""
         if not Path(path).name.startswith(LAB_PREFIX):
             raise AgentBenchError(f"refusing to flush outside a lab netns: {path}")
-        agent = self._agent()
+        agent = self.running_agent()
         await agent.wait_event("drift_pass_done", since=agent.mark, timeout=3 * self.period + 30)
         # Places the flush in the period (see the module docstring); not a wait for a condition.
         await asyncio.sleep(phase * self.period)
@@ -645,7 +487,7 @@ class AgentBench:
         return pods, host
 
     async def restart(self, n: int) -> dict[str, Any]:
-        old = self._agent()
+        old = self.running_agent()
         say(f"N={n}: restart with {len(self.bulk)} pods enrolled")
         pods_before, host_before = await self._generations()
         if await old.stop() != 0:
@@ -654,7 +496,7 @@ class AgentBench:
             await self.fake.close()
             self.fake = None
         ready_s = await self.start_agent()
-        agent = self._agent()
+        agent = self.running_agent()
         status, _ = await agent.readyz()
         if status != 200:
             raise AgentBenchError(f"/readyz answered {status} after agent_ready")
@@ -683,7 +525,7 @@ class AgentBench:
     async def profile(self, out: Path, passes: int) -> dict[str, Any]:
         """One more restart under cProfile, `passes` drift passes, stop: where the event loop
         thread's time goes (start-up included, its share is small next to the passes)."""
-        old = self._agent()
+        old = self.running_agent()
         await old.stop()
         if self.fake is not None:
             await self.fake.close()
@@ -692,7 +534,7 @@ class AgentBench:
         say(f"cProfile of the agent over {passes} drift passes with {len(self.bulk)} pods")
         await self.start_agent(profile=stats)
         await self.connect_ztunnel()
-        agent = self._agent()
+        agent = self.running_agent()
         mark = agent.mark
         await agent.wait_count(
             "drift_pass_done", passes, since=mark, timeout=passes * 3 * self.period + 60

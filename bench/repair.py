@@ -43,13 +43,13 @@ import structlog
 
 from bench.agent import AgentBench, AgentConfig, agent_bench, event_time, say
 from bench.methods import flush_host_here, flush_nat_here
-from bench.pods import PodFactory, evenly
-from bench.summary import Latency
+from bench.summary import Latency, evenly
 from ztunnel_redirect.core.model import PodOptions
 from ztunnel_redirect.kernel import notify, routing
 from ztunnel_redirect.kernel.netlink import NETLINK_NETFILTER, NETLINK_ROUTE, NFGENMSG, messages
 from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.testing.agentprocess import AgentProcess
+from ztunnel_redirect.testing.cheappods import PodFactory
 
 BACKSTOP_S: Final = 3600.0
 """The agent's --reconcile-period here: no pass comes during a run (checked: `passes_seen`)."""
@@ -136,10 +136,7 @@ class RepairBench:
 
     @property
     def agent(self) -> AgentProcess:
-        agent = self.bench.agent
-        if agent is None:
-            raise RuntimeError("no agent running")
-        return agent
+        return self.bench.running_agent()
 
     async def start(self) -> None:
         self.bench.period = BACKSTOP_S

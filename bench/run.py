@@ -69,10 +69,9 @@ from bench.methods import (
     tables_first_check_here,
     tables_install_here,
 )
-from bench.pods import BENCH_PREFIX, NETNS_DIR, PodFactory, evenly, remove_leftovers
 from bench.repair import RepairConfig, measure_repair
 from bench.steps import apply_steps_here, check_steps_here
-from bench.summary import Latency, Phase, merge
+from bench.summary import Latency, Phase, evenly, merge
 from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.core.drift import Drift
 from ztunnel_redirect.core.model import PodOptions
@@ -84,6 +83,12 @@ from ztunnel_redirect.kernel.podrules import (
     PodState,
     apply_here,
     check_here,
+)
+from ztunnel_redirect.testing.cheappods import (
+    BENCH_PREFIX,
+    NETNS_DIR,
+    PodFactory,
+    remove_leftovers,
 )
 from ztunnel_redirect.testing.netnslab import Netns
 

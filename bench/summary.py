@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def evenly(items: list[T], k: int) -> list[T]:
+    """k items spread over the list (all of them when k >= len)."""
+    if k >= len(items):
+        return list(items)
+    step = len(items) / k
+    return [items[int(i * step)] for i in range(k)]
 
 
 def percentile(ordered: list[float], q: float) -> float:

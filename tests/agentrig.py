@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import json
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from ztunnel_redirect.testing.agentprocess import (
     AgentProcess,
     Event,
     connect_ztunnel,
+    host_set_elements,
     standin_of,
 )
 from ztunnel_redirect.testing.apiserver import ApiServer
@@ -257,23 +257,6 @@ def tables(ns: Netns) -> set[str]:
     """Names of the nftables tables in a netns (`inet istio-ambient-nat`, ...)."""
     out = ns.exec("nft", "list", "tables")
     return {line.removeprefix("table ").strip() for line in out.splitlines() if line.strip()}
-
-
-def host_set_elements(node: TestNode, name: str = c.HOST_SET_V4) -> dict[str, str]:
-    """A host probe set (v4 by default): pod IP → pod UID (its comment); empty when there is no
-    table."""
-    try:
-        out = node.lab.node.exec("nft", "-j", "list", "set", "inet", c.HOST_TABLE, name)
-    except RuntimeError:
-        return {}
-    elements: dict[str, str] = {}
-    for item in json.loads(out)["nftables"]:
-        for element in item.get("set", {}).get("elem", []):
-            if isinstance(element, dict) and "elem" in element:
-                elements[str(element["elem"]["val"])] = str(element["elem"].get("comment", ""))
-            else:
-                elements[str(element)] = ""
-    return elements
 
 
 async def assert_repaired_by_the_next_pass(

@@ -35,7 +35,6 @@ from tests.agentrig import (
     enroll,
     enroll_then_stop,
     ghost_pod,
-    host_set_elements,
     kernel_view,
     rules_drift,
     tables,
@@ -52,6 +51,7 @@ from ztunnel_redirect.testing.agentprocess import (
     PLUGIN_NAME,
     AgentProcess,
     built_plugin,
+    host_set_elements,
     metric,
     status_annotation,
 )

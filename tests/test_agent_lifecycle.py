@@ -20,7 +20,6 @@ from tests.agentrig import (
     Agents,
     annotated,
     enroll,
-    host_set_elements,
     rules_drift,
     tables,
     wait_request,
@@ -31,7 +30,7 @@ from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.kernel.migration import Flavour
 from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.kernel.podrules import PodRules
-from ztunnel_redirect.testing.agentprocess import AgentProcess, status_annotation
+from ztunnel_redirect.testing.agentprocess import AgentProcess, host_set_elements, status_annotation
 from ztunnel_redirect.testing.fakeztunnel import FakeZtunnel
 from ztunnel_redirect.testing.node import NodePod, TestNode
 

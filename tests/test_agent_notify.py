@@ -14,13 +14,12 @@ from tests.agentrig import (
     Agents,
     Ztunnels,
     enroll,
-    host_set_elements,
     rules_drift,
 )
 from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.kernel import nft
 from ztunnel_redirect.kernel.netns import NetnsRunner
-from ztunnel_redirect.testing.agentprocess import AgentProcess, metric
+from ztunnel_redirect.testing.agentprocess import AgentProcess, host_set_elements, metric
 from ztunnel_redirect.testing.node import NodePod, TestNode
 
 pytestmark = pytest.mark.kernel

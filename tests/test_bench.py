@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
-from bench.pods import BENCH_PREFIX, NETNS_DIR, unpin
 from bench.report import add_targets, fast_paths_markdown, growth_markdown, targets
 from bench.run import parse_args
 from bench.summary import Latency, percentile
+from ztunnel_redirect.testing.cheappods import BENCH_PREFIX, NETNS_DIR, unpin
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -545,7 +545,7 @@ def test_add_targets_compare_the_whole_add_with_issue_10s_limits() -> None:
         "at_once_count": 30,
         "plugin_binary_bytes": 2_000_000,
     }
-    found = add_targets(add, 1000)
+    found = add_targets(add, 1000, mesh=True)
     assert [(t.limit, t.met) for t in found] == [
         ("<= 10 ms", True),
         ("<= 30 ms", False),
@@ -553,4 +553,6 @@ def test_add_targets_compare_the_whole_add_with_issue_10s_limits() -> None:
         ("<= 100 ms", False),
     ]
     assert all("plugin binary 2000000 bytes" in t.measured for t in found)
-    assert add_targets({"plugin": lat(1.0, 1.0)}, 1000) == []
+    assert add_targets({"plugin": lat(1.0, 1.0)}, 1000, mesh=True) == []
+    # At another N only the targets that hold at any N: a pod not in the mesh, a burst.
+    assert [t.limit for t in add_targets(add, 100, mesh=False)] == ["<= 3 ms", "<= 100 ms"]

@@ -16,7 +16,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ztunnel_redirect.adapters.kube import RestartReason
-from ztunnel_redirect.adapters.ops import CniInstallResult, Metrics, ReconcileKind, WatchEventType
+from ztunnel_redirect.adapters.ops import (
+    CniInstallResult,
+    Held,
+    Metrics,
+    ReconcileKind,
+    WatchEventType,
+)
 from ztunnel_redirect.core.drift import DriftKind
 from ztunnel_redirect.core.errors import KernelError
 
@@ -42,6 +48,8 @@ def exported_names() -> set[str]:
     m.mark_pass()
     m.count_watch_restart("pods", RestartReason.EXPIRED)
     m.set_ztunnel_connections(1)
+    for kind in Held:
+        m.follow_held(kind, lambda: 1)
     m.count_replay_refused()
     m.observe_cni_add(0.01)
     m.count_plugin_request(200)

@@ -51,3 +51,13 @@ async def test_run_expecting_never_runs_the_function_in_another_netns(
 
     await runner.run_expecting(pod.path, netns_id(pod.path), here)
     assert ran == [netns_id(pod.path)]
+
+
+async def test_workers_carry_their_pool_name_in_proc() -> None:
+    """`top -H` and the soak's leak check tell the pools apart by the thread's comm."""
+
+    def comm_here() -> str:
+        return Path("/proc/thread-self/comm").read_text().strip()
+
+    with NetnsRunner(workers=1) as runner:
+        assert await runner.run(None, comm_here) == "zr-netns_0"

@@ -19,6 +19,7 @@ from ztunnel_redirect.adapters.kube import KubeApiError, RestartReason
 from ztunnel_redirect.adapters.ops import (
     CniInstallResult,
     FailureReason,
+    Held,
     Metrics,
     OpsServer,
     Readiness,
@@ -384,6 +385,16 @@ def test_recorders_take_enum_values_as_text_but_only_known_ones() -> None:
     # A failure is always counted, even under a word of the caller's: it is an error path.
     m.count_failure("drift_pass")
     assert get("ztunnel_redirect_failures_total", {"reason": "drift_pass"}) == 1
+
+
+def test_held_objects_are_read_at_each_scrape() -> None:
+    m = Metrics()
+    held = [3]
+    m.follow_held(Held.POD_RECORDS, lambda: held[0])
+    get = m.registry.get_sample_value
+    assert get("ztunnel_redirect_held_objects", {"kind": "pod_records"}) == 3
+    held[0] = 0
+    assert get("ztunnel_redirect_held_objects", {"kind": "pod_records"}) == 0
 
 
 def test_metrics_use_their_own_registry() -> None:

@@ -510,6 +510,26 @@ async def test_forget_drops_the_retry_and_the_attempt_count() -> None:
     assert clock.sleeping == []
 
 
+async def test_keys_held_return_to_zero_once_work_succeeds_or_is_forgotten() -> None:
+    clock = FakeClock()
+    handler = Handler(failing={"a": None, "b": 1})
+    queue = make_queue(handler, clock=clock)
+    queue.enqueue("a")
+    queue.enqueue("b")
+    assert queue.keys_held == 2
+    async with running(queue):
+        await handler.until(lambda: handler.count("b") == 1)
+        await within(clock.wait_sleeping(2))  # both failed once, both wait for a retry
+        assert queue.keys_held == 2
+        clock.advance(1.0)  # b succeeds on its retry; a fails again
+        await handler.until(lambda: "b" in handler.finished)
+        await within(clock.wait_sleeping(1))
+        assert queue.keys_held == 1  # a: its retry and its attempt count
+        queue.forget("a")
+        await within(queue.wait_idle())
+    assert queue.keys_held == 0
+
+
 # --- KeyedQueue: handle_once (a pass) -------------------------------------------------------------
 
 

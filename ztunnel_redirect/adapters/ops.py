@@ -52,6 +52,7 @@ __all__ = [
     "PLUGIN_RESPONSE_CODES",
     "CniInstallResult",
     "FailureReason",
+    "Held",
     "Metrics",
     "OpsServer",
     "Readiness",
@@ -167,6 +168,25 @@ PLUGIN_RESPONSE_CODES: Final = (200, 400, 413, 500, 503)
 """What the CNI event server answers the plugin (`cnievents`); created at start."""
 
 
+class Held(enum.Enum):
+    """What the agent keeps in memory per pod or per piece of work: each count follows the pods
+    on the node and returns to its level when they are gone (a count that only grows is a leak;
+    the soak, `testing.soak`, reads them)."""
+
+    POD_RECORDS = "pod_records"
+    """The reconciler's records of enrolled pods."""
+    PODS = "pods"
+    """Pods of this node known from the API."""
+    DELETED_PODS = "deleted_pods"
+    """Pods gone from the API whose cleanup has not run yet."""
+    SANDBOXES = "sandboxes"
+    """Sandboxes reported by a CNI ADD that the reconciler has not taken yet."""
+    QUEUE_KEYS = "queue_keys"
+    """Keys the work queue holds any state for (queued, running, retrying, failure counts)."""
+    ASYNCIO_TASKS = "asyncio_tasks"
+    """Tasks of the agent's event loop not done yet."""
+
+
 class Metrics:
     """The agent's Prometheus metrics, on a registry of their own."""
 
@@ -231,6 +251,13 @@ class Metrics:
             f"{_PREFIX}_cni_add_duration_seconds",
             "Time from a CNI ADD event's arrival to its answer to the plugin.",
             buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._held = Gauge(
+            f"{_PREFIX}_held_objects",
+            "Objects the agent holds in memory, by kind (pod records, pods, deleted pods awaiting "
+            "cleanup, sandboxes, work-queue keys, asyncio tasks); read at each scrape.",
+            ["kind"],
             registry=r,
         )
         for kind in ReconcileKind:
@@ -326,6 +353,11 @@ class Metrics:
         disconnects shows at the next scrape, as Istio's gauge does, not at the next pass."""
         self._ztunnel_connections.set_function(live)
         self._ztunnel_connected.set_function(live)
+
+    def follow_held(self, kind: Held, count: Callable[[], int]) -> None:
+        """`ztunnel_redirect_held_objects{kind}` reads `count()` at each scrape (on the event
+        loop, which serves /metrics)."""
+        self._held.labels(kind=kind.value).set_function(count)
 
     def count_replay_refused(self) -> None:
         self._replays_refused.inc()

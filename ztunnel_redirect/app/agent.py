@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import functools
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -30,6 +31,7 @@ from ztunnel_redirect.adapters.decisions import DecisionFile, DecisionKeeper, ag
 from ztunnel_redirect.adapters.kube import ApiClient, KubeClient, Watcher, load_client
 from ztunnel_redirect.adapters.ops import (
     CniInstallResult,
+    Held,
     Metrics,
     OpsServer,
     Readiness,
@@ -53,12 +55,15 @@ from ztunnel_redirect.core.settings import Settings
 from ztunnel_redirect.kernel import nft, notify, procscan
 from ztunnel_redirect.kernel.hostrules import HostRules
 from ztunnel_redirect.kernel.migration import IptablesMigration
-from ztunnel_redirect.kernel.netns import NetnsRunner
+from ztunnel_redirect.kernel.netns import NetnsRunner, name_this_thread
 from ztunnel_redirect.kernel.podrules import PodRules
 
 log = structlog.get_logger(__name__)
 
 NETNS_WORKERS: Final = 2
+IO_WORKERS: Final = 4
+"""Threads of the event loop's default executor (`asyncio.to_thread`: the /proc scan, file
+writes); named `zr-io_<n>` in /proc."""
 """Threads doing kernel work. Each call is short and mostly Python: more threads only contend
 for the GIL. Pods are still reconciled `workers` at a time; they queue here only for the kernel
 part."""
@@ -117,6 +122,11 @@ class Agent:
             host=s.bind_address,
             readiness_port=s.readiness_port,
             metrics_port=s.metrics_port,
+        )
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(
+                max_workers=IO_WORKERS, thread_name_prefix="zr-io", initializer=name_this_thread
+            )
         )
         with NetnsRunner(workers=NETNS_WORKERS) as runner:
             await runner.run(None, nft.probe)
@@ -232,6 +242,16 @@ class Agent:
             decisions.changed()
 
         store.subscribe(changed)
+        loop = asyncio.get_running_loop()
+        for kind, count in (
+            (Held.POD_RECORDS, lambda: len(records)),
+            (Held.PODS, lambda: len(store.pods)),
+            (Held.DELETED_PODS, lambda: len(store.deleted)),
+            (Held.SANDBOXES, lambda: store.sandboxes),
+            (Held.QUEUE_KEYS, lambda: queue.keys_held),
+            (Held.ASYNCIO_TASKS, lambda: len(asyncio.all_tasks(loop))),
+        ):
+            self.metrics.follow_held(kind, count)
         handover = HostHandover(
             reconciler=reconciler,
             store=store,

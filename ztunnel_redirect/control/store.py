@@ -64,6 +64,11 @@ class ClusterStore:
         """Pods gone from the API whose cleanup has not run yet (keeps their IPs)."""
         return MappingProxyType(self._deleted)
 
+    @property
+    def sandboxes(self) -> int:
+        """Sandboxes reported by a CNI ADD and not taken by the reconciler yet."""
+        return len(self._sandboxes)
+
     def namespace_of(self, pod: Pod) -> Namespace | None:
         return self._namespaces.get(pod.namespace)
 

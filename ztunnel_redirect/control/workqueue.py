@@ -280,6 +280,13 @@ class KeyedQueue(Generic[K]):
         """Keys that failed and wait for their backoff to pass."""
         return frozenset(self._retries)
 
+    @property
+    def keys_held(self) -> int:
+        """Keys the queue holds any state for: flat while work comes and goes (a leak shows
+        here)."""
+        maps = (self._running, self._dirty, self._retries, self._attempts, self._waiting)
+        return len(self._queued.union(self._urgent, *maps))
+
     def attempts(self, key: K) -> int:
         """Consecutive failures of `key` (0 after a success or `forget`)."""
         return self._attempts.get(key, 0)

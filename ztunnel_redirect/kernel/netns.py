@@ -33,6 +33,15 @@ CLONE_NEWNET: Final = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.unshare.argtypes = [ctypes.c_int]
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+PR_SET_NAME: Final = 15
+_COMM_MAX: Final = 15
 
 _local = threading.local()
 
@@ -51,8 +60,17 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
+def name_this_thread() -> None:
+    """Give the calling thread its Python name in /proc too (`comm`, 15 bytes), so that `top -H`,
+    `ps -L` and a leak check from outside tell the agent's thread pools apart (a pool's
+    `thread_name_prefix` alone names the thread for Python only). Best effort: a name is not
+    worth failing for."""
+    _libc.prctl(PR_SET_NAME, threading.current_thread().name.encode()[:_COMM_MAX], 0, 0, 0)
+
+
 def _isolate_thread(wake_fd: int) -> None:
     """Worker initializer: a private fd table holding only stdio and the runner's wake-up pipe."""
+    name_this_thread()
     _check(_libc.unshare(CLONE_FILES), "unshare(CLONE_FILES)")
     # Closes only this thread's copies; the process's own descriptors stay open.
     os.closerange(3, wake_fd)
@@ -201,7 +219,7 @@ class NetnsRunner:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._pool = ThreadPoolExecutor(
             max_workers=workers,
-            thread_name_prefix="netns",
+            thread_name_prefix="zr-netns",
             initializer=_isolate_thread,
             initargs=(self._wake_w,),
         )

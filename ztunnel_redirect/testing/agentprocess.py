@@ -53,6 +53,7 @@ __all__ = [
     "Samples",
     "built_plugin",
     "connect_ztunnel",
+    "host_set_elements",
     "metric",
     "prev_result",
     "standin_of",
@@ -369,6 +370,23 @@ def status_annotation(api: ApiServer, pod: NodePod) -> str | None:
     found = api.get_pod(pod.namespace, pod.name) or {}
     value = (found.get("metadata", {}).get("annotations") or {}).get(c.STATUS_ANNOTATION)
     return None if value is None else str(value)
+
+
+def host_set_elements(node: TestNode, name: str = c.HOST_SET_V4) -> dict[str, str]:
+    """A host probe set (v4 by default): pod IP → pod UID (its comment); empty when there is no
+    table."""
+    try:
+        out = node.lab.node.exec("nft", "-j", "list", "set", "inet", c.HOST_TABLE, name)
+    except RuntimeError:
+        return {}
+    elements: dict[str, str] = {}
+    for item in json.loads(out)["nftables"]:
+        for element in item.get("set", {}).get("elem", []):
+            if isinstance(element, dict) and "elem" in element:
+                elements[str(element["elem"]["val"])] = str(element["elem"].get("comment", ""))
+            else:
+                elements[str(element)] = ""
+    return elements
 
 
 async def wait_pod_settled(

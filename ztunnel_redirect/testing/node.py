@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ class TestNode:
         self.proc = self.root / "proc"
         self.pods: dict[str, NodePod] = {}
         self._pids = itertools.count(1000)
+        self._pid_of: dict[str, int] = {}
+        """Pod name → the pid of its pause process in the fake /proc."""
+        self._lab_names = itertools.count()
         self._add_process(1, "systemd", "0::/init.scope\n", self.lab.node.path)
         (self.proc / "self").symlink_to("1")
 
@@ -141,7 +145,7 @@ class TestNode:
         API server (`ips=False`: as the API shows it before the sandbox's IPs are reported,
         which is when the CNI ADD runs)."""
         self.namespace(namespace)
-        lab_pod = self.lab.add_pod(f"{len(self.pods)}")
+        lab_pod = self.lab.add_pod(f"{next(self._lab_names)}")
         pod = NodePod(name, namespace, "", lab_pod)
         created = self.api.create_pod(
             self.pod_object(pod, labels=labels, annotations=annotations, ips=ips)
@@ -152,9 +156,18 @@ class TestNode:
             "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
             f"{uid.replace('-', '_')}.slice/cri-containerd-{uid[:8]}.scope\n"
         )
-        self._add_process(next(self._pids), "pause", cgroup, lab_pod.path)
+        pid = next(self._pids)
+        self._add_process(pid, "pause", cgroup, lab_pod.path)
+        self._pid_of[name] = pid
         self.pods[name] = pod
         return pod
+
+    def remove_sandbox(self, pod: NodePod) -> None:
+        """The pod's sandbox is gone from the node: its pause process leaves /proc and its netns
+        is deleted. The pod stays in the API (delete it there too for a pod that went away)."""
+        shutil.rmtree(self.proc / str(self._pid_of.pop(pod.name)))
+        del self.pods[pod.name]
+        self.lab.delete(pod.lab.netns)
 
     def report_ips(self, pod: NodePod) -> None:
         """The kubelet reports the sandbox's IPs (after the CNI ADD)."""
