@@ -6,6 +6,9 @@ Fixtures and helpers are those of tests/test_agent.py (same node, agent and fake
 
 from __future__ import annotations
 
+import resource
+from pathlib import Path
+
 import pytest
 
 from tests.agentrig import (
@@ -16,6 +19,7 @@ from tests.agentrig import (
     enroll,
     rules_drift,
 )
+from ztunnel_redirect.app.agent import FD_LIMIT_WANTED
 from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.kernel import nft
 from ztunnel_redirect.kernel.netns import NetnsRunner
@@ -165,3 +169,27 @@ async def test_a_vanished_netns_closes_its_sockets(
     assert closed["sockets"] == 2
     assert agent.fds() <= before - 2
     assert agent.find("netns_watch_closed", key=b.uid) == []
+
+
+def soft_fd_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError(f"no 'Max open files' in /proc/{pid}/limits")
+
+
+async def test_the_agent_raises_its_fd_limit_for_the_sockets_and_says_so(agents: Agents) -> None:
+    """Started with the usual soft limit of 1024 (what a container runtime often gives), the agent
+    raises it to room for `PODS_PLANNED` pods' sockets, within the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard >= FD_LIMIT_WANTED, "the hard limit here is too low to show the raise"
+    agent = agents.create()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        await agent.start()  # inherits the soft limit of 1024
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    said = await agent.wait_event("fd_limit", timeout=WAIT)
+    assert (said["was"], said["soft"], said["hard"]) == (1024, FD_LIMIT_WANTED, hard)
+    assert soft_fd_limit(agent.pid) == FD_LIMIT_WANTED

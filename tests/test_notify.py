@@ -9,15 +9,20 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import select
 import socket
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from ztunnel_redirect.control.records import PodRecords
+from ztunnel_redirect.control.store import ClusterStore
+from ztunnel_redirect.control.watchers import NetnsWatchers
 from ztunnel_redirect.core import constants as c
+from ztunnel_redirect.core.enrollment import EnrollmentPolicy
 from ztunnel_redirect.core.errors import NetnsNotFoundError
-from ztunnel_redirect.core.model import PodOptions
-from ztunnel_redirect.kernel.netns import NetnsRunner, entered, netns_id
+from ztunnel_redirect.core.model import Pod, PodOptions, PodUid
+from ztunnel_redirect.kernel.netns import NetnsId, NetnsRunner, entered, netns_id
 from ztunnel_redirect.kernel.nft import Nft
 from ztunnel_redirect.kernel.notify import Feed, FeedOpener, raise_fd_limit
 from ztunnel_redirect.kernel.podrules import PodRules
@@ -28,6 +33,7 @@ pytestmark = pytest.mark.kernel
 V4 = PodOptions(ipv6=False)
 RULE = ("fwmark", f"{c.CONNMARK:#x}/{c.CONNMARK_MASK:#x}", "lookup", str(c.ROUTE_TABLE))
 RULE_AT = (*RULE, "priority", str(c.RULE_PRIORITY))
+WAIT = 10.0
 
 
 @pytest.fixture
@@ -191,3 +197,79 @@ async def test_libnftables_works_while_feeds_hold_fd_numbers_above_1024(
 def _list_nat() -> str | None:
     with Nft() as nft:
         return nft.list_table(c.NAT_TABLE)
+
+
+# --- the watchers: what a burst costs ---------------------------------------------------------
+
+
+def adopted(*pods: LabPod) -> PodRecords:
+    """Records of `pods` enrolled, each with its lab netns (uid: the pod's name)."""
+    records = PodRecords(store=ClusterStore(), policy=EnrollmentPolicy(node_name="n"))
+    for pod in pods:
+        records.adopt(
+            Pod(uid=PodUid(pod.netns.name), name=pod.netns.name, namespace="demo"), pod.path
+        )
+    return records
+
+
+class KeepingOpener(FeedOpener):
+    """Keeps every feed it opened, for the test to reach their sockets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.opened: list[Feed] = []
+
+    async def open(self, path: str, expect: NetnsId | None, *, routes: bool) -> list[Feed]:
+        feeds = await super().open(path, expect, routes=routes)
+        self.opened += feeds
+        return feeds
+
+
+async def test_a_burst_costs_one_check_per_netns_and_a_leaving_pod_closes_its_sockets(
+    runner: NetnsRunner, lab: Lab
+) -> None:
+    """Many changes while the event loop is busy (a storm) are one readable event per socket,
+    drained at once: one enqueue per netns, overrun or not, and the keyed queue coalesces
+    whatever comes while that check is queued (tests/test_workqueue.py). So a node-wide burst
+    costs at most one queued check per pod."""
+    pods = [lab.add_pod(f"storm{i}") for i in range(3)]
+    rules = PodRules(runner)
+    for pod in pods:
+        await rules.apply(pod.path, V4)
+    checks: list[str] = []
+    all_checked = asyncio.Event()
+
+    def enqueue(key: str) -> None:
+        checks.append(key)
+        if {p.netns.name for p in pods} <= set(checks):
+            all_checked.set()
+
+    records, opener = adopted(*pods), KeepingOpener()
+    watchers = NetnsWatchers(
+        records=records, opener=opener, enqueue=enqueue, host_netns=lab.node.path
+    )
+    try:
+        for pod in pods:
+            await watchers.sync(pod.netns.name, check_follows=True)
+        assert (len(watchers), watchers.sockets) == (3, 6)
+        overrun = opener.opened[0]  # the first pod's nftables feed
+        assert overrun.kind == "nft"
+        overrun.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # ENOBUFS in the burst
+
+        for i in range(5):  # blocks the event loop: the notifications pile up
+            for pod in pods:
+                pod.netns.exec("nft", "add", "chain", "inet", c.NAT_TABLE, f"storm{i}")
+        async with asyncio.timeout(WAIT):
+            await all_checked.wait()
+        readable, _, _ = select.select(opener.opened, [], [], 0)
+        assert readable == [], "a feed left notifications behind: each would be another check"
+        assert sorted(checks) == sorted(p.netns.name for p in pods)
+        leaving = pods[1].netns.name
+        del records[PodUid(leaving)]
+        await watchers.sync(leaving)
+        assert (len(watchers), watchers.sockets) == (2, 4)
+    finally:
+        watchers.close()
+        opener.close()
+    assert watchers.sockets == 0
+    assert all(feed.sock.fileno() == -1 for feed in opener.opened)
