@@ -18,7 +18,9 @@ ztunnel), pods added as N grows. For each N:
    deleted objects waits for an RCU grace period (docs/design.md §12.4);
 2. a storm: every pod's nat table flushed at once (one after the other from this process, as fast
    as it can), to the last pod's repair, with the agent's open fds and RSS before and after;
-3. open fds per pod: the agent's fds at N against its fds with no pod (two sockets per pod).
+3. open fds per pod: the agent's fds at N against its fds with no pod (two sockets per pod);
+4. at the largest N only, the agent's CPU while idle: user + system time over `idle_window_s`
+   with every pod healthy and nothing changing (issue 13's figure is 10 minutes at 1000 pods).
 
 Run inside `bench.run` (its `repair` part) or alone. Timing on a shared machine is noisy: compare
 within one run.
@@ -55,6 +57,8 @@ BACKSTOP_S: Final = 3600.0
 """The agent's --reconcile-period here: no pass comes during a run (checked: `passes_seen`)."""
 NAT_P50_MS, NAT_P99_MS, OTHER_P99_MS = 20.0, 100.0, 100.0
 """Issue 13's targets: nat flush p50 / p99, ip rule and host chain p99."""
+IDLE_CPU_PERCENT: Final = 0.5
+"""Issue 13's target: the idle agent's CPU, percent of one core."""
 WAIT_S: Final = 30.0
 
 
@@ -65,6 +69,8 @@ class RepairConfig:
     """Pods changed by hand per N and kind (nat flush, ip rule delete)."""
     host_samples: int
     options: PodOptions
+    idle_window_s: float = 600.0
+    """How long the idle agent's CPU is measured, at the largest N."""
 
 
 def _nft_commit_by_another(kind: int, data: bytes, start: int, end: int) -> bool:
@@ -239,6 +245,28 @@ class RepairBench:
         )
         return result
 
+    async def idle(self, n: int) -> dict[str, Any]:
+        """The agent's CPU over the idle window, every pod healthy (the storm's repairs done)."""
+        agent, window = self.agent, self.config.idle_window_s
+        say(f"N={n}: agent CPU while idle, over {window:.0f} s")
+        mark, cpu = agent.mark, agent.cpu_seconds()
+        started = time.perf_counter()
+        # The measurement window itself, not a wait for a condition.
+        await asyncio.sleep(window)
+        elapsed = time.perf_counter() - started
+        used = agent.cpu_seconds() - cpu
+        result = {
+            "window_s": round(elapsed, 1),
+            "cpu_s": round(used, 3),
+            "cpu_percent": round(100 * used / elapsed, 3),
+            "checks": len(agent.find("work_done", since=mark)),
+        }
+        say(
+            f"N={n}: idle: {result['cpu_percent']:.2f}% of a core ({used:.2f} s CPU in "
+            f"{elapsed:.0f} s), {result['checks']} checks"
+        )
+        return result
+
     async def at(self, n: int) -> dict[str, Any]:
         await self.bench.grow(n)
         out: dict[str, Any] = {"pods": len(self.bench.bulk)}
@@ -251,6 +279,8 @@ class RepairBench:
             "per_pod": round((fds - self.fds_without_pods) / len(self.bench.bulk), 3),
         }
         out["rss_kib"] = self.agent.rss_kib()
+        if n == max(self.config.sizes):
+            out["idle"] = await self.idle(n)
         out["passes_seen"] = len(self.agent.find("drift_pass_done"))
         return out
 
@@ -284,6 +314,7 @@ async def measure_repair(runner: NetnsRunner, config: RepairConfig) -> dict[str,
             "samples": config.samples,
             "host_samples": config.host_samples,
             "backstop_period_s": BACKSTOP_S,
+            "idle_window_s": config.idle_window_s,
         },
         "duration_s": round(time.perf_counter() - started, 1),
     }
@@ -292,7 +323,7 @@ async def measure_repair(runner: NetnsRunner, config: RepairConfig) -> dict[str,
 # --- report -----------------------------------------------------------------------------------
 
 
-def repair_targets(repair: dict[str, Any] | None) -> list[tuple[str, str, str, bool]]:
+def notification_targets(repair: dict[str, Any] | None) -> list[tuple[str, str, str, bool]]:
     """(name, limit, measured, met) of issue 13's repair targets at the largest N measured."""
     if not repair or not repair.get("sizes"):
         return []
@@ -300,6 +331,16 @@ def repair_targets(repair: dict[str, Any] | None) -> list[tuple[str, str, str, b
     at = repair["sizes"][str(n)]
     nat, rule, host = at["pod_nat_flush"], at["pod_ip_rule_del"], at["host_postrouting_flush"]
     storm = at["storm"]
+    idle = [
+        (
+            f"agent CPU while idle, {n} healthy pods, over {idle['window_s']:.0f} s",
+            f"<= {IDLE_CPU_PERCENT}% of a core",
+            f"{idle['cpu_percent']:.2f}% ({idle['cpu_s']:.2f} s CPU, {idle['checks']} checks)",
+            idle["cpu_percent"] <= IDLE_CPU_PERCENT,
+        )
+        for idle in [at.get("idle")]
+        if idle is not None
+    ]
     return [
         (
             f"repair after `nft flush table` of a pod's nat table, {n} pods, p50 / p99",
@@ -328,6 +369,7 @@ def repair_targets(repair: dict[str, Any] | None) -> list[tuple[str, str, str, b
             f"{storm['rss_kib_after']} KiB",
             storm["pods_repaired"] == storm["pods"] and storm["fds_after"] <= storm["fds_before"],
         ),
+        *idle,
     ]
 
 
@@ -335,7 +377,7 @@ def _cell(at: dict[str, Any]) -> str:
     return f"{at['p50_ms']:.1f} / {at['p99_ms']:.1f} ({at['event']['p50_ms']:.1f})"
 
 
-def repair_markdown(repair: dict[str, Any] | None) -> list[str]:
+def notification_markdown(repair: dict[str, Any] | None) -> list[str]:
     if not repair or not repair.get("sizes"):
         return []
     cfg = repair["config"]
@@ -363,6 +405,12 @@ def repair_markdown(repair: dict[str, Any] | None) -> list[str]:
             f"{storm['fds_after']} | {storm['rss_kib_before']} / {storm['rss_kib_after']} | "
             f"{at['fds']['per_pod']} |"
         )
+    idle = [(n, at["idle"]) for n, at in repair["sizes"].items() if "idle" in at]
+    lines += [
+        f"\nIdle, {n} healthy pods: {i['cpu_percent']:.2f}% of a core over {i['window_s']:.0f} s "
+        f"({i['cpu_s']:.2f} s CPU, {i['checks']} checks)."
+        for n, i in idle
+    ]
     lines += [
         "",
         "A flush by hand ends by closing its nftables socket, which waits for an RCU grace "
@@ -374,9 +422,6 @@ def repair_markdown(repair: dict[str, Any] | None) -> list[str]:
         "no pod, over N.",
         "",
     ]
-    for name, limit, measured, met in repair_targets(repair):
-        lines.append(f"- {'met' if met else 'MISSED'}: {name}: {measured} (target {limit})")
-    lines.append("")
     return lines
 
 
@@ -388,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="1,100,1000", help="pod counts N, comma separated")
     p.add_argument("--samples", type=int, default=20, help="pods changed by hand per N and kind")
     p.add_argument("--host-samples", type=int, default=5)
+    p.add_argument("--idle-window", type=float, default=600.0, help="idle CPU window, seconds")
     p.add_argument("--out", type=Path, help="write the results here (JSON)")
     args = p.parse_args(argv)
     config = RepairConfig(
@@ -395,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         samples=max(1, args.samples),
         host_samples=max(1, args.host_samples),
         options=PodOptions(ipv6=False),
+        idle_window_s=max(1.0, args.idle_window),
     )
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     runner = NetnsRunner(workers=1)
@@ -402,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         data = asyncio.run(measure_repair(runner, config))
     finally:
         runner.close()
-    print("\n".join(repair_markdown(data)))
+    print("\n".join(notification_markdown(data)))
+    for name, limit, measured, met in notification_targets(data):
+        print(f"- {'met' if met else 'MISSED'}: {name}: {measured} (target {limit})")
     if args.out is not None:
         args.out.write_text(json.dumps(data, indent=2) + "\n")
     return 0

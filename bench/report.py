@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from bench.repair import repair_markdown
+from bench.repair import notification_markdown, notification_targets
 
 TARGET_N: Final = 1000
 RULES_P99_MS: Final = 1.0
@@ -181,6 +181,10 @@ def targets(data: dict[str, Any]) -> tuple[int, list[Target]]:
         )
     )
     out += agent_targets(data.get("agent"), load)
+    out += [
+        Target(name, limit, measured, met, "met" if met else "missed")
+        for name, limit, measured, met in notification_targets(data.get("repair"))
+    ]
     return n, out
 
 
@@ -512,7 +516,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines += fast_paths_markdown(data.get("fast_paths"))
     lines += entry_restore_markdown(data.get("cni_entry_restore"))
     lines += agent_markdown(data.get("agent"))
-    lines += repair_markdown(data.get("repair"))
+    lines += notification_markdown(data.get("repair"))
     n, found = targets(data)
     lines += [
         "## Targets",

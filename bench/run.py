@@ -16,7 +16,8 @@ goes into an empty netns) and measures, on this machine and in this run:
    `--agent-sizes`: enrollment by a namespace label, CNI ADD end to end, its RSS, fds and CPU per
    drift pass, repair latency from a manual flush to repaired, and restart catch-up;
 6. repair on kernel notification (`bench.repair`; `--no-repair` skips it), for each N of
-   `--repair-sizes`: a flush or `ip rule del` by hand to the rules back, a storm, fds per pod.
+   `--repair-sizes`: a flush or `ip rule del` by hand to the rules back, a storm, fds per pod;
+   at the largest, the idle agent's CPU over `--idle-window` seconds.
 
 Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
 Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
@@ -122,7 +123,7 @@ class Config:
     agent: AgentConfig | None = None
     """The agent-level measurements (None: not run)."""
     repair: RepairConfig | None = None
-    """Repair on kernel notification (None: not run)."""
+    """Repair on kernel notification and the idle agent's CPU (None: not run)."""
 
 
 def netns_of_this_thread() -> str:
@@ -698,6 +699,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repair-sizes", help="pods N for repair on notification (default: --sizes)")
     p.add_argument("--repair-samples", type=int, default=20, help="pods changed by hand per N")
     p.add_argument("--no-repair", action="store_true", help="skip repair on notification")
+    p.add_argument(
+        "--idle-window", type=float, default=600.0, help="idle agent CPU window, s (largest N)"
+    )
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
     p.add_argument(
@@ -717,6 +721,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_repair_samples = 3
         args.repair_sizes = "3"
         args.repair_samples = 3
+        args.idle_window = 3.0
         args.restore_rounds = 10
     return args
 
@@ -756,6 +761,7 @@ def config_of(args: argparse.Namespace) -> Config:
             samples=max(1, args.repair_samples),
             host_samples=max(1, min(5, args.repair_samples)),
             options=options,
+            idle_window_s=max(1.0, args.idle_window),
         ),
     )
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from bench.repair import notification_markdown
 from bench.report import add_targets, fast_paths_markdown, growth_markdown, targets
 from bench.run import parse_args
 from bench.summary import Latency, percentile
@@ -556,3 +557,54 @@ def test_add_targets_compare_the_whole_add_with_issue_10s_limits() -> None:
     assert add_targets({"plugin": lat(1.0, 1.0)}, 1000, mesh=True) == []
     # At another N only the targets that hold at any N: a pod not in the mesh, a burst.
     assert [t.limit for t in add_targets(add, 100, mesh=False)] == ["<= 3 ms", "<= 100 ms"]
+
+
+def synthetic_notification(nat_p99_ms: float, idle_percent: float) -> dict[str, Any]:
+    def lat(p50: float, p99: float) -> dict[str, Any]:
+        return {"p50_ms": p50, "p99_ms": p99, "count": 20, "event": {"p50_ms": p50 + 5}}
+
+    storm = {
+        "pods": 1000,
+        "pods_repaired": 1000,
+        "repairs": 1000,
+        "first_flush_to_last_repair_ms": 4000.0,
+        "fds_before": 2030,
+        "fds_after": 2030,
+        "rss_kib_before": 80000,
+        "rss_kib_after": 80100,
+    }
+    idle = {"window_s": 600.0, "cpu_s": idle_percent * 6, "cpu_percent": idle_percent, "checks": 0}
+    return {
+        "sizes": {
+            "1000": {
+                "pod_nat_flush": lat(12.0, nat_p99_ms),
+                "pod_ip_rule_del": lat(1.0, 2.0),
+                "host_postrouting_flush": lat(15.0, 20.0),
+                "storm": storm,
+                "fds": {"open": 2030, "without_pods": 30, "per_pod": 2.0},
+                "idle": idle,
+            }
+        },
+        "config": {"backstop_period_s": 3600.0, "samples": 20, "host_samples": 5},
+        "duration_s": 700.0,
+    }
+
+
+def test_notification_targets_are_issue_13s_limits() -> None:
+    data = synthetic(ours_rules_p99=0.8, cpu_s=0.5)
+    _, found = targets(data | {"repair": synthetic_notification(80.0, 0.1)})
+    ours = {t.name: t for t in found if "1000 pods" in t.name or "healthy pods, over" in t.name}
+    assert len(ours) == 5
+    assert all(t.met for t in ours.values())
+    idle = ours["agent CPU while idle, 1000 healthy pods, over 600 s"]
+    assert idle.limit == "<= 0.5% of a core"
+
+    _, found = targets(data | {"repair": synthetic_notification(120.0, 0.7)})
+    missed = sorted(t.name for t in found if not t.met and "1000" in t.name)
+    assert missed == [
+        "agent CPU while idle, 1000 healthy pods, over 600 s",
+        "repair after `nft flush table` of a pod's nat table, 1000 pods, p50 / p99",
+    ]
+    md = "\n".join(notification_markdown(synthetic_notification(120.0, 0.7)))
+    assert "| 1000 | 12.0 / 120.0 (17.0) | 1.0 / 2.0 (6.0) | 15.0 / 20.0 (20.0) | 4000 |" in md
+    assert "Idle, 1000 healthy pods: 0.70% of a core over 600 s (4.20 s CPU, 0 checks)" in md
