@@ -120,7 +120,8 @@ def test_quick_run_writes_well_formed_json(quick_run: tuple[Path, str]) -> None:
             continue
         assert value > 0, where
     names = [t["name"] for t in data["targets"]["results"]]
-    assert len(names) == 16, names
+    assert len(names) == 21, names
+    assert any(name.startswith("agent CPU while idle, 3 healthy pods") for name in names)
     assert any(name.startswith("whole CNI ADD of a pod not in the mesh") for name in names)
     assert any(name.startswith("restart catch-up of") for name in names)
     assert any(name.startswith("agent RSS") for name in names)
@@ -223,6 +224,9 @@ def test_quick_run_measures_repair_on_notification(quick_run: tuple[Path, str]) 
     assert storm["first_flush_to_last_repair_ms"] > 0
     assert storm["fds_after"] <= storm["fds_before"]
     assert at["fds"]["per_pod"] >= 2  # a notification socket for nftables and rtnetlink each
+    assert at["idle"]["window_s"] >= 3.0
+    assert at["idle"]["cpu_percent"] >= 0
+    assert at["idle"]["checks"] == 0  # nothing changed: no notification, no check
     md = (out / "latest.md").read_text()
     assert "## Repair on kernel notification\n" in md
     assert "agent: N=3: storm: 3 pods repaired" in log
