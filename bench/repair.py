@@ -57,6 +57,8 @@ BACKSTOP_S: Final = 3600.0
 """The agent's --reconcile-period here: no pass comes during a run (checked: `passes_seen`)."""
 NAT_P50_MS, NAT_P99_MS, OTHER_P99_MS = 20.0, 100.0, 100.0
 """Issue 13's targets: nat flush p50 / p99, ip rule and host chain p99."""
+FDS_PER_POD_MAX: Final = notify.FDS_PER_POD + 0.5
+"""Issue 13's "about two fds per pod", with room for the agent's other fds at small N."""
 IDLE_CPU_PERCENT: Final = 0.5
 """Issue 13's target: the idle agent's CPU, percent of one core."""
 WAIT_S: Final = 30.0
@@ -330,7 +332,7 @@ def notification_targets(repair: dict[str, Any] | None) -> list[tuple[str, str, 
     n = max(int(k) for k in repair["sizes"])
     at = repair["sizes"][str(n)]
     nat, rule, host = at["pod_nat_flush"], at["pod_ip_rule_del"], at["host_postrouting_flush"]
-    storm = at["storm"]
+    storm, fds = at["storm"], at["fds"]
     idle = [
         (
             f"agent CPU while idle, {n} healthy pods, over {idle['window_s']:.0f} s",
@@ -368,6 +370,12 @@ def notification_targets(repair: dict[str, Any] | None) -> list[tuple[str, str, 
             f"{storm['fds_before']} -> {storm['fds_after']}, RSS {storm['rss_kib_before']} -> "
             f"{storm['rss_kib_after']} KiB",
             storm["pods_repaired"] == storm["pods"] and storm["fds_after"] <= storm["fds_before"],
+        ),
+        (
+            f"open fds per pod, {n} pods",
+            f"about {notify.FDS_PER_POD} (<= {FDS_PER_POD_MAX})",
+            f"{fds['per_pod']} ({fds['open']} open, {fds['without_pods']} with no pod)",
+            fds["per_pod"] <= FDS_PER_POD_MAX,
         ),
         *idle,
     ]

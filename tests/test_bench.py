@@ -120,7 +120,7 @@ def test_quick_run_writes_well_formed_json(quick_run: tuple[Path, str]) -> None:
             continue
         assert value > 0, where
     names = [t["name"] for t in data["targets"]["results"]]
-    assert len(names) == 21, names
+    assert len(names) == 22, names
     assert any(name.startswith("agent CPU while idle, 3 healthy pods") for name in names)
     assert any(name.startswith("whole CNI ADD of a pod not in the mesh") for name in names)
     assert any(name.startswith("restart catch-up of") for name in names)
@@ -598,7 +598,8 @@ def test_notification_targets_are_issue_13s_limits() -> None:
     data = synthetic(ours_rules_p99=0.8, cpu_s=0.5)
     _, found = targets(data | {"repair": synthetic_notification(80.0, 0.1)})
     ours = {t.name: t for t in found if "1000 pods" in t.name or "healthy pods, over" in t.name}
-    assert len(ours) == 5
+    assert len(ours) == 6
+    assert ours["open fds per pod, 1000 pods"].measured == "2.0 (2030 open, 30 with no pod)"
     assert all(t.met for t in ours.values())
     idle = ours["agent CPU while idle, 1000 healthy pods, over 600 s"]
     assert idle.limit == "<= 0.5% of a core"
