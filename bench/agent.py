@@ -212,7 +212,7 @@ class AgentBench:
 
     # --- lifecycle
 
-    def _agent(self) -> AgentProcess:
+    def running_agent(self) -> AgentProcess:
         if self.agent is None:
             raise AgentBenchError("no agent running")
         return self.agent
@@ -259,7 +259,7 @@ class AgentBench:
     # --- 1. grow the node to N by a namespace label
 
     async def grow(self, n: int) -> dict[str, Any]:
-        agent = self._agent()
+        agent = self.running_agent()
         k = n - len(self.bulk)
         if k <= 0:
             return {"pods_added": 0}
@@ -288,7 +288,7 @@ class AgentBench:
     # --- 2. CNI ADD end to end
 
     async def sample(self, n: int) -> tuple[dict[str, Any], dict[str, list[float]]]:
-        agent, fake = self._agent(), self.fake
+        agent, fake = self.running_agent(), self.fake
         if fake is None:
             raise AgentBenchError("no ztunnel connected")
         k = self.config.samples
@@ -358,7 +358,7 @@ class AgentBench:
         return [o.seconds * 1e3 for o in outcomes]
 
     async def _delete(self, pod: NodePod) -> None:
-        agent = self._agent()
+        agent = self.running_agent()
         mark = agent.mark
         self.api.delete_pod(pod.namespace, pod.name)
         await agent.wait_event("pod_removed", pod_uid=pod.uid, since=mark, timeout=30)
@@ -367,7 +367,7 @@ class AgentBench:
     # --- 3. memory, fds, CPU per drift pass
 
     async def resources(self, n: int) -> dict[str, Any]:
-        agent = self._agent()
+        agent = self.running_agent()
         after_enrollment = {"rss_kib": agent.rss_kib(), "open_fds": agent.fds()}
         passes = self.config.drift_passes
         say(f"N={n}: CPU of {passes} drift passes over {len(self.bulk)} healthy pods")
@@ -424,7 +424,7 @@ class AgentBench:
         the flush to the agent's `event` with `fields`, that event)."""
         if not Path(path).name.startswith(LAB_PREFIX):
             raise AgentBenchError(f"refusing to flush outside a lab netns: {path}")
-        agent = self._agent()
+        agent = self.running_agent()
         await agent.wait_event("drift_pass_done", since=agent.mark, timeout=3 * self.period + 30)
         # Places the flush in the period (see the module docstring); not a wait for a condition.
         await asyncio.sleep(phase * self.period)
@@ -487,7 +487,7 @@ class AgentBench:
         return pods, host
 
     async def restart(self, n: int) -> dict[str, Any]:
-        old = self._agent()
+        old = self.running_agent()
         say(f"N={n}: restart with {len(self.bulk)} pods enrolled")
         pods_before, host_before = await self._generations()
         if await old.stop() != 0:
@@ -496,7 +496,7 @@ class AgentBench:
             await self.fake.close()
             self.fake = None
         ready_s = await self.start_agent()
-        agent = self._agent()
+        agent = self.running_agent()
         status, _ = await agent.readyz()
         if status != 200:
             raise AgentBenchError(f"/readyz answered {status} after agent_ready")
@@ -525,7 +525,7 @@ class AgentBench:
     async def profile(self, out: Path, passes: int) -> dict[str, Any]:
         """One more restart under cProfile, `passes` drift passes, stop: where the event loop
         thread's time goes (start-up included, its share is small next to the passes)."""
-        old = self._agent()
+        old = self.running_agent()
         await old.stop()
         if self.fake is not None:
             await self.fake.close()
@@ -534,7 +534,7 @@ class AgentBench:
         say(f"cProfile of the agent over {passes} drift passes with {len(self.bulk)} pods")
         await self.start_agent(profile=stats)
         await self.connect_ztunnel()
-        agent = self._agent()
+        agent = self.running_agent()
         mark = agent.mark
         await agent.wait_count(
             "drift_pass_done", passes, since=mark, timeout=passes * 3 * self.period + 60

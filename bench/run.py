@@ -19,7 +19,10 @@ goes into an empty netns) and measures, on this machine and in this run:
    (`bench.runtime`: containerd over CRI, `--runtime-sandboxes` per series; `--no-runtime` skips
    it, and it is reported as skipped, with the reason, where containerd cannot run);
 7. the agent's footprint at its default settings (`bench.footprint`; `--no-footprint` skips it),
-   for each N of `--agent-sizes`: RSS, open fds and CPU over an idle window (`--idle-window`).
+   for each N of `--agent-sizes`: RSS, open fds and CPU over an idle window (`--idle-window`
+   seconds at the largest N, at most 60 at the others);
+8. repair on kernel notification (`bench.repair`; `--no-repair` skips it), for each N of
+   `--repair-sizes`: a flush or `ip rule del` by hand to the rules back, a storm, fds per pod.
 
 Small N is repeated in rounds (fresh pods each round) until every method has `--min-samples`.
 Writes `latest.json`, `latest.md` and `latest.png` to `--out`. Every namespace it made is removed
@@ -78,6 +81,7 @@ from bench.methods import (
     tables_first_check_here,
     tables_install_here,
 )
+from bench.repair import RepairConfig, measure_repair
 from bench.runtime import DEFAULT_SANDBOXES, QUICK_SANDBOXES, measure_runtime
 from bench.steps import apply_steps_here, check_steps_here
 from bench.summary import Latency, Phase, evenly, merge
@@ -134,6 +138,8 @@ class Config:
     """Sandboxes per series in a real container runtime (0: not run)."""
     footprint: FootprintConfig | None = None
     """The agent's footprint at its defaults (None: not run)."""
+    repair: RepairConfig | None = None
+    """Repair on kernel notification (None: not run)."""
 
 
 def netns_of_this_thread() -> str:
@@ -692,6 +698,9 @@ async def bench_all(
         fp = bench.config.footprint
         say(f"footprint: sizes {list(fp.sizes)}, idle window {fp.idle_window_s:g} s")
         data["footprint"] = await measure_footprint(bench.runner, bench.factory, fp)
+    if bench.config.repair is not None:
+        say(f"repair on notification: sizes {list(bench.config.repair.sizes)}")
+        data["repair"] = await measure_repair(bench.runner, bench.config.repair)
     return data, raw
 
 
@@ -725,8 +734,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--idle-window",
         type=float,
         default=DEFAULT_IDLE_WINDOW_S,
-        help="seconds of idle CPU per N (the issue's figure: 600)",
+        help="seconds of idle CPU at the largest N (the issue's figure: 600)",
     )
+    p.add_argument("--repair-sizes", help="pods N for repair on notification (default: --sizes)")
+    p.add_argument("--repair-samples", type=int, default=20, help="pods changed by hand per N")
+    p.add_argument("--no-repair", action="store_true", help="skip repair on notification")
     p.add_argument("--no-ipv6", action="store_true", help="IPv4-only pod ruleset")
     p.add_argument("--no-dns-capture", action="store_true", help="no raw table")
     p.add_argument(
@@ -744,6 +756,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.agent_samples = 3
         args.agent_drift_passes = 1
         args.agent_repair_samples = 3
+        args.repair_sizes = "3"
+        args.repair_samples = 3
         args.restore_rounds = 10
         args.runtime_sandboxes = QUICK_SANDBOXES
         args.idle_window = QUICK_IDLE_WINDOW_S
@@ -784,6 +798,14 @@ def config_of(args: argparse.Namespace) -> Config:
         footprint=None
         if args.no_footprint
         else FootprintConfig(agent_sizes, max(1.0, args.idle_window), options),
+        repair=None
+        if args.no_repair
+        else RepairConfig(
+            sizes=tuple(int(x) for x in str(args.repair_sizes or args.sizes).split(",") if x),
+            samples=max(1, args.repair_samples),
+            host_samples=max(1, min(5, args.repair_samples)),
+            options=options,
+        ),
     )
 
 

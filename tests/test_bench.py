@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from bench import runtime
+from bench.repair import notification_markdown
 from bench.report import (
     add_targets,
     fast_paths_markdown,
@@ -127,9 +128,10 @@ def test_quick_run_writes_well_formed_json(quick_run: tuple[Path, str]) -> None:
             continue
         assert value > 0, where
     names = [t["name"] for t in data["targets"]["results"]]
-    assert len(names) == 19, names
+    assert len(names) == 23, names
     assert any(name.startswith("agent RSS at its defaults") for name in names)
-    assert any(name.startswith("agent CPU while idle") for name in names)
+    assert any(name.startswith("agent CPU while idle, 3 healthy pods") for name in names)
+    assert any(name.startswith("open fds per pod, 3 pods") for name in names)
     assert any(name.startswith("whole CNI ADD of a pod not in the mesh") for name in names)
     assert any(name.startswith("restart catch-up of") for name in names)
     assert any(name.startswith("agent RSS") for name in names)
@@ -221,8 +223,9 @@ def test_quick_run_measures_the_footprint(quick_run: tuple[Path, str]) -> None:
     assert at["pods"] == 3
     for when in ("enrolled", "after_idle"):
         assert at[when]["rss_kib"] > 10_000
-        assert at[when]["open_fds"] >= 3  # at least a netns fd per pod
+        assert at[when]["open_fds"] >= 2 * 3  # two notification sockets per pod
     assert at["idle"]["window_s"] > 0 and at["idle"]["cpu_s"] >= 0
+    assert at["idle"]["reconciles"] == {}  # nothing changed: no notification, no check
     assert fp["baseline"]["imports_rss_kib"] > fp["baseline"]["python_bare_rss_kib"]
 
 
@@ -285,6 +288,30 @@ def test_runtime_overhead_is_against_the_chain_without_our_plugin() -> None:
     skipped = "\n".join(runtime_markdown({"skipped": "containerd end-to-end needs root"}))
     assert "Not measured: containerd end-to-end needs root." in skipped
     assert runtime_markdown(None) == []
+
+
+@pytest.mark.kernel
+def test_quick_run_measures_repair_on_notification(quick_run: tuple[Path, str]) -> None:
+    out, log = quick_run
+    data = json.loads((out / "latest.json").read_text())
+    repair = data["repair"]
+    assert set(repair["sizes"]) == {"3"}
+    at = repair["sizes"]["3"]
+    assert at["passes_seen"] == 0  # every repair came from a notification
+    for kind in ("pod_nat_flush", "pod_ip_rule_del", "host_postrouting_flush"):
+        ordered(
+            {k: v for k, v in at[kind].items() if k != "samples_ms"}, len(at[kind]["samples_ms"])
+        )
+        assert at[kind]["event"]["p50_ms"] > 0
+    assert at["pod_nat_flush"]["count"] == at["pod_ip_rule_del"]["count"] == 3
+    storm = at["storm"]
+    assert storm["pods"] == storm["pods_repaired"] == storm["repairs"] == 3
+    assert storm["first_flush_to_last_repair_ms"] > 0
+    assert storm["fds_after"] <= storm["fds_before"]
+    assert at["fds"]["per_pod"] >= 2  # a notification socket for nftables and rtnetlink each
+    md = (out / "latest.md").read_text()
+    assert "## Repair on kernel notification\n" in md
+    assert "agent: N=3: storm: 3 pods repaired" in log
 
 
 @pytest.mark.kernel
@@ -616,3 +643,49 @@ def test_add_targets_compare_the_whole_add_with_issue_10s_limits() -> None:
     assert add_targets({"plugin": lat(1.0, 1.0)}, 1000, mesh=True) == []
     # At another N only the targets that hold at any N: a pod not in the mesh, a burst.
     assert [t.limit for t in add_targets(add, 100, mesh=False)] == ["<= 3 ms", "<= 100 ms"]
+
+
+def synthetic_notification(nat_p99_ms: float) -> dict[str, Any]:
+    def lat(p50: float, p99: float) -> dict[str, Any]:
+        return {"p50_ms": p50, "p99_ms": p99, "count": 20, "event": {"p50_ms": p50 + 5}}
+
+    storm = {
+        "pods": 1000,
+        "pods_repaired": 1000,
+        "repairs": 1000,
+        "first_flush_to_last_repair_ms": 4000.0,
+        "fds_before": 2030,
+        "fds_after": 2030,
+        "rss_kib_before": 80000,
+        "rss_kib_after": 80100,
+    }
+    return {
+        "sizes": {
+            "1000": {
+                "pod_nat_flush": lat(12.0, nat_p99_ms),
+                "pod_ip_rule_del": lat(1.0, 2.0),
+                "host_postrouting_flush": lat(15.0, 20.0),
+                "storm": storm,
+                "fds": {"open": 2030, "without_pods": 30, "per_pod": 2.0},
+            }
+        },
+        "config": {"backstop_period_s": 3600.0, "samples": 20, "host_samples": 5},
+        "duration_s": 700.0,
+    }
+
+
+def test_notification_targets_are_issue_13s_limits() -> None:
+    data = synthetic(ours_rules_p99=0.8, cpu_s=0.5)
+    _, found = targets(data | {"repair": synthetic_notification(80.0)})
+    ours = {t.name: t for t in found if "1000 pods" in t.name}
+    assert len(ours) == 5
+    assert ours["open fds per pod, 1000 pods"].measured == "2.0 (2030 open, 30 with no pod)"
+    assert all(t.met for t in ours.values())
+
+    _, found = targets(data | {"repair": synthetic_notification(120.0)})
+    missed = sorted(t.name for t in found if not t.met and "1000" in t.name)
+    assert missed == [
+        "repair after `nft flush table` of a pod's nat table, 1000 pods, p50 / p99",
+    ]
+    md = "\n".join(notification_markdown(synthetic_notification(120.0)))
+    assert "| 1000 | 12.0 / 120.0 (17.0) | 1.0 / 2.0 (6.0) | 15.0 / 20.0 (20.0) | 4000 |" in md

@@ -100,7 +100,7 @@ def test_defaults_follow_the_spec() -> None:
     assert s.host_netns == "/proc/1/ns/net"
     assert s.proc_root == "/proc"
     assert s.kubelet_uid is None
-    assert s.reconcile_period == 10.0
+    assert s.reconcile_period == 300.0
     assert s.readiness_port == 8000
     assert s.metrics_port == 15014
     assert s.bind_address == "0.0.0.0"

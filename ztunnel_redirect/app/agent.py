@@ -6,7 +6,8 @@ pods this agent enrolled before are adopted with their netns from the /proc scan
 with every enrolled pod's IP → ztunnel server (snapshot) → pod workers verify every pod once (and
 repair only what drifted; a pod that fails is retried, it does not hold start-up) → CNI event
 server → plugin install (waits for the primary CNI's config, which may come later at node boot;
-nothing else waits for it) → ready → periodic drift pass.
+nothing else waits for it) → ready → periodic drift pass, a backstop: drift is found by kernel
+notifications, watched in each netns from the first run of its pod (or of the host) on.
 
 Root tasks run in one TaskGroup: when one dies, all stop and the process exits non-zero.
 SIGTERM stops cleanly and leaves every rule in place (an upgrade must not disturb traffic).
@@ -46,12 +47,13 @@ from ztunnel_redirect.control.reconciler import HOST_KEY, Reconciler
 from ztunnel_redirect.control.records import PodRecords
 from ztunnel_redirect.control.startup import Startup
 from ztunnel_redirect.control.store import ClusterStore
+from ztunnel_redirect.control.watchers import NetnsWatchers
 from ztunnel_redirect.control.workqueue import KeyedQueue, Periodic
 from ztunnel_redirect.core.enrollment import EnrollmentPolicy
 from ztunnel_redirect.core.errors import ConfigError, retryable
 from ztunnel_redirect.core.model import HostOptions
 from ztunnel_redirect.core.settings import Settings
-from ztunnel_redirect.kernel import nft, procscan
+from ztunnel_redirect.kernel import nft, notify, procscan
 from ztunnel_redirect.kernel.hostrules import HostRules
 from ztunnel_redirect.kernel.migration import IptablesMigration
 from ztunnel_redirect.kernel.netns import NetnsRunner, name_this_thread
@@ -66,6 +68,12 @@ writes); named `zr-io_<n>` in /proc."""
 """Threads doing kernel work. Each call is short and mostly Python: more threads only contend
 for the GIL. Pods are still reconciled `workers` at a time; they queue here only for the kernel
 part."""
+
+PODS_PLANNED: Final = 5000
+"""Pods whose notification sockets the fd limit is raised for: more than a kubelet runs (110 by
+default; the benchmark goes to 1000)."""
+FD_LIMIT_WANTED: Final = 1024 + notify.FDS_PER_POD * PODS_PLANNED
+"""The soft RLIMIT_NOFILE asked for at start (the agent's own fds fit in the first 1024)."""
 
 
 class Agent:
@@ -107,6 +115,7 @@ class Agent:
 
     async def run(self) -> None:
         s = self.settings
+        _raise_fd_limit()
         ops = OpsServer(
             metrics=self.metrics,
             readiness=self.readiness,
@@ -159,6 +168,8 @@ class Agent:
             await parts.cni.close()
             await parts.plugin_logs.close()
             await parts.zds.close()
+            parts.watchers.close()
+            parts.opener.close()
 
     def _build(self, api: ApiClient, runner: NetnsRunner, host_options: HostOptions) -> _Parts:
         """Every part, each built from parts built before it (keyword arguments only). The one
@@ -196,13 +207,29 @@ class Agent:
             migration=migration,
             repair_on_startup=s.reconcile_on_startup,
         )
+        opener = notify.FeedOpener()
+
+        async def reconcile_and_watch(key: str) -> None:
+            """A run of `key` with its netns watched: from before the check when the netns is
+            known, else from when the run found it."""
+            await watchers.sync(key, check_follows=True)
+            try:
+                await reconciler.reconcile(key)
+            finally:
+                await watchers.sync(key)
+
         queue = KeyedQueue[str](
-            handler=reconciler.reconcile,
+            handler=reconcile_and_watch,
             concurrency=s.workers,
             retryable=retryable,
             on_failure=self._count_failure,
             name="pods",
             log_key="pod_uid",
+        )
+        # A kernel notification of a change to our rules is a reason to check, not a change of
+        # what is desired: it waits out a pod's retry backoff like a pass does.
+        watchers = NetnsWatchers(
+            records=records, opener=opener, enqueue=queue.enqueue, host_netns=s.host_netns
         )
         # Every store change is a real change: it cuts a scheduled retry short (a pod in backoff
         # that leaves the mesh or is deleted is acted on at once, not after up to 30 s). The
@@ -282,6 +309,8 @@ class Agent:
             ),
             handover=handover,
             decisions=decisions,
+            watchers=watchers,
+            opener=opener,
         )
 
     def _count_failure(self, _key: str, exc: BaseException, _attempts: int) -> None:
@@ -298,6 +327,7 @@ class Agent:
 
         await parts.startup.adopt()
         # The workers do not run yet: this is the only run of the host key.
+        await parts.watchers.sync(HOST_KEY, check_follows=True)
         await parts.reconciler.reconcile(HOST_KEY)
         self.readiness.done(ReadinessCondition.HOST_RULES)
 
@@ -358,6 +388,22 @@ class Agent:
         )
 
 
+def _raise_fd_limit() -> None:
+    """Room for every pod's notification sockets; said at start, as the operator may need to
+    raise the hard limit."""
+    limit = notify.raise_fd_limit(FD_LIMIT_WANTED)
+    if limit.enough:
+        log.info("fd_limit", soft=limit.soft, hard=limit.hard, was=limit.was)
+    else:
+        log.warning(
+            "fd_limit_low",
+            soft=limit.soft,
+            hard=limit.hard,
+            was=limit.was,
+            pods_watchable=max(0, (limit.soft - 1024) // notify.FDS_PER_POD),
+        )
+
+
 def _snapshot(records: PodRecords) -> list[Workload]:
     """Every enrolled pod, for a ztunnel that just connected."""
     return [Workload(*workload) for workload in records.snapshot()]
@@ -389,6 +435,8 @@ class _Parts:
     drift_pass: DriftPass
     handover: HostHandover
     decisions: DecisionKeeper
+    watchers: NetnsWatchers
+    opener: notify.FeedOpener
 
 
 async def run(settings: Settings) -> None:

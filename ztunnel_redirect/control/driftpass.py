@@ -1,5 +1,8 @@
 """The periodic drift pass: every enrolled pod and the host checked once, only what drifted
-written (the tick of a `workqueue.Periodic`)."""
+written (the tick of a `workqueue.Periodic`).
+
+A backstop (docs/design.md §6.4): drift is found at once through kernel notifications
+(`watchers`); the pass catches what they cannot show, every `RECONCILE_PERIOD`."""
 
 from __future__ import annotations
 

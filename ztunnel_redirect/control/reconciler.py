@@ -1,5 +1,6 @@
 """The reconciler: one level-triggered function that brings a pod (or the host) to what the API
-says, whatever brought it here (watch event, CNI ADD, periodic drift pass, agent restart).
+says, whatever brought it here (watch event, CNI ADD, kernel notification, periodic drift pass,
+agent restart).
 
 Event handlers only record what changed (`store.ClusterStore`), which enqueues the pod's key;
 a worker of the keyed queue runs `reconcile(key)`, which reads the current desired state, reads

@@ -392,11 +392,13 @@ class Settings:
         ),
     )
     reconcile_period: float = field(
-        default=10.0,
+        default=300.0,
         metadata=_setting(
             "--reconcile-period",
             "RECONCILE_PERIOD",
-            "Seconds between two checks of every enrolled pod's rules against the kernel.",
+            "Seconds between two backstop checks of every enrolled pod's rules against the kernel"
+            " (drift is found at once by kernel notifications; the pass catches what they cannot"
+            " show).",
             check=_check_period,
             metavar="SECONDS",
         ),

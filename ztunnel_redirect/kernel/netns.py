@@ -78,9 +78,26 @@ def _isolate_thread(wake_fd: int) -> None:
     _local.isolated = True
 
 
-def _current_netns() -> int:
-    """An fd on the calling worker's current netns, to come back to (nesting works)."""
-    if not getattr(_local, "isolated", False):
+def _runs_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _current_netns(*, shared_fds: bool = False) -> int:
+    """An fd on the calling thread's current netns, to come back to (nesting works).
+
+    `shared_fds`: the caller is a thread of the process's main fd table (not a worker), entering
+    only to create something the event loop then uses (a socket keeps the netns it was created
+    in). Never the event loop thread itself: its callbacks would run in the pod's netns."""
+    if shared_fds:
+        if getattr(_local, "isolated", False):
+            raise RuntimeError("a NetnsRunner worker's fds are its own: open shared ones elsewhere")
+        if _runs_event_loop():
+            raise RuntimeError("the event loop thread never enters a network namespace")
+    elif not getattr(_local, "isolated", False):
         raise RuntimeError("netns operations must run on a NetnsRunner worker thread")
     return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
@@ -142,10 +159,16 @@ def _setns(fd: int, path: str) -> None:
 
 
 @contextlib.contextmanager
-def entered(path: str, *, expect: NetnsId | None = None) -> Iterator[None]:
+def entered(
+    path: str, *, expect: NetnsId | None = None, shared_fds: bool = False
+) -> Iterator[None]:
     """Run the body inside the network namespace at `path` (worker threads only); with
-    `expect`, only if `path` names the netns of that identity (else NetnsNotFoundError)."""
-    back = _current_netns()
+    `expect`, only if `path` names the netns of that identity (else NetnsNotFoundError).
+
+    `shared_fds=True`: on a thread that shares the process's fd table instead (see
+    `_current_netns`), to open sockets that live in that netns and are served by the event loop
+    (never handed to libnftables: their fd numbers may be 1024 or more)."""
+    back = _current_netns(shared_fds=shared_fds)
     try:
         fd = open_netns(path, expect=expect)
         try:
