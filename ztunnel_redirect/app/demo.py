@@ -1,13 +1,14 @@
 """`make demo`: the real agent on this machine, no cluster needed, told step by step.
 
-A small node is built out of network namespaces (`testing.node.TestNode`) with the fake API
-server in this process; the real agent runs as its own process against it, and a fake ztunnel (a
-real ZDS client) starts a ztunnel stand-in in each pod it is given. Two pods are labelled into
-the mesh through their namespace, a third arrives the way a container runtime creates it (the CNI
-plugin file, run with the `CNI_*` environment and `prevResult` on stdin). Then a few requests show
-which stand-in caught which connection and the address the app saw; a table flushed by hand shows
-the periodic pass repairing it. Everything this run created is removed at the end, also on
-Ctrl-C or failure, and the run checks that none of its `zr-` namespaces is left.
+A small node is built out of network namespaces (`testing.node.TestNode`) with the fake API server
+in this process; the real agent runs as its own process against it, and a fake ztunnel (a real ZDS
+client) starts a ztunnel stand-in in each pod it is given. Two pods are labelled into the mesh
+through their namespace, a third arrives the way a container runtime creates it (the CNI plugin
+file, run with the `CNI_*` environment and `prevResult` on stdin). Then a few requests show which
+stand-in caught which connection and the address the app saw; a table flushed by hand is repaired on
+the kernel's notification of the change, without waiting for the backstop pass. Everything this run
+created is removed at the end, also on Ctrl-C or failure, and the run checks that none of its `zr-`
+namespaces is left.
 
 The agent process, the CNI runtime and what they are observed through come from
 `testing.agentprocess`, which the end-to-end tests drive too.
@@ -51,7 +52,8 @@ __all__ = ["DemoError", "main"]
 
 TRAFFIC_TIMEOUT: Final = 5.0
 PERIOD: Final = 2.0
-"""The agent's periodic pass in the demo (seconds)."""
+"""The agent's backstop pass in the demo (seconds; 300 by default): a pass is also the demo's
+sign that the agent has handled every event of a pod (`wait_pod_settled`)."""
 APP_PORT: Final = 8080
 NAMESPACE: Final = "demo"
 
@@ -225,21 +227,17 @@ async def _enrolled_story(scene: _Scene, a: NodePod, b: NodePod) -> None:
     mark = agent.mark
     flushed_at = time.monotonic()
     await asyncio.to_thread(a.lab.netns.exec, "nft", "flush", "table", "inet", c.NAT_TABLE)
-    rules = await asyncio.to_thread(a.lab.netns.exec, "nft", "list", "table", "inet", c.NAT_TABLE)
-    say.say(f"after the flush the table holds {rules.count('redirect')} redirect rules")
-    repaired = await agent.wait_event(
-        "drift_repaired", pod_uid=a.uid, since=mark, timeout=2 * PERIOD + EVENT_TIMEOUT
-    )
+    changed = await agent.wait_event("netns_changed", key=a.uid, since=mark)
+    say.say(f"the kernel announced the change in pod a's netns ({changed.get('source')})")
+    repaired = await agent.wait_event("drift_repaired", pod_uid=a.uid, since=mark)
     took = time.monotonic() - flushed_at
     rules = await asyncio.to_thread(a.lab.netns.exec, "nft", "list", "table", "inet", c.NAT_TABLE)
     say.say(
-        f"the agent's periodic pass repaired it {took:.1f}s later (period {PERIOD:.0f}s): "
-        f"reason {repaired.get('reason')}, {repaired.get('changes')} change(s), "
-        f"{repaired.get('duration_ms')} ms; the table holds {rules.count('redirect')} redirect "
-        "rules again"
+        f"the agent repaired it {1000 * took:.0f} ms after the flush, without waiting for its "
+        f"backstop pass (every {PERIOD:.0f}s here): reason {repaired.get('reason')}, "
+        f"{repaired.get('changes')} change(s), {repaired.get('duration_ms')} ms; the table holds "
+        f"{rules.count('redirect')} redirect rules again"
     )
-    if took > PERIOD + 1.0:
-        raise DemoError(f"repair took {took:.1f}s, more than one period ({PERIOD}s)")
     await _connect(say, zt, a, b)
 
 
