@@ -225,7 +225,10 @@ def test_quick_run_measures_the_footprint(quick_run: tuple[Path, str]) -> None:
         assert at[when]["rss_kib"] > 10_000
         assert at[when]["open_fds"] >= 2 * 3  # two notification sockets per pod
     assert at["idle"]["window_s"] > 0 and at["idle"]["cpu_s"] >= 0
-    assert at["idle"]["reconciles"] == {}  # nothing changed: no notification, no check
+    # Nothing changed: no write, no repair; at most the one re-check a pod gets after its netns
+    # is first watched (docs/design.md §2.5), if the window began before it ran.
+    reconciles = at["idle"]["reconciles"]
+    assert set(reconciles) <= {"check"} and reconciles.get("check", 0) <= at["pods"], reconciles
     assert fp["baseline"]["imports_rss_kib"] > fp["baseline"]["python_bare_rss_kib"]
 
 
