@@ -89,15 +89,16 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     installer.install()
     # What an older version left: a kubeconfig with a token in the conf dir. And the decision
     # file the agent keeps in its run dir (kept while the agent is away, gone on uninstall), and
-    # the log socket of an agent that was killed.
+    # the event and log sockets of an agent that was killed.
     legacy = tmp_path / "conf" / LEGACY_KUBECONFIG_NAME
     legacy.write_text('{"users": [{"user": {"token": "t"}}]}')
     decisions = tmp_path / "run" / c.DECISION_FILE
     decisions.parent.mkdir()
     decisions.write_text('{"version": 1}')
-    log_socket = tmp_path / "run" / c.PLUGIN_LOG_SOCKET
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.bind(str(log_socket))
+    sockets = [tmp_path / "run" / name for name in (c.PLUGIN_LOG_SOCKET, c.PLUGIN_EVENT_SOCKET)]
+    for path in sockets:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
 
     first = run_cleanup(tmp_path, lab)
 
@@ -122,7 +123,7 @@ async def test_cleanup_removes_ours_only_and_is_safe_twice(
     assert not installer.binary_path.exists()
     assert not legacy.exists()
     assert not decisions.exists()
-    assert not log_socket.exists()
+    assert [path for path in sockets if path.exists()] == []
     assert sorted(p.name for p in (tmp_path / "conf").iterdir()) == ["10-calico.conflist"]
     conflist = json.loads((tmp_path / "conf" / "10-calico.conflist").read_text())
     assert [p["type"] for p in conflist["plugins"]] == ["calico", "portmap"]

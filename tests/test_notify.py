@@ -24,7 +24,7 @@ from ztunnel_redirect.core.errors import NetnsNotFoundError
 from ztunnel_redirect.core.model import Pod, PodOptions, PodUid
 from ztunnel_redirect.kernel.netns import NetnsId, NetnsRunner, entered, netns_id
 from ztunnel_redirect.kernel.nft import Nft
-from ztunnel_redirect.kernel.notify import Feed, FeedOpener, raise_fd_limit
+from ztunnel_redirect.kernel.notify import Feed, FeedOpener, Watched, raise_fd_limit
 from ztunnel_redirect.kernel.podrules import PodRules
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 
@@ -54,7 +54,7 @@ async def installed(runner: NetnsRunner, lab: Lab) -> LabPod:
 
 
 async def feeds_of(opener: FeedOpener, pod: LabPod) -> tuple[Feed, Feed]:
-    nft_feed, route_feed = await opener.open(pod.path, netns_id(pod.path), routes=True)
+    nft_feed, route_feed = await opener.open(pod.path, netns_id(pod.path), Watched.POD)
     return nft_feed, route_feed
 
 
@@ -111,6 +111,29 @@ async def test_our_rule_and_routes_are_due_others_are_not(
         route_feed.close()
 
 
+async def test_the_host_watches_every_ip_rule_when_the_branch_eni_probe_is_on(
+    opener: FeedOpener, lab: Lab
+) -> None:
+    """The branch-ENI probe rules (§4.5) follow the VPC CNI's rules: any rule change in the host
+    is a reason to check it; routes are not (they change with every pod's veth)."""
+    host = lab.node
+    (nft_only,) = await opener.open(host.path, netns_id(host.path), Watched.HOST)
+    nft_only.close()
+    nft_feed, rule_feed = await opener.open(host.path, netns_id(host.path), Watched.HOST_WITH_RULES)
+    try:
+        host.ip("route", "add", "10.77.0.0/16", "dev", "lo")
+        assert not rule_feed.read()
+        host.ip("rule", "add", "iif", "lo", "lookup", "101", "priority", "10")
+        assert rule_feed.read()
+        assert not rule_feed.read()  # drained
+        host.ip("rule", "del", "iif", "lo", "lookup", "101", "priority", "10")
+        assert rule_feed.read()
+        assert not nft_feed.read()
+    finally:
+        nft_feed.close()
+        rule_feed.close()
+
+
 async def test_an_overrun_is_due(opener: FeedOpener, installed: LabPod) -> None:
     """Notifications the socket had no room for may have been about us: ENOBUFS means check."""
     nft_feed, route_feed = await feeds_of(opener, installed)
@@ -127,8 +150,8 @@ async def test_an_overrun_is_due(opener: FeedOpener, installed: LabPod) -> None:
 async def test_feeds_open_only_in_the_netns_the_path_named(opener: FeedOpener, lab: Lab) -> None:
     pod, other = lab.add_pod("p"), lab.add_pod("other")
     with pytest.raises(NetnsNotFoundError):
-        await opener.open(pod.path, netns_id(other.path), routes=True)
-    (feed,) = await opener.open(other.path, netns_id(other.path), routes=False)
+        await opener.open(pod.path, netns_id(other.path), Watched.POD)
+    (feed,) = await opener.open(other.path, netns_id(other.path), Watched.HOST)
     try:
         pod.netns.nft(f"table inet {c.NAT_TABLE} {{\n}}\n")
         assert not feed.read()  # another netns's change
@@ -177,7 +200,7 @@ async def test_libnftables_works_while_feeds_hold_fd_numbers_above_1024(
     feeds: list[Feed] = []
     try:
         for pod in pods:
-            feeds += await opener.open(pod.path, netns_id(pod.path), routes=True)
+            feeds += await opener.open(pod.path, netns_id(pod.path), Watched.POD)
         assert min(feed.fileno() for feed in feeds) > 1024
         rules = PodRules(runner)
         await asyncio.gather(*(rules.apply(pod.path, V4) for pod in pods))
@@ -219,8 +242,8 @@ class KeepingOpener(FeedOpener):
         super().__init__()
         self.opened: list[Feed] = []
 
-    async def open(self, path: str, expect: NetnsId | None, *, routes: bool) -> list[Feed]:
-        feeds = await super().open(path, expect, routes=routes)
+    async def open(self, path: str, expect: NetnsId | None, watched: Watched) -> list[Feed]:
+        feeds = await super().open(path, expect, watched)
         self.opened += feeds
         return feeds
 
@@ -246,7 +269,11 @@ async def test_a_burst_costs_one_check_per_netns_and_a_leaving_pod_closes_its_so
 
     records, opener = adopted(*pods), KeepingOpener()
     watchers = NetnsWatchers(
-        records=records, opener=opener, enqueue=enqueue, host_netns=lab.node.path
+        records=records,
+        opener=opener,
+        enqueue=enqueue,
+        host_netns=lab.node.path,
+        host_rules=False,
     )
     try:
         for pod in pods:

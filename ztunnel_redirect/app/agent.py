@@ -62,12 +62,12 @@ from ztunnel_redirect.kernel.podrules import PodRules
 log = structlog.get_logger(__name__)
 
 NETNS_WORKERS: Final = 2
-IO_WORKERS: Final = 4
-"""Threads of the event loop's default executor (`asyncio.to_thread`: the /proc scan, file
-writes); named `zr-io_<n>` in /proc."""
 """Threads doing kernel work. Each call is short and mostly Python: more threads only contend
 for the GIL. Pods are still reconciled `workers` at a time; they queue here only for the kernel
 part."""
+IO_WORKERS: Final = 4
+"""Threads of the event loop's default executor (`asyncio.to_thread`: the /proc scan, file
+writes); named `zr-io_<n>` in /proc."""
 
 PODS_PLANNED: Final = 5000
 """Pods whose notification sockets the fd limit is raised for: more than a kubelet runs (110 by
@@ -229,7 +229,11 @@ class Agent:
         # A kernel notification of a change to our rules is a reason to check, not a change of
         # what is desired: it waits out a pod's retry backoff like a pass does.
         watchers = NetnsWatchers(
-            records=records, opener=opener, enqueue=queue.enqueue, host_netns=s.host_netns
+            records=records,
+            opener=opener,
+            enqueue=queue.enqueue,
+            host_netns=s.host_netns,
+            host_rules=s.aws_branch_eni_probe,
         )
         # Every store change is a real change: it cuts a scheduled retry short (a pod in backoff
         # that leaves the mesh or is deleted is acted on at once, not after up to 30 s). The

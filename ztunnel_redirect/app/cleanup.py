@@ -43,7 +43,7 @@ class CleanupReport:
         out.append("host: removed table inet " + c.HOST_TABLE if self.host_table else "host: clean")
         out += [f"host: removed {rule}" for rule in self.host_probe_rules]
         if self.cni:
-            out.append("cni: removed plugin config, executable, decision file and log socket")
+            out.append("cni: removed plugin config, executable, decision file and sockets")
         return out
 
 
@@ -85,7 +85,7 @@ async def cleanup(
     run_files: Sequence[Path] = (),
 ) -> CleanupReport:
     """`run_files`: what the agent leaves for the plugin in its run directory (the decision file,
-    the log socket of an agent that did not stop cleanly)."""
+    the event and log sockets of an agent that did not stop cleanly)."""
     report = CleanupReport()
     if installer is not None:
         # First, so that no new pod is sent to an agent that is going away.

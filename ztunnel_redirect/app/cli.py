@@ -250,7 +250,11 @@ async def _cleanup(args: argparse.Namespace) -> int:
             installer=installer,
             run_files=[
                 Path(args.run_dir) / name
-                for name in (constants.DECISION_FILE, constants.PLUGIN_LOG_SOCKET)
+                for name in (
+                    constants.DECISION_FILE,
+                    constants.PLUGIN_LOG_SOCKET,
+                    constants.PLUGIN_EVENT_SOCKET,
+                )
                 if args.cni
             ],
         )

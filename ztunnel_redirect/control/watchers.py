@@ -27,7 +27,7 @@ from ztunnel_redirect.control.records import PodRecords
 from ztunnel_redirect.core.errors import NetnsNotFoundError
 from ztunnel_redirect.core.model import PodUid
 from ztunnel_redirect.kernel.netns import NetnsId, netns_id
-from ztunnel_redirect.kernel.notify import Feed, FeedOpener
+from ztunnel_redirect.kernel.notify import Feed, FeedOpener, Watched
 
 __all__ = ["NetnsWatchers"]
 
@@ -51,11 +51,14 @@ class NetnsWatchers:
         opener: FeedOpener,
         enqueue: Callable[[str], None],
         host_netns: str,
+        host_rules: bool,
     ) -> None:
+        """`host_rules`: the host has ip rules of ours (the branch-ENI probe rules, §4.5)."""
         self._records = records
         self._opener = opener
         self._enqueue = enqueue
         self._host_netns = host_netns
+        self._host_watched = Watched.HOST_WITH_RULES if host_rules else Watched.HOST
         self._watches: dict[str, _Watch] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -69,7 +72,6 @@ class NetnsWatchers:
 
     def _wanted(self, key: str) -> tuple[str, NetnsId | None] | None:
         if key == HOST_KEY:
-            # The host has no routing of ours: its nftables feed is enough.
             return self._host_netns, netns_id(self._host_netns)
         record = self._records.get(PodUid(key))
         if record is None or record.netns is None or record.netns_id is None:
@@ -93,7 +95,8 @@ class NetnsWatchers:
             return
         netns, identity = wanted
         try:
-            feeds = await self._opener.open(netns, identity, routes=key != HOST_KEY)
+            watched = self._host_watched if key == HOST_KEY else Watched.POD
+            feeds = await self._opener.open(netns, identity, watched)
         except NetnsNotFoundError:
             return  # the pod's next run finds out where it went
         except OSError as exc:  # e.g. EMFILE: the fd limit is too low for this node

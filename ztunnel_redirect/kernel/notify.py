@@ -6,7 +6,9 @@ listen to, read on non-blocking netlink sockets that the event loop serves (docs
   object message names its table in attribute 1 (`NFTA_TABLE_NAME`, `NFTA_CHAIN_TABLE`,
   `NFTA_RULE_TABLE`, `NFTA_SET_TABLE`, ...), so one attribute tells ours from others.
 - rtnetlink announces ip rules and routes on its rule and route groups (IPv4 and IPv6); ours are
-  in table 100, at priority 32764, on the connmark.
+  in table 100, at priority 32764, on the connmark. In the host netns the AWS branch-ENI probe
+  rules (docs/design.md §4.5) are ours too, and what they must be depends on the VPC CNI's own
+  rules: there every ip rule change is a reason to check.
 
 A feed answers one question per readable event: is a check of this netns due? It drains the
 socket (a burst is read at once and kept as one bit, never queued), and says yes for a change to
@@ -24,6 +26,7 @@ closes it when the pod goes.
 from __future__ import annotations
 
 import asyncio
+import enum
 import errno
 import resource
 import socket
@@ -43,8 +46,10 @@ __all__ = [
     "FdLimit",
     "Feed",
     "FeedOpener",
+    "HostRuleFeed",
     "NftFeed",
     "RouteFeed",
+    "Watched",
     "committer",
     "groups_mask",
     "open_feeds",
@@ -194,6 +199,27 @@ _OUR_RULE_ATTRS: Final = {
 """Attributes (u32) whose value makes a rule or route notification one of ours."""
 
 
+class HostRuleFeed(Feed):
+    """rtnetlink rule notifications of the host: due for every rule added or deleted (the probe
+    rules of branch-ENI pods follow the VPC CNI's rules, which are not ours)."""
+
+    kind = "rule"
+
+    def _consume(self, kind: int, data: bytes, start: int, end: int) -> bool:
+        return kind in (RTM_NEWRULE, RTM_DELRULE)
+
+
+class Watched(enum.Enum):
+    """What is watched in a netns."""
+
+    POD = "pod"
+    """Our tables; our rules and routes."""
+    HOST = "host"
+    """Our table (the host has no routing of ours)."""
+    HOST_WITH_RULES = "host_with_rules"
+    """Our table, and every ip rule: the branch-ENI probe rules are on (§4.5)."""
+
+
 def subscribe(protocol: int, groups: int) -> socket.socket:
     """A non-blocking netlink socket of the calling thread's current netns, in `groups`."""
     sock = socket.socket(
@@ -207,27 +233,30 @@ def subscribe(protocol: int, groups: int) -> socket.socket:
     return sock
 
 
-def open_feeds(*, routes: bool) -> list[Feed]:
-    """Feeds of the calling thread's current netns: nftables, and with `routes` rtnetlink rules
-    and routes (IPv4 and IPv6: a v6 rule of ours may be deleted on a v4-only pod too)."""
+def open_feeds(watched: Watched) -> list[Feed]:
+    """Feeds of the calling thread's current netns: nftables, and rtnetlink as `watched` says
+    (IPv4 and IPv6: a v6 rule of ours may be deleted on a v4-only pod too)."""
     feeds: list[Feed] = [
         NftFeed(subscribe(netlink.NETLINK_NETFILTER, groups_mask(NFNLGRP_NFTABLES)))
     ]
-    if routes:
-        try:
+    try:
+        if watched is Watched.POD:
             groups = groups_mask(
                 RTNLGRP_IPV4_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV6_RULE
             )
             feeds.append(RouteFeed(subscribe(netlink.NETLINK_ROUTE, groups)))
-        except BaseException:
-            feeds[0].close()
-            raise
+        elif watched is Watched.HOST_WITH_RULES:
+            groups = groups_mask(RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE)
+            feeds.append(HostRuleFeed(subscribe(netlink.NETLINK_ROUTE, groups)))
+    except BaseException:
+        feeds[0].close()
+        raise
     return feeds
 
 
-def _open_in(path: str, expect: NetnsId | None, routes: bool) -> list[Feed]:
+def _open_in(path: str, expect: NetnsId | None, watched: Watched) -> list[Feed]:
     with entered(path, expect=expect, shared_fds=True):
-        return open_feeds(routes=routes)
+        return open_feeds(watched)
 
 
 class FeedOpener:
@@ -238,10 +267,10 @@ class FeedOpener:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netns-watch")
 
-    async def open(self, path: str, expect: NetnsId | None, *, routes: bool) -> list[Feed]:
+    async def open(self, path: str, expect: NetnsId | None, watched: Watched) -> list[Feed]:
         """Feeds of the netns at `path` (NetnsNotFoundError when it no longer names `expect`)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, _open_in, path, expect, routes)
+        return await loop.run_in_executor(self._pool, _open_in, path, expect, watched)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
