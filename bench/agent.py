@@ -3,7 +3,8 @@ pods as network namespaces with a fake /proc (`TestNode`), and a fake ztunnel (r
 
 For each N of the sweep, one agent (started once, pods added as N grows):
 
-1. enrollment by namespace label of the pods that bring the node to N (label to all `enabled`);
+1. enrollment by namespace label of the pods that bring the node to N (label to all `enabled`),
+   then until the agent has served what the enrollment queued (`settle`);
 2. enrollment latency end to end, on `samples` new sandboxes through the CNI plugin file (each
    deleted again, so the node stays at N): the agent's ADD (`cni_add_duration_seconds`, received to
    answered), the plugin process (start to exit), and the first redirected connection (after the
@@ -278,12 +279,22 @@ class AgentBench:
         )
         enrolled = time.perf_counter() - t0
         say(f"N={n}: {k} pods enabled {enrolled:.2f} s after the namespace label")
+        await self.settle()
         return {
             "pods_added": k,
             "create_s": round(created, 3),
             "label_to_all_enabled_s": round(enrolled, 3),
             "proc_scans": len(agent.find("proc_scanned", since=mark)),
         }
+
+    async def settle(self) -> None:
+        """Until the agent has served what it had queued: the measurements that follow see a
+        node at rest. Each pod just enrolled has one more check queued (once its netns is first
+        watched); a nat table flushed by hand now is repaired from the back of the queue."""
+        agent, pod = self.running_agent(), self.bulk[-1]
+        mark = agent.mark
+        await self.runner.run(pod.path, flush_nat_here)
+        await agent.wait_event("drift_repaired", pod_uid=pod.uid, since=mark, timeout=60)
 
     # --- 2. CNI ADD end to end
 

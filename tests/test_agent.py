@@ -467,9 +467,13 @@ async def test_300_pods_enroll_without_failure(
     await agent.wait_count("pod_status_set", MANY, status="enabled", timeout=90)
     enroll_s = time.monotonic() - labelled
 
-    assert all(
-        (p["metadata"].get("annotations") or {}).get(c.STATUS_ANNOTATION) == "enabled"
-        for p in node.api.pods()
+    # The annotations are written behind the runs (control/statuswrites.py).
+    await node.api.wait_for(
+        lambda: all(
+            (p["metadata"].get("annotations") or {}).get(c.STATUS_ANNOTATION) == "enabled"
+            for p in node.api.pods()
+        ),
+        timeout=30,
     )
     assert len(host_set_elements(node)) == MANY
     assert len({r.uid for r in fake.requests if r.kind is RequestKind.ADD}) == MANY

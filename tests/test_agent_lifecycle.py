@@ -113,7 +113,7 @@ async def test_a_vanished_netns_is_cleaned_up_and_a_new_sandbox_enrolled(
     )
     assert [str(d) for d in await PodRules(netns_runner).check(sandbox.path, OPTIONS)] == []
     assert host_set_elements(node) == {b.ips[0]: b.uid, sandbox.ipv4: a.uid}
-    assert status_annotation(node.api, a) == "enabled"
+    await annotated(node.api, a, "enabled")  # written behind the run
     assert agent.find("work_failed", key=b.uid) == []
 
 

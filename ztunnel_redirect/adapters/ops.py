@@ -183,6 +183,8 @@ class Held(enum.Enum):
     """Sandboxes reported by a CNI ADD that the reconciler has not taken yet."""
     QUEUE_KEYS = "queue_keys"
     """Keys the work queue holds any state for (queued, running, retrying, failure counts)."""
+    STATUS_WRITES = "status_writes"
+    """Pods whose redirection status is decided but not written to the API yet."""
     ASYNCIO_TASKS = "asyncio_tasks"
     """Tasks of the agent's event loop not done yet."""
 

@@ -46,6 +46,7 @@ from ztunnel_redirect.control.locator import ProcLocator
 from ztunnel_redirect.control.reconciler import HOST_KEY, Reconciler
 from ztunnel_redirect.control.records import PodRecords
 from ztunnel_redirect.control.startup import Startup
+from ztunnel_redirect.control.statuswrites import QueuedStatusWriter
 from ztunnel_redirect.control.store import ClusterStore
 from ztunnel_redirect.control.watchers import NetnsWatchers
 from ztunnel_redirect.control.workqueue import KeyedQueue, Periodic
@@ -191,6 +192,7 @@ class Agent:
         )
         self.metrics.follow_ztunnel_connections(lambda: zds.live_connections)
         kube = KubeClient(api)
+        statuses = QueuedStatusWriter(kube, on_failure=self._count_failure)
         migration = IptablesMigration(runner)
         host_rules = HostRules(runner, netns=s.host_netns)
         reconciler = Reconciler(
@@ -201,7 +203,7 @@ class Agent:
             host_rules=host_rules,
             host_options=host_options,
             ztunnel=zds,
-            status=kube,
+            status=statuses,
             locator=locator,
             observer=self.metrics,
             migration=migration,
@@ -259,6 +261,7 @@ class Agent:
             (Held.DELETED_PODS, lambda: len(store.deleted)),
             (Held.SANDBOXES, lambda: store.sandboxes),
             (Held.QUEUE_KEYS, lambda: queue.keys_held),
+            (Held.STATUS_WRITES, lambda: statuses.pending),
             (Held.ASYNCIO_TASKS, lambda: len(asyncio.all_tasks(loop))),
         ):
             self.metrics.follow_held(kind, count)
@@ -284,6 +287,7 @@ class Agent:
             store=store,
             records=records,
             queue=queue,
+            statuses=statuses,
             reconciler=reconciler,
             watcher=Watcher(
                 api=api,
@@ -339,6 +343,7 @@ class Agent:
         self.readiness.done(ReadinessCondition.ZTUNNEL_SERVER)
 
         tasks.create_task(parts.queue.run(), name="pod-workers")
+        tasks.create_task(parts.statuses.run(), name="status-writes")
         await parts.startup.verify()
         self.readiness.done(ReadinessCondition.STARTUP_VERIFICATION)
         # Enrolled pods' IPs are in our host set now: Istio's probe SNAT can go (once it holds
@@ -429,6 +434,7 @@ class _Parts:
     store: ClusterStore
     records: PodRecords
     queue: KeyedQueue[str]
+    statuses: QueuedStatusWriter
     reconciler: Reconciler
     watcher: Watcher
     zds: ZtunnelServer

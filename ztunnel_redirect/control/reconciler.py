@@ -7,7 +7,8 @@ a worker of the keyed queue runs `reconcile(key)`, which reads the current desir
 the kernel, and writes only what differs. Add and remove follow docs/design.md §6:
 
 add:    netns → pod rules + routing → ztunnel Add (ack) → host set → annotation `enabled`
-        (no ztunnel or a nack: annotation `pending`, retried with backoff)
+        (no ztunnel or a nack: annotation `pending`, retried with backoff); the annotation is
+        written behind the run (`statuswrites`), so a CNI ADD does not wait for the API
 remove: host set → pod rules + routing (if the pod still runs) → ztunnel Del → annotation removed
         (a Del nacked or not acked fails the run: retried with backoff, see `_ztunnel_del`)
 

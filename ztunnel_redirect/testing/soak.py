@@ -121,6 +121,7 @@ LEAK_KEYS: Final = (
     "ztunnel_workloads",
     *(f"held_{kind}" for kind in ("pod_records", "pods", "deleted_pods", "sandboxes")),
     "held_queue_keys",
+    "held_status_writes",
     "held_asyncio_tasks",
 )
 """What must be back at the baseline once every pod is gone."""

@@ -1,0 +1,70 @@
+"""The pods' redirection status (`ambient.istio.io/redirection`), written to the API behind the run
+that decided it.
+
+A pod's run decides its status (`enabled`, `pending`, or none) and goes on: the write is queued
+here, one key per pod. So a CNI ADD is answered as soon as the pod is redirected and accepted by
+ztunnel, without waiting for an API server round trip (Istio's agent waits for it, so a slow API
+server slows every pod start on the node). Writes of one pod never overlap and the last value
+asked for is the one written; a failed write is retried with the queue's backoff, unless a later
+value replaced it meanwhile. The annotation is informational for other components: nothing on
+the node waits for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from ztunnel_redirect.control.ports import StatusWriter
+from ztunnel_redirect.control.workqueue import MONOTONIC, Clock, KeyedQueue
+from ztunnel_redirect.core.model import Pod, PodUid
+
+__all__ = ["QueuedStatusWriter"]
+
+CONCURRENCY: Final = 4
+"""Writes in flight at once (each is one PATCH)."""
+
+
+class QueuedStatusWriter:
+    """A `StatusWriter` that returns at once and writes through `writer` in the background
+    (`run()`), pod by pod, the latest value first asked for winning."""
+
+    def __init__(
+        self,
+        writer: StatusWriter,
+        *,
+        on_failure: Callable[[PodUid, BaseException, int], None] | None = None,
+        clock: Clock = MONOTONIC,
+    ) -> None:
+        self._writer = writer
+        self._wanted: dict[PodUid, tuple[Pod, str | None]] = {}
+        self._queue = KeyedQueue[PodUid](
+            handler=self._write,
+            concurrency=CONCURRENCY,
+            on_failure=on_failure,
+            clock=clock,
+            name="status",
+            log_key="pod_uid",
+        )
+
+    @property
+    def pending(self) -> int:
+        """Pods whose status is not written yet."""
+        return len(self._wanted)
+
+    async def set_redirection_status(self, pod: Pod, value: str | None) -> None:
+        self._wanted[pod.uid] = (pod, value)
+        self._queue.enqueue(pod.uid, now=True)
+
+    async def _write(self, uid: PodUid) -> None:
+        wanted = self._wanted.get(uid)
+        if wanted is None:
+            return
+        pod, value = wanted
+        await self._writer.set_redirection_status(pod, value)
+        if self._wanted.get(uid) is wanted:  # not replaced while it was being written
+            del self._wanted[uid]
+
+    async def run(self) -> None:
+        """Write until cancelled."""
+        await self._queue.run()
