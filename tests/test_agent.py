@@ -208,7 +208,7 @@ async def test_a_nack_in_a_snapshot_is_counted_and_leaves_the_pod_enabled(
     assert host_set_elements(node) == probes
     assert status_annotation(node.api, a) == "enabled"
     assert [r.kind for r in newer.requests if r.uid == a.uid] == [RequestKind.ADD]  # no retry
-    assert agent.find("pod_status_set", since=mark) == []
+    assert agent.find("pod_status_set", since=mark, status="pending") == []
 
 
 async def test_a_del_ztunnel_refuses_is_retried_until_acked(
@@ -777,7 +777,7 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
     assert agent.returncode is None
 
     conflist = conf_dir / "10-calico.conflist"
-    shutil.copyfile(CNI_DATA / conflist.name, conflist)  # the primary CNI starts
+    primary_writes(conflist)  # the primary CNI starts
 
     ready = await agent.wait_ready()
     assert ready["pods_enrolled"] == 2
@@ -793,12 +793,20 @@ async def test_cni_install_waits_for_the_primary_config_and_keeps_our_entry(
 
     # The primary rewrites its config (calico-node restarts): our entry comes back at once.
     mark = agent.mark
-    shutil.copyfile(CNI_DATA / conflist.name, conflist)
+    primary_writes(conflist)
     assert plugin_types(conflist)[-1] != PLUGIN_NAME
     await agent.wait_event("cni_config_updated", file=str(conflist), since=mark, timeout=WAIT)
     assert plugin_types(conflist)[-1] == PLUGIN_NAME
     assert agent.find("drift_pass_done", since=mark) == []
     assert agent.find("cni_config_update_failed") == []
+
+
+def primary_writes(conflist: Path) -> None:
+    """The primary CNI writes its config whole (a file rewritten in place is empty for a moment,
+    and an agent that reads it then counts a failure until the write is closed)."""
+    staged = conflist.with_name(f".{conflist.name}.tmp")
+    shutil.copyfile(CNI_DATA / conflist.name, staged)
+    staged.replace(conflist)
 
 
 def plugin_types(conflist: Path) -> list[Any]:
