@@ -8,6 +8,7 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.agentrig import (  # noqa: F401 - the agent-process fixtures (tests/test_agent*.py)
@@ -21,6 +22,7 @@ from tests.agentrig import (  # noqa: F401 - the agent-process fixtures (tests/t
     ztunnels,
 )
 from tests.fakes import FakeReconciler
+from ztunnel_redirect.adapters.unixsocket import HttpOnUnixSocket
 from ztunnel_redirect.kernel.netns import NetnsRunner
 from ztunnel_redirect.testing.netnslab import Lab
 
@@ -51,6 +53,16 @@ def run_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def client(server: HttpOnUnixSocket) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client of the module's `server` fixture (a server on a Unix socket)."""
+    connector = aiohttp.UnixConnector(path=server.socket_path)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=10)
+    ) as session:
+        yield session
 
 
 @pytest.fixture

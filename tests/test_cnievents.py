@@ -43,15 +43,6 @@ async def server(run_dir: Path, fake: FakeReconciler) -> AsyncIterator[CniEventS
         await srv.close()
 
 
-@pytest.fixture
-async def client(server: CniEventServer) -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.UnixConnector(path=server.socket_path)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=10)
-    ) as session:
-        yield session
-
-
 async def post(session: aiohttp.ClientSession, body: bytes | dict[str, Any]) -> tuple[int, str]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with session.post("http://agent/cmdadd", data=data) as resp:

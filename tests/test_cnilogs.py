@@ -22,15 +22,6 @@ async def server(run_dir: Path) -> AsyncIterator[PluginLogServer]:
         yield srv
 
 
-@pytest.fixture
-async def client(server: PluginLogServer) -> AsyncIterator[aiohttp.ClientSession]:
-    connector = aiohttp.UnixConnector(path=server.socket_path)
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=aiohttp.ClientTimeout(total=10)
-    ) as session:
-        yield session
-
-
 def line(msg: str | None = "pod shop/web-0 handed to the agent", **fields: Any) -> str:
     entry = {
         "level": "info",
