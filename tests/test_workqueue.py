@@ -638,6 +638,26 @@ async def test_handle_now_goes_first_in_line() -> None:
     assert handler.calls == ["busy", "c", "b"]
 
 
+async def test_keys_waited_for_run_in_the_order_asked_ahead_of_the_others() -> None:
+    # A burst of CNI ADDs: each is served in its turn, none behind all those that came after it.
+    handler = Handler()
+    gate = gated(handler, ["busy"])["busy"]
+    queue = make_queue(handler)
+    queue.enqueue("busy")
+    async with running(queue):
+        await handler.until(lambda: handler.count("busy") == 1)
+        for key in ("b", "c"):
+            queue.enqueue(key)
+        asked = [
+            asyncio.create_task(queue.handle_now(key), name=f"test-now-{key}")
+            for key in ("x", "c", "y", "x")  # c was queued; x is asked for twice
+        ]
+        gate.set()
+        await within(asyncio.gather(*asked))
+        await within(queue.wait_idle())
+    assert handler.calls == ["busy", "x", "c", "y", "b"]
+
+
 async def test_handle_now_on_a_running_key_waits_for_a_run_that_starts_after_it() -> None:
     state = {"a": 1}
     seen: list[int] = []

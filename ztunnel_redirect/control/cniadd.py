@@ -3,7 +3,8 @@
 The event names the pod by namespace and name, with the runtime's UID, netns and IPs. The pod is
 resolved (the cache first, the API when the cache has none or a namesake), the sandbox is
 recorded in the store, and the pod is handed to the keyed queue with `handle_now`: the same run
-as for any other change of the pod, first in line, whose outcome is the plugin's answer.
+as for any other change of the pod, ahead of all background work and behind the ADDs that came
+before it, whose outcome is the plugin's answer.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ kernel to it. So a key only needs to be handled once more after it changed, neve
 - `handle_once(keys)` is a pass over some keys: it returns once each was handled once more, or
   waits out a backoff (counted as failed, not waited for), so one failing key never holds up a
   periodic pass or start-up.
-- `handle_now(key)` is one key someone waits for (a CNI ADD): it goes first in line, cuts a
-  backoff short, runs under the same one-run-per-key rule as every other run, and its outcome
+- `handle_now(key)` is one key someone waits for (a CNI ADD): it goes ahead of every key nobody
+  waits for and behind those asked for before it (a burst of ADDs is served in the order it
+  came, so none waits for all those that came after it), cuts a backoff short, runs under the
+  same one-run-per-key rule as every other run, and its outcome
   (return or exception) goes back to the caller. So there is one way into the handler.
 - `Periodic` calls `tick()` every jittered period (the drift check / full resync), and at once on
   `trigger()`.
@@ -249,7 +251,10 @@ class KeyedQueue(Generic[K]):
         self._log_key = log_key
 
         self._queue: deque[K] = deque()
+        self._first: deque[K] = deque()
+        """Keys someone waits for (`handle_now`), in the order asked: all run before `_queue`'s."""
         self._queued: set[K] = set()
+        """The keys of both."""
         self._running: set[K] = set()
         self._dirty: dict[K, bool] = {}
         """Running keys enqueued again meanwhile; True if one of those enqueues had `now=True`."""
@@ -259,7 +264,8 @@ class KeyedQueue(Generic[K]):
         """`handle_once` and `handle_now` callers waiting for the next run of a key that starts;
         the result is what that run raised (None: it succeeded)."""
         self._urgent: set[K] = set()
-        """Keys someone waits for (`handle_now`): their next run goes first in line."""
+        """Keys someone waits for (`handle_now`) that are not queued yet: their next push goes
+        to `_first`."""
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -269,7 +275,7 @@ class KeyedQueue(Generic[K]):
 
     def __len__(self) -> int:
         """Keys waiting for a worker (not running, not waiting for a retry)."""
-        return len(self._queue)
+        return len(self._queued)
 
     @property
     def running(self) -> frozenset[K]:
@@ -356,8 +362,8 @@ class KeyedQueue(Generic[K]):
         return frozenset(failed)
 
     async def handle_now(self, key: K) -> None:
-        """Have `key` handled once more, first in line, and return when that run ends; raise
-        what it raised.
+        """Have `key` handled once more, ahead of the keys nobody waits for and behind those
+        asked for before, and return when that run ends; raise what it raised.
 
         The run is an ordinary one: never at the same time as another run of `key`, and its
         failure is counted and retried as any other (a key waiting out a backoff is run at once,
@@ -366,10 +372,11 @@ class KeyedQueue(Generic[K]):
         """
         self._urgent.add(key)
         self.enqueue(key, now=True)
-        if key in self._queued:
-            self._queue.remove(key)
-            self._queue.appendleft(key)
+        if key in self._queued and key in self._urgent:  # it was queued before
             self._urgent.discard(key)
+            if key in self._queue:
+                self._queue.remove(key)
+                self._first.append(key)
         future = self._wait_for_run(key)
         try:
             outcome = await future
@@ -415,10 +422,10 @@ class KeyedQueue(Generic[K]):
 
     async def _work(self) -> None:
         while True:
-            while not self._queue:
+            while not self._queued:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            key = self._queue.popleft()
+            key = (self._first or self._queue).popleft()
             self._queued.discard(key)
             self._running.add(key)
             await self._handle(key)
@@ -535,14 +542,14 @@ class KeyedQueue(Generic[K]):
         self._queued.add(key)
         if key in self._urgent:
             self._urgent.discard(key)
-            self._queue.appendleft(key)
+            self._first.append(key)
         else:
             self._queue.append(key)
         self._idle.clear()
         self._wakeup.set()
 
     def _update_idle(self) -> None:
-        if not (self._queue or self._running or self._retries):
+        if not (self._queued or self._running or self._retries):
             self._idle.set()
 
 
