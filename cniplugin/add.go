@@ -39,7 +39,9 @@ func cmdAdd(conf *netConf, env map[string]string, log *logger) (string, *pluginE
 	}
 	switch err := postAddEvent(conf.eventSocket, event, agentTimeout).(type) {
 	case nil:
-		log.infof("pod %s handed to the agent (netns %s)", pod, netns)
+		// At debug: the agent logs the ADD itself, and an info line here would cost every pod
+		// start a second request to the agent just to echo it back.
+		log.debugf("pod %s handed to the agent (netns %s)", pod, netns)
 		return result(conf), nil
 	case *unreachableError:
 		log.warnf("agent unreachable at %s: %v", conf.eventSocket, err)

@@ -48,7 +48,7 @@ func decodeLine(t *testing.T, text string) agentLine {
 func TestAddSendsItsLinesWithThePodToTheAgentsLogSocket(t *testing.T) {
 	agent := startFakeAgent(t, answer(200, "ok"))
 	batches := fakeLogSocket(t, filepath.Dir(agent.socket))
-	conf := netConfOf("1.0.0", map[string]any{"plugin_event_socket": agent.socket})
+	conf := netConfOf("1.0.0", map[string]any{"plugin_event_socket": agent.socket, "log_level": "debug"})
 	o, log := runLogged(t, "ADD", conf, map[string]string{"CNI_ARGS": podArgs("shop", "web-0", testUID)})
 	if o.status != 0 {
 		t.Fatalf("%d %q %s", o.status, o.out, o.log)
@@ -56,10 +56,10 @@ func TestAddSendsItsLinesWithThePodToTheAgentsLogSocket(t *testing.T) {
 	log.flush()
 	batch := <-batches
 	if len(batch) != 1 {
-		t.Fatalf("want the one info line, got %q", batch)
+		t.Fatalf("want the one debug line, got %q", batch)
 	}
 	line := decodeLine(t, batch[0])
-	if line.Level != "info" || !strings.Contains(line.Msg, "pod shop/web-0 handed to the agent") ||
+	if line.Level != "debug" || !strings.Contains(line.Msg, "pod shop/web-0 handed to the agent") ||
 		line.PodName != "web-0" || line.PodNamespace != "shop" {
 		t.Errorf("line %+v", line)
 	}
@@ -67,8 +67,21 @@ func TestAddSendsItsLinesWithThePodToTheAgentsLogSocket(t *testing.T) {
 		t.Errorf("time %q: %v", line.Time, err)
 	}
 	// The runtime's log has the same line.
-	if !strings.Contains(o.log, "INFO pod shop/web-0 handed to the agent") {
+	if !strings.Contains(o.log, "DEBUG pod shop/web-0 handed to the agent") {
 		t.Errorf("stderr %q", o.log)
+	}
+}
+
+func TestAnAddTheAgentTookSendsItNothingAtInfo(t *testing.T) {
+	// The agent logs the ADD itself: one request per pod start, not a second to echo it.
+	agent := startFakeAgent(t, answer(200, "ok"))
+	conf := netConfOf("1.0.0", map[string]any{"plugin_event_socket": agent.socket})
+	o, log := runLogged(t, "ADD", conf, map[string]string{"CNI_ARGS": podArgs("shop", "web-0", testUID)})
+	if o.status != 0 {
+		t.Fatalf("%d %q %s", o.status, o.out, o.log)
+	}
+	if len(log.lines) != 0 || o.log != "" {
+		t.Errorf("kept %q, stderr %q", log.lines, o.log)
 	}
 }
 
