@@ -7,8 +7,10 @@ For each N of the sweep, one agent (started once, pods added as N grows):
    then until the agent has served what the enrollment queued (`settle`);
 2. enrollment latency end to end, on `samples` new sandboxes through the CNI plugin file (each
    deleted again, so the node stays at N): the agent's ADD (`cni_add_duration_seconds`, received to
-   answered), the plugin process (start to exit), and the first redirected connection (after the
-   plugin exits, a connection from the pod until the ztunnel stand-in's OUTBOUND hop);
+   answered), the plugin process (start to exit, timed by a process of its own as a runtime is:
+   `bench.pluginruns`), and the first redirected connection (after the plugin exits, a connection
+   from the pod until the ztunnel stand-in's OUTBOUND hop); then pods not in the mesh, and a burst
+   of ADDs started at once;
 3. the agent's RSS and open fds after enrollment and after a drift pass, and its CPU time (from
    /proc/<pid>/stat) per drift pass over N healthy pods (a pass ends with `drift_pass_done`);
 4. repair latency after a manual flush: `repair_samples` enrolled pods, one at a time, get their
@@ -50,6 +52,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.methods import flush_host_here, flush_nat_here, nft_genid_here
+from bench.pluginruns import PluginRuns
 from bench.summary import Latency, evenly
 from ztunnel_redirect.core import constants as c
 from ztunnel_redirect.core.errors import RedirectError
@@ -197,8 +200,11 @@ class AgentBench:
         factory: PodFactory,
         config: AgentConfig,
         work: Path,
+        *,
+        plugins: PluginRuns,
     ) -> None:
         self.api = api
+        self.plugins = plugins
         self.runner = runner
         self.config = config
         self.work = work
@@ -312,7 +318,7 @@ class AgentBench:
             pod = self.node.add_pod(f"web-{n}-{i}", SAMPLE_NS, ips=False)
             self.planes.watch(pod.path)
             before = await agent.metrics()
-            outcome = await self.runtime.add(pod)
+            outcome = await self.plugins.one(self.runtime.invocation("ADD", pod))
             exited = time.perf_counter()
             if outcome.rc != 0:
                 raise AgentBenchError(f"CNI ADD of {pod.name} failed: {outcome.stdout}")
@@ -347,7 +353,7 @@ class AgentBench:
         samples = []
         for i in range(k):
             pod = self.node.add_pod(f"out-{n}-{i}", OUTSIDE_NS, ips=False)
-            outcome = await self.runtime.add(pod)
+            outcome = await self.plugins.one(self.runtime.invocation("ADD", pod))
             if outcome.rc != 0:
                 raise AgentBenchError(f"CNI ADD of {pod.name} failed: {outcome.stdout}")
             samples.append(outcome.seconds * 1e3)
@@ -360,7 +366,7 @@ class AgentBench:
         """Milliseconds of each of `AT_ONCE` mesh-pod ADDs started together."""
         await self.node.cheap.prepare(AT_ONCE)
         pods = [self.node.add_pod(f"burst-{n}-{i}", SAMPLE_NS, ips=False) for i in range(AT_ONCE)]
-        outcomes = await asyncio.gather(*(self.runtime.add(pod) for pod in pods))
+        outcomes = await self.plugins.run([self.runtime.invocation("ADD", pod) for pod in pods])
         failed = [pod.name for pod, o in zip(pods, outcomes, strict=True) if o.rc != 0]
         if failed:
             raise AgentBenchError(f"CNI ADDs at once failed: {failed}")
@@ -569,8 +575,8 @@ async def agent_bench(
 ) -> AsyncIterator[AgentBench]:
     work = Path(tempfile.mkdtemp(prefix="zr-bench-agent-"))
     try:
-        async with ApiServer() as api:
-            bench = AgentBench(api, runner, factory, config, work)
+        async with ApiServer() as api, PluginRuns() as plugins:
+            bench = AgentBench(api, runner, factory, config, work, plugins=plugins)
             try:
                 bench.runtime.install()
                 bench.node.namespace(SAMPLE_NS, {c.ENROLL_LABEL: c.ENROLL_VALUE})

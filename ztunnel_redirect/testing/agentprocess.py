@@ -49,6 +49,7 @@ __all__ = [
     "AgentWaitError",
     "CniRuntime",
     "Event",
+    "PluginInvocation",
     "PluginRun",
     "Samples",
     "built_plugin",
@@ -459,6 +460,15 @@ class PluginRun:
         return json.loads(self.stdout)
 
 
+@dataclass(frozen=True)
+class PluginInvocation:
+    """One run of the plugin as the runtime starts it."""
+
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    stdin: bytes
+
+
 def prev_result(pod: NodePod) -> dict[str, Any]:
     """What the primary CNI hands on for a lab pod (ptp-like: /32 and /128 addresses)."""
     return {
@@ -518,7 +528,7 @@ class CniRuntime:
             "prevResult": prev_result(pod),
         }
 
-    async def run(
+    def invocation(
         self,
         command: str,
         pod: NodePod,
@@ -526,10 +536,10 @@ class CniRuntime:
         stdin: bytes | None = None,
         netns: str | None = None,
         argv: Sequence[str] = (),
-    ) -> PluginRun:
-        """One run of the plugin for `pod` (`stdin`: these bytes instead of its network config;
-        `netns`: this `CNI_NETNS` instead of the pod's; `argv`: run this instead of the plugin,
-        e.g. the plugin in a chroot)."""
+    ) -> PluginInvocation:
+        """How the runtime runs the plugin for `pod` (`stdin`: these bytes instead of its network
+        config; `netns`: this `CNI_NETNS` instead of the pod's; `argv`: run this instead of the
+        plugin, e.g. the plugin in a chroot)."""
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "CNI_COMMAND": command,
@@ -543,17 +553,30 @@ class CniRuntime:
             "CNI_PATH": str(self.bin_dir),
         }
         data = json.dumps(self.conf(pod)).encode() if stdin is None else stdin
+        return PluginInvocation(tuple(argv or (str(self.plugin),)), env, data)
+
+    async def run(
+        self,
+        command: str,
+        pod: NodePod,
+        *,
+        stdin: bytes | None = None,
+        netns: str | None = None,
+        argv: Sequence[str] = (),
+    ) -> PluginRun:
+        """One run of the plugin for `pod` (the arguments: `invocation`'s)."""
+        run = self.invocation(command, pod, stdin=stdin, netns=netns, argv=argv)
         started = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
-            *(argv or (str(self.plugin),)),
-            env=env,
+            *run.argv,
+            env=run.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         try:
             async with asyncio.timeout(PLUGIN_TIMEOUT):
-                out, err = await proc.communicate(data)
+                out, err = await proc.communicate(run.stdin)
         finally:
             if proc.returncode is None:
                 proc.kill()
