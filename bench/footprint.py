@@ -67,6 +67,7 @@ async def measure_footprint(
     harness = AgentConfig(
         sizes=config.sizes,
         samples=0,
+        bursts=0,
         drift_passes=0,
         repair_samples=0,
         options=config.options,

@@ -265,6 +265,7 @@ async def measure_repair(runner: NetnsRunner, config: RepairConfig) -> dict[str,
     agent_config = AgentConfig(
         sizes=config.sizes,
         samples=1,
+        bursts=0,
         drift_passes=1,
         repair_samples=config.samples,
         options=config.options,

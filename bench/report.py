@@ -869,8 +869,13 @@ def agent_markdown(agent: dict[str, Any] | None) -> list[str]:
         "",
         "- CNI ADD in the agent: its `cni_add_duration_seconds` (request received to answer), "
         "per ADD. Plugin process: the runtime's view, process start to exit (the agent's "
-        "work included). First redirected connection: from the plugin's exit to the pod's first "
-        "connection arriving at the ztunnel stand-in (OUTBOUND hop).",
+        "work included), timed by a process of its own as a runtime's are. First redirected "
+        "connection: from the plugin's exit to the pod's first connection arriving at the "
+        "ztunnel stand-in (OUTBOUND hop).",
+        f"- ADDs at once: {cfg.get('bursts', 1)} bursts of 30 mesh pods' ADDs started together, "
+        "their samples pooled; each burst starts as a drift pass ends (passes run every few "
+        "seconds here to be measured, every 300 s at the default, where one meets a burst in "
+        "hundreds). The sequential ADDs take their chances with the passes.",
         "- Drift pass CPU: user + system time of the agent process between two `drift_pass_done` "
         "events (/proc/<pid>/stat, clock-tick resolution), i.e. one pass and the idle time "
         "around it.",

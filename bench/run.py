@@ -681,6 +681,7 @@ async def bench_all(
             "config": {
                 "sizes": list(agent.sizes),
                 "samples": agent.samples,
+                "bursts": agent.bursts,
                 "drift_passes": agent.drift_passes,
                 "repair_samples": agent.repair_samples,
                 "reconcile_period_s": agent.period_for(max(agent.sizes)),
@@ -718,6 +719,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-pods", type=int, default=200, help="0: no profile")
     p.add_argument("--agent-sizes", help="pods N for the agent part (default: --sizes)")
     p.add_argument("--agent-samples", type=int, default=30, help="CNI ADDs measured per N")
+    p.add_argument("--agent-bursts", type=int, default=5, help="bursts of 30 ADDs per N")
     p.add_argument("--agent-drift-passes", type=int, default=3)
     p.add_argument("--agent-repair-samples", type=int, default=5, help="pods flushed by hand per N")
     p.add_argument("--restore-rounds", type=int, default=50, help="conflist rewrites timed")
@@ -754,6 +756,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.profile_pods = 0
         args.agent_sizes = "3"
         args.agent_samples = 3
+        args.agent_bursts = 1
         args.agent_drift_passes = 1
         args.agent_repair_samples = 3
         args.repair_sizes = "3"
@@ -777,6 +780,7 @@ def config_of(args: argparse.Namespace) -> Config:
     agent = AgentConfig(
         sizes=agent_sizes,
         samples=args.agent_samples,
+        bursts=max(1, args.agent_bursts),
         drift_passes=max(1, args.agent_drift_passes),
         repair_samples=max(1, args.agent_repair_samples),
         options=options,
