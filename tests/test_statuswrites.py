@@ -84,6 +84,23 @@ async def test_the_last_value_decided_wins_and_a_value_asked_during_a_write_foll
     assert api.written == [("u1", "pending"), ("u1", None)]
 
 
+async def test_a_value_asked_again_while_it_is_written_is_written_once() -> None:
+    # A check that runs before the informer shows our write asks for the same value again.
+    api = GatedApi()
+    writer = QueuedStatusWriter(api)
+    async with running(writer):
+        await writer.set_redirection_status(POD, "enabled")
+        async with asyncio.timeout(TIMEOUT):
+            await api.started.wait()  # being written
+        await writer.set_redirection_status(POD, "enabled")
+        api.gate.set()
+        await api.wait_written(1)
+        assert writer.pending == 0
+        await writer.set_redirection_status(POD, "enabled")  # written: asked again, written again
+        await api.wait_written(2)
+    assert api.written == [("u1", "enabled"), ("u1", "enabled")]
+
+
 async def test_a_failed_write_is_retried_after_its_backoff() -> None:
     api, clock = GatedApi(), FakeClock()
     failures: list[BaseException] = []

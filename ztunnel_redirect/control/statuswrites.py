@@ -5,7 +5,8 @@ A pod's run decides its status (`enabled`, `pending`, or none) and goes on: the 
 here, one key per pod. So a CNI ADD is answered as soon as the pod is redirected and accepted by
 ztunnel, without waiting for an API server round trip (Istio's agent waits for it, so a slow API
 server slows every pod start on the node). Writes of one pod never overlap and the last value
-asked for is the one written; a failed write is retried with the queue's backoff, unless a later
+asked for is the one written, once: asked again while it is queued or being written, it is not
+written again. A failed write is retried with the queue's backoff, unless a later
 value replaced it meanwhile. The annotation is informational for other components: nothing on
 the node waits for it.
 """
@@ -53,6 +54,11 @@ class QueuedStatusWriter:
         return len(self._wanted)
 
     async def set_redirection_status(self, pod: Pod, value: str | None) -> None:
+        asked = self._wanted.get(pod.uid)
+        if asked is not None and asked[1] == value:
+            # That very value is queued or being written: a run that checks the pod before the
+            # informer shows our write asks for it again, and that is no reason to write twice.
+            return
         self._wanted[pod.uid] = (pod, value)
         self._queue.enqueue(pod.uid, now=True)
 
