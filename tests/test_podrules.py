@@ -18,7 +18,7 @@ from ztunnel_redirect.core.model import PodOptions
 from ztunnel_redirect.core.render import Rule, Ruleset, Table, pod_ruleset
 from ztunnel_redirect.kernel import podrules, routing
 from ztunnel_redirect.kernel.netns import NetnsRunner, netns_id
-from ztunnel_redirect.kernel.nft import Nft, generation
+from ztunnel_redirect.kernel.nft import Nft, Verified, generation
 from ztunnel_redirect.kernel.podrules import PodRules, repair_script
 from ztunnel_redirect.testing.netnslab import Lab, LabPod
 
@@ -340,9 +340,10 @@ async def test_a_step_timer_is_told_each_step_of_an_apply_and_a_check(
     runner: NetnsRunner, pod: LabPod
 ) -> None:
     state, forms = podrules.PodState.for_options(V4), podrules.KernelForms()
-    fresh, first, steady = StepNames(), StepNames(), StepNames()
+    fresh, installed, first, steady = StepNames(), StepNames(), StepNames(), StepNames()
 
-    await runner.run(pod.path, podrules.apply_here, state, forms, fresh=True, steps=fresh)
+    done = await runner.run(pod.path, podrules.apply_here, state, forms, fresh=True, steps=fresh)
+    await runner.run(pod.path, podrules.check_here, state, forms, done.verified, steps=installed)
     proven = await runner.run(pod.path, podrules.check_here, state, forms, steps=first)
     await runner.run(pod.path, podrules.check_here, state, forms, proven.verified, steps=steady)
 
@@ -354,8 +355,22 @@ async def test_a_step_timer_is_told_each_step_of_an_apply_and_a_check(
         "routing_everything",
         "routing_write",
     ]
+    assert installed.names == ["nft_generation", "routing_check"]  # verified at its own commit
     assert first.names == ["nft_generation", "dump_proof", "routing_check"]
     assert steady.names == ["nft_generation", "routing_check"]
+
+
+async def test_a_new_sandboxs_install_is_verified_at_its_own_commit_and_no_later(
+    runner: NetnsRunner, pod: LabPod
+) -> None:
+    state, forms = podrules.PodState.for_options(V4), podrules.KernelForms()
+    done = await runner.run(pod.path, podrules.apply_here, state, forms, fresh=True)
+    assert done.verified == Verified(podrules.PRISTINE_GENERATION + 1, state.ruleset)
+    assert await runner.run(pod.path, generation) == podrules.PRISTINE_GENERATION + 1
+
+    pod.netns.exec("nft", "flush", "chain", "inet", c.MANGLE_TABLE, "istio-output")  # after us
+    checked = await runner.run(pod.path, podrules.check_here, state, forms, done.verified)
+    assert [d.kind for d in checked.drifts] == [DriftKind.MISSING_RULE]
 
 
 async def test_a_new_netns_is_at_the_pristine_generation(runner: NetnsRunner, pod: LabPod) -> None:

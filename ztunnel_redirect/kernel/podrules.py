@@ -141,7 +141,8 @@ def _names(ruleset: Ruleset) -> tuple[str, ...]:
 
 
 PRISTINE_GENERATION: Final = 1
-"""The kernel starts every netns's nftables generation at 1 (nf_tables_init_net)."""
+"""The kernel starts every netns's nftables generation at 1 (nf_tables_init_net), and each commit
+moves it on by exactly one (nf_tables_commit)."""
 
 
 @dataclass(frozen=True)
@@ -193,8 +194,11 @@ def sync_tables_here(
     them, and the listing (~0.6 ms for three tables) is skipped.
 
     Missing tables are created by a replayed netlink batch (`batchreplay`), so a new sandbox needs
-    no libnftables context at all; listing and other repairs each open their own (~0.02 ms;
-    the listing one commits nothing, so closing it never waits for RCU: docs/design.md §12.4).
+    no libnftables context at all; listing and other repairs each open their own (~0.02 ms; the
+    listing one commits nothing, so closing it never waits for RCU: docs/design.md §12.4).
+    Replayed into a pristine netns, the batch is its first commit: at the next generation the
+    tables are exactly the batch's, so that generation is verified at once, and the check that
+    follows a new sandbox's install skips the dump as well.
 
     Before listing (the first check after a restart, or after anyone's commit), a raw netlink
     dump of our tables, normalised, is compared with the desired ruleset's (~0.1 ms instead of
@@ -234,6 +238,9 @@ def sync_tables_here(
         if not replayed or refused is not None:
             with steps.step("nft_repair"), Nft() as nft:
                 nft.run(repair_script(state.ruleset, drifts))
+        elif gate.generation == PRISTINE_GENERATION:
+            first_commit = Verified(PRISTINE_GENERATION + 1, state.ruleset)
+            return Outcome(drifts, first_commit, refused)
     return Outcome(drifts, gate.verified(drifts), refused)
 
 
