@@ -698,4 +698,6 @@ class KubeClient:
             return
         if not 200 <= status < 300:
             raise _error_from_response(status, payload, what)
-        log.info("redirection_status_patched", pod=pod.key, pod_uid=pod.uid, value=value)
+        # At debug: the run that decided the value logged it (`pod_status_set`); a failed write
+        # is a warning.
+        log.debug("redirection_status_patched", pod=pod.key, pod_uid=pod.uid, value=value)

@@ -752,8 +752,10 @@ class ZtunnelServer:
                 kind=request.kind.value, reason=error, duration_ms=duration_ms,
             )  # fmt: skip
         elif request.kind is RequestKind.ADD:
+            # At debug: the reconciler logs the acceptance (`ztunnel_accepted_pod`), with this
+            # exchange's time included.
             pod = request.pod
-            log.info(
+            log.debug(
                 "workload_added", pod_uid=request.uid, pod=pod.key if pod else "",
                 netns=request.netns_path, conn=conn.number, duration_ms=duration_ms,
             )  # fmt: skip

@@ -318,6 +318,7 @@ class Reconciler:
         )
 
     async def _add_to_ztunnel(self, record: PodRecord, netns: str) -> None:
+        started = time.perf_counter()
         try:
             await self._ztunnel.add_workload(record.pod, netns, identity=record.netns_id)
         except RetryableError as exc:
@@ -330,7 +331,8 @@ class Reconciler:
             await self._set_status(record, PENDING)
             raise
         record.accept()
-        log.info("ztunnel_accepted_pod", netns=netns)
+        duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        log.info("ztunnel_accepted_pod", netns=netns, duration_ms=duration_ms)
 
     async def _set_status(self, record: PodRecord, value: str | None) -> None:
         if record.status == value and record.pod.annotations.get(c.STATUS_ANNOTATION) == value:
