@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from ztunnel_redirect.control.statuswrites import QueuedStatusWriter
+from ztunnel_redirect.control.cniadd import PodStarts
+from ztunnel_redirect.control.statuswrites import YIELD_LIMIT_S, QueuedStatusWriter
 from ztunnel_redirect.control.workqueue import FakeClock
 from ztunnel_redirect.core.errors import RetryableError
 from ztunnel_redirect.core.model import Pod, PodUid
@@ -118,4 +119,36 @@ async def test_a_failed_write_is_retried_after_its_backoff() -> None:
         clock.advance(clock.sleeping[0])
         await api.wait_written(1)
         assert writer.pending == 0
+    assert api.written == [("u1", "enabled")]
+
+
+async def test_a_write_waits_while_pod_starts_are_answered() -> None:
+    api, starts, clock = GatedApi(), PodStarts(), FakeClock()
+    api.gate.set()
+    writer = QueuedStatusWriter(api, clock=clock, yield_to=starts.quiet)
+    async with running(writer):
+        with starts.answering():
+            await writer.set_redirection_status(POD, "enabled")
+            async with asyncio.timeout(TIMEOUT):
+                await clock.wait_sleeping()  # the write waits (its limit is the sleep)
+            with starts.answering():  # another ADD comes and goes: one is still answered
+                pass
+            assert not api.started.is_set()
+        await api.wait_written(1)  # every ADD was answered: the write goes
+        assert clock.now() == 0.0
+    assert api.written == [("u1", "enabled")]
+
+
+async def test_a_write_waits_for_pod_starts_no_longer_than_its_limit() -> None:
+    api, starts, clock = GatedApi(), PodStarts(), FakeClock()
+    api.gate.set()
+    writer = QueuedStatusWriter(api, clock=clock, yield_to=starts.quiet)
+    async with running(writer):
+        with starts.answering():  # a node that starts pods without a pause
+            await writer.set_redirection_status(POD, "enabled")
+            async with asyncio.timeout(TIMEOUT):
+                await clock.wait_sleeping()
+            assert clock.sleeping == [YIELD_LIMIT_S] and api.written == []
+            clock.advance(YIELD_LIMIT_S)
+            await api.wait_written(1)
     assert api.written == [("u1", "enabled")]

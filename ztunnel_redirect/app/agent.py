@@ -39,7 +39,7 @@ from ztunnel_redirect.adapters.ops import (
     ReadinessCondition,
 )
 from ztunnel_redirect.adapters.zds import Workload, ZtunnelServer
-from ztunnel_redirect.control.cniadd import CniAdd
+from ztunnel_redirect.control.cniadd import CniAdd, PodStarts
 from ztunnel_redirect.control.driftpass import DriftPass
 from ztunnel_redirect.control.hosthandover import HostHandover
 from ztunnel_redirect.control.locator import ProcLocator
@@ -192,7 +192,10 @@ class Agent:
         )
         self.metrics.follow_ztunnel_connections(lambda: zds.live_connections)
         kube = KubeClient(api)
-        statuses = QueuedStatusWriter(kube, on_failure=self._count_failure)
+        pod_starts = PodStarts()
+        statuses = QueuedStatusWriter(
+            kube, on_failure=self._count_failure, yield_to=pod_starts.quiet
+        )
         migration = IptablesMigration(runner)
         host_rules = HostRules(runner, netns=s.host_netns)
         reconciler = Reconciler(
@@ -282,6 +285,7 @@ class Agent:
             queue=queue,
             records=records,
             observe=self.metrics.observe_cni_add,
+            starts=pod_starts,
         )
         return _Parts(
             store=store,

@@ -9,9 +9,11 @@ before it, whose outcome is the plugin's answer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import structlog
 
@@ -25,7 +27,7 @@ from ztunnel_redirect.core.errors import RetryableError
 from ztunnel_redirect.core.model import CniAddEvent, Pod
 from ztunnel_redirect.kernel.netns import netns_id
 
-__all__ = ["CniAdd", "same_pod"]
+__all__ = ["CniAdd", "PodStarts", "same_pod"]
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +36,34 @@ def same_pod(pod: Pod, uid: str | None) -> bool:
     """Is `pod` the one the runtime's `K8S_POD_UID` names? Static pods: the kubelet's UID is the
     manifest hash, kept on the mirror pod's annotation."""
     return uid is None or pod.uid == uid or pod.annotations.get(MIRROR_ANNOTATION) == uid
+
+
+class PodStarts:
+    """The CNI ADDs being answered now: work that can wait for them (`quiet`) yields to them, so
+    that a node starting many pods at once answers each sooner."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        self._count += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._count -= 1
+            if not self._count:
+                self._quiet.set()
+
+    async def quiet(self) -> None:
+        """Until no ADD is being answered."""
+        await self._quiet.wait()
 
 
 class CniAdd:
@@ -48,8 +78,11 @@ class CniAdd:
         queue: KeyedQueue[str],
         records: PodRecords,
         observe: Callable[[float], None],
+        starts: PodStarts | None = None,
     ) -> None:
-        """`observe(seconds)`: how long each event took to answer (a metric)."""
+        """`observe(seconds)`: how long each event took to answer (a metric); `starts` counts
+        the events being answered."""
+        self._starts = starts or PodStarts()
         self._store = store
         self._api = api
         self._policy = policy
@@ -62,7 +95,8 @@ class CniAdd:
         raises when that could not be done (the plugin fails the sandbox, the runtime retries)."""
         started = time.perf_counter()
         try:
-            await self._add(event)
+            with self._starts.answering():
+                await self._add(event)
         finally:
             self._observe(time.perf_counter() - started)
 

@@ -6,14 +6,17 @@ here, one key per pod. So a CNI ADD is answered as soon as the pod is redirected
 ztunnel, without waiting for an API server round trip (Istio's agent waits for it, so a slow API
 server slows every pod start on the node). Writes of one pod never overlap and the last value
 asked for is the one written, once: asked again while it is queued or being written, it is not
-written again. A failed write is retried with the queue's backoff, unless a later
-value replaced it meanwhile. The annotation is informational for other components: nothing on
-the node waits for it.
+written again. A failed write is retried with the queue's backoff, unless a later value
+replaced it meanwhile. The annotation is informational for other components: nothing on the
+node waits for it. So a write also waits while CNI ADDs are being answered (`yield_to`), up to
+`YIELD_LIMIT_S`: each write is an API round trip, and the pod update it brings back a check of
+the pod, which a burst of pod starts would otherwise wait behind.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from ztunnel_redirect.control.ports import StatusWriter
@@ -24,6 +27,9 @@ __all__ = ["QueuedStatusWriter"]
 
 CONCURRENCY: Final = 4
 """Writes in flight at once (each is one PATCH)."""
+YIELD_LIMIT_S: Final = 2.0
+"""The longest a write waits for pod starts to pause: a node that starts pods without a pause
+still gets its annotations written."""
 
 
 class QueuedStatusWriter:
@@ -36,8 +42,13 @@ class QueuedStatusWriter:
         *,
         on_failure: Callable[[PodUid, BaseException, int], None] | None = None,
         clock: Clock = MONOTONIC,
+        yield_to: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
+        """`yield_to()`: returns when the work the writes yield to has paused
+        (`cniadd.PodStarts.quiet`)."""
         self._writer = writer
+        self._clock = clock
+        self._yield_to = yield_to
         self._wanted: dict[PodUid, tuple[Pod, str | None]] = {}
         self._queue = KeyedQueue[PodUid](
             handler=self._write,
@@ -63,6 +74,8 @@ class QueuedStatusWriter:
         self._queue.enqueue(pod.uid, now=True)
 
     async def _write(self, uid: PodUid) -> None:
+        if self._yield_to is not None:
+            await self._yield(self._yield_to)
         wanted = self._wanted.get(uid)
         if wanted is None:
             return
@@ -70,6 +83,18 @@ class QueuedStatusWriter:
         await self._writer.set_redirection_status(pod, value)
         if self._wanted.get(uid) is wanted:  # not replaced while it was being written
             del self._wanted[uid]
+
+    async def _yield(self, to: Callable[[], Awaitable[None]]) -> None:
+        waits = {
+            asyncio.ensure_future(to()),
+            asyncio.ensure_future(self._clock.sleep(YIELD_LIMIT_S)),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def run(self) -> None:
         """Write until cancelled."""
