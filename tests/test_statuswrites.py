@@ -7,7 +7,9 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
-from ztunnel_redirect.control.cniadd import PodStarts
+import pytest
+
+from ztunnel_redirect.control.cniadd import SETTLE_S, PodStarts
 from ztunnel_redirect.control.statuswrites import YIELD_LIMIT_S, QueuedStatusWriter
 from ztunnel_redirect.control.workqueue import FakeClock
 from ztunnel_redirect.core.errors import RetryableError
@@ -122,8 +124,9 @@ async def test_a_failed_write_is_retried_after_its_backoff() -> None:
     assert api.written == [("u1", "enabled")]
 
 
-async def test_a_write_waits_while_pod_starts_are_answered() -> None:
-    api, starts, clock = GatedApi(), PodStarts(), FakeClock()
+async def test_a_write_waits_for_pod_starts_to_pause() -> None:
+    clock = FakeClock()
+    api, starts = GatedApi(), PodStarts(clock=clock)
     api.gate.set()
     writer = QueuedStatusWriter(api, clock=clock, yield_to=starts.quiet)
     async with running(writer):
@@ -133,14 +136,26 @@ async def test_a_write_waits_while_pod_starts_are_answered() -> None:
                 await clock.wait_sleeping()  # the write waits (its limit is the sleep)
             with starts.answering():  # another ADD comes and goes: one is still answered
                 pass
-            assert not api.started.is_set()
-        await api.wait_written(1)  # every ADD was answered: the write goes
-        assert clock.now() == 0.0
+        async with asyncio.timeout(TIMEOUT):
+            await clock.wait_sleeping(2)  # none is answered: for how long?
+        assert sorted(clock.sleeping) == [SETTLE_S, YIELD_LIMIT_S]
+        half = SETTLE_S / 2
+        clock.advance(half)
+        with starts.answering():  # the next of the burst: the pause counts from its end
+            pass
+        clock.advance(half)
+        async with asyncio.timeout(TIMEOUT):
+            await clock.wait_sleeping(2)
+        assert sorted(clock.sleeping) == pytest.approx([half, YIELD_LIMIT_S - SETTLE_S])
+        assert not api.started.is_set()
+        clock.advance(half)  # pod starts paused
+        await api.wait_written(1)
     assert api.written == [("u1", "enabled")]
 
 
 async def test_a_write_waits_for_pod_starts_no_longer_than_its_limit() -> None:
-    api, starts, clock = GatedApi(), PodStarts(), FakeClock()
+    clock = FakeClock()
+    api, starts = GatedApi(), PodStarts(clock=clock)
     api.gate.set()
     writer = QueuedStatusWriter(api, clock=clock, yield_to=starts.quiet)
     async with running(writer):

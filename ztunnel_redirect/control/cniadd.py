@@ -14,13 +14,14 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from typing import Final
 
 import structlog
 
 from ztunnel_redirect.control.ports import PodReader
 from ztunnel_redirect.control.records import PodRecords
 from ztunnel_redirect.control.store import ClusterStore, Sandbox
-from ztunnel_redirect.control.workqueue import KeyedQueue
+from ztunnel_redirect.control.workqueue import MONOTONIC, Clock, KeyedQueue
 from ztunnel_redirect.core.constants import MIRROR_ANNOTATION
 from ztunnel_redirect.core.enrollment import EnrollmentPolicy
 from ztunnel_redirect.core.errors import RetryableError
@@ -38,14 +39,21 @@ def same_pod(pod: Pod, uid: str | None) -> bool:
     return uid is None or pod.uid == uid or pod.annotations.get(MIRROR_ANNOTATION) == uid
 
 
+SETTLE_S: Final = 0.1
+"""How long no CNI ADD must have been answered for pod starts to count as paused: the sandboxes
+of a burst reach the agent over tens of ms, with gaps in which none is being answered."""
+
+
 class PodStarts:
     """The CNI ADDs being answered now: work that can wait for them (`quiet`) yields to them, so
     that a node starting many pods at once answers each sooner."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Clock = MONOTONIC, settle: float = SETTLE_S) -> None:
+        self._clock = clock
+        self._settle = settle
         self._count = 0
-        self._quiet = asyncio.Event()
-        self._quiet.set()
+        self._last_end = -settle
+        self._ended = asyncio.Event()
 
     def __len__(self) -> int:
         return self._count
@@ -53,17 +61,24 @@ class PodStarts:
     @contextlib.contextmanager
     def answering(self) -> Iterator[None]:
         self._count += 1
-        self._quiet.clear()
         try:
             yield
         finally:
             self._count -= 1
-            if not self._count:
-                self._quiet.set()
+            self._last_end = self._clock.now()
+            self._ended.set()
 
     async def quiet(self) -> None:
-        """Until no ADD is being answered."""
-        await self._quiet.wait()
+        """Until no ADD has been answered for `settle` seconds."""
+        while True:
+            if self._count:
+                self._ended.clear()
+                await self._ended.wait()
+                continue
+            rest = self._last_end + self._settle - self._clock.now()
+            if rest <= 0:
+                return
+            await self._clock.sleep(rest)
 
 
 class CniAdd:

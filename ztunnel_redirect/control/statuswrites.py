@@ -8,9 +8,9 @@ server slows every pod start on the node). Writes of one pod never overlap and t
 asked for is the one written, once: asked again while it is queued or being written, it is not
 written again. A failed write is retried with the queue's backoff, unless a later value
 replaced it meanwhile. The annotation is informational for other components: nothing on the
-node waits for it. So a write also waits while CNI ADDs are being answered (`yield_to`), up to
-`YIELD_LIMIT_S`: each write is an API round trip, and the pod update it brings back a check of
-the pod, which a burst of pod starts would otherwise wait behind.
+node waits for it. So a write also waits for pod starts to pause (`yield_to`: no CNI ADD answered
+for a moment), up to `YIELD_LIMIT_S`: each write is an API round trip, and the pod update it
+brings back a check of the pod, which a burst of pod starts would otherwise wait behind.
 """
 
 from __future__ import annotations
