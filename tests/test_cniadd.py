@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import AcceptingZtunnel, Annotations, NoNetns, Unobserved
-from ztunnel_redirect.control.cniadd import CniAdd, same_pod
+from ztunnel_redirect.control.cniadd import SETTLE_S, CniAdd, PodStarts, same_pod
 from ztunnel_redirect.control.reconciler import Reconciler
 from ztunnel_redirect.control.records import PodRecords
 from ztunnel_redirect.control.store import ClusterStore
@@ -52,6 +52,8 @@ class Node:
     queue: KeyedQueue[str]
     cni_add: CniAdd
     netns: str
+    starts: PodStarts
+    clock: FakeClock
 
 
 @pytest.fixture
@@ -80,12 +82,20 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     )
     store.subscribe(queue.enqueue)
     api = Api()
+    clock = FakeClock()
+    starts = PodStarts(clock=clock)
     cni_add = CniAdd(
-        store=store, api=api, policy=policy, queue=queue, records=records, observe=lambda _s: None
+        store=store,
+        api=api,
+        policy=policy,
+        queue=queue,
+        records=records,
+        observe=lambda _s: None,
+        starts=starts,
     )
     task = asyncio.create_task(queue.run())
     try:
-        yield Node(store, records, kernel, ztunnel, api, queue, cni_add, str(netns))
+        yield Node(store, records, kernel, ztunnel, api, queue, cni_add, str(netns), starts, clock)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -125,6 +135,24 @@ async def test_a_new_sandbox_is_redirected_before_the_answer(node: Node) -> None
     assert node.kernel.host_elements == {"10.0.0.7": UID}
     assert node.store.pods[UID].ips == ("10.0.0.7",)  # the runtime's IPs, kept
     assert node.records[UID].istio_rules_gone  # a new sandbox: no migration needed
+
+
+async def test_pod_starts_pause_once_the_add_was_answered_a_moment_ago(node: Node) -> None:
+    node.store.upsert_namespace(ambient())
+    node.store.upsert_pod(web())
+    await add(node)
+    assert len(node.starts) == 0
+
+    quiet = asyncio.create_task(node.starts.quiet())
+    try:
+        async with asyncio.timeout(WAIT):
+            await node.clock.wait_sleeping()
+        assert node.clock.sleeping == [SETTLE_S]  # the ADD was counted, and just ended
+        node.clock.advance(SETTLE_S)
+        async with asyncio.timeout(WAIT):
+            await quiet
+    finally:
+        quiet.cancel()
 
 
 async def test_an_event_without_ips_takes_the_pods_ips_from_the_api(node: Node) -> None:

@@ -97,7 +97,7 @@ class CniAdd:
     ) -> None:
         """`observe(seconds)`: how long each event took to answer (a metric); `starts` counts
         the events being answered."""
-        self._starts = starts or PodStarts()
+        self._starts = PodStarts() if starts is None else starts
         self._store = store
         self._api = api
         self._policy = policy
