@@ -343,7 +343,8 @@ class AgentBench:
             rules += [e["duration_ms"] for e in agent.find("pod_rules_applied", netns=pod.path)]
             await self._delete(pod)
         raw["plugin_not_in_mesh"] = await self._outside_adds(n, k)
-        raw["at_once"] = await self._adds_at_once(n)
+        raw["at_once"] = await self._adds_at_once(n, in_mesh=True)
+        raw["at_once_not_in_mesh"] = await self._adds_at_once(n, in_mesh=False)
         out = {name: _lat(v) for name, v in raw.items()} | {
             "agent_rules_install": _lat(rules),
             "at_once_count": AT_ONCE,
@@ -364,24 +365,25 @@ class AgentBench:
             if outcome.rc != 0:
                 raise AgentBenchError(f"CNI ADD of {pod.name} failed: {outcome.stdout}")
             samples.append(outcome.seconds * 1e3)
-            # Not in the mesh: the agent holds nothing for it, so nothing to wait for.
-            self.api.delete_pod(pod.namespace, pod.name)
-            self.node.remove_sandbox(pod)
+            self._remove_outside(pod)
         return samples
 
-    async def _adds_at_once(self, n: int) -> list[float]:
-        """Milliseconds of each mesh-pod ADD of `bursts` bursts of `AT_ONCE` started together.
+    async def _adds_at_once(self, n: int, *, in_mesh: bool) -> list[float]:
+        """Milliseconds of each ADD of `bursts` bursts of `AT_ONCE` started together: of mesh
+        pods, or of pods not in the mesh (the node's own share: the runtime starting that many
+        plugin processes, each told "not in the mesh" by the agent).
 
         Each burst starts as a drift pass ends: the pass's period here is seconds, so that
         passes can be measured, and one running would hold a third of the bursts at N = 1000;
         at the agent's default (300 s) a pass, under half a second at that N, meets one burst in
         hundreds. (The sequential ADDs above take their chances with the passes.)"""
         agent = self.running_agent()
+        namespace, group = (SAMPLE_NS, "burst") if in_mesh else (OUTSIDE_NS, "burst-out")
         samples: list[float] = []
         for burst in range(self.config.bursts):
             await self.node.cheap.prepare(AT_ONCE)
             pods = [
-                self.node.add_pod(f"burst-{n}-{burst}-{i}", SAMPLE_NS, ips=False)
+                self.node.add_pod(f"{group}-{n}-{burst}-{i}", namespace, ips=False)
                 for i in range(AT_ONCE)
             ]
             await agent.wait_event(
@@ -392,9 +394,17 @@ class AgentBench:
             if failed:
                 raise AgentBenchError(f"CNI ADDs at once failed: {failed}")
             for pod in pods:
-                await self._delete(pod)
+                if in_mesh:
+                    await self._delete(pod)
+                else:
+                    self._remove_outside(pod)
             samples += [o.seconds * 1e3 for o in outcomes]
         return samples
+
+    def _remove_outside(self, pod: NodePod) -> None:
+        """A pod not in the mesh goes: the agent holds nothing for it, so nothing to wait for."""
+        self.api.delete_pod(pod.namespace, pod.name)
+        self.node.remove_sandbox(pod)
 
     async def _delete(self, pod: NodePod) -> None:
         agent = self.running_agent()

@@ -341,21 +341,13 @@ def add_targets(add: dict[str, Any] | None, n: int, *, mesh: bool) -> list[Targe
     if not add or "plugin_not_in_mesh" not in add:
         return []
     size = f"plugin binary {add['plugin_binary_bytes']} bytes"
-    rows = []
+    floor = add.get("at_once_not_in_mesh") or None
+    rows: list[tuple[str, float, dict[str, Any], str, dict[str, Any] | None]] = []
     if mesh:
+        mesh_pod = f"whole CNI ADD of a mesh pod, {n} pods enrolled"
         rows += [
-            (
-                f"whole CNI ADD of a mesh pod, {n} pods enrolled: p50",
-                ADD_P50_MS,
-                add["plugin"],
-                "p50",
-            ),
-            (
-                f"whole CNI ADD of a mesh pod, {n} pods enrolled: p99",
-                ADD_P99_MS,
-                add["plugin"],
-                "p99",
-            ),
+            (f"{mesh_pod}: p50", ADD_P50_MS, add["plugin"], "p50", None),
+            (f"{mesh_pod}: p99", ADD_P99_MS, add["plugin"], "p99", None),
         ]
     rows += [
         (
@@ -363,29 +355,42 @@ def add_targets(add: dict[str, Any] | None, n: int, *, mesh: bool) -> list[Targe
             OUTSIDE_ADD_P50_MS,
             add["plugin_not_in_mesh"],
             "p50",
+            None,
         ),
         (
             f"{add['at_once_count']} CNI ADDs at once on one node, {n} pods enrolled: p50",
             AT_ONCE_P50_MS,
             add["at_once"],
             "p50",
+            floor,
         ),
     ]
     out = []
-    for name, limit, lat, q in rows:
+    for name, limit, lat, q, without_agent in rows:
         value = lat[f"{q}_ms"]
         met, margin = _at_most(value, limit, "ms")
-        out.append(
-            Target(
-                name,
-                f"<= {limit:.0f} ms",
-                f"{value:.2f} ms (p50 {lat['p50_ms']:.2f}, p99 {lat['p99_ms']:.2f}, max "
-                f"{lat['max_ms']:.2f} ms over {lat['count']}; {size})",
-                met,
-                margin,
-            )
+        measured = (
+            f"{value:.2f} ms (p50 {lat['p50_ms']:.2f}, p99 {lat['p99_ms']:.2f}, max "
+            f"{lat['max_ms']:.2f} ms over {lat['count']}; {size}"
         )
+        if without_agent:
+            measured += (
+                f"; as many pods not in the mesh at once: p50 {without_agent['p50_ms']:.2f} ms"
+            )
+        why = ""
+        if without_agent and not met:
+            why = _burst_why(lat, without_agent, add["at_once_count"])
+        out.append(Target(name, f"<= {limit:.0f} ms", measured + ")", met, margin, why))
     return out
+
+
+def _burst_why(mesh: dict[str, Any], floor: dict[str, Any], at_once: int) -> str:
+    """A burst of mesh pods over its target: how much of it the node spends without the agent."""
+    return (
+        f"{floor['p50_ms']:.1f} ms of the p50 is there for pods not in the mesh too (the runtime "
+        f"starting {at_once} plugin processes at once, each answered at once by the agent); the "
+        f"agent's work for mesh pods adds {mesh['p50_ms'] - floor['p50_ms']:.1f} ms"
+    )
 
 
 def repair_targets(repair: dict[str, Any] | None, drift_pass: dict[str, Any]) -> list[Target]:
@@ -844,8 +849,8 @@ def agent_markdown(agent: dict[str, Any] | None) -> list[str]:
         "open fds | drift pass CPU s (median) | drift pass wall ms | pod repair after a flush "
         "p50 / max ms (max in periods) | host repair after a flush ms (periods) | restart: start "
         "-> ready s | restart: rules rewritten | whole ADD not in the mesh p50 / p99 ms | "
-        "ADDs at once p50 / p99 / max ms |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "ADDs at once p50 / p99 / max ms | ADDs at once, not in the mesh p50 / p99 / max ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for n, at in agent["sizes"].items():
         grow, add, res, rs = (
@@ -863,7 +868,8 @@ def agent_markdown(agent: dict[str, Any] | None) -> list[str]:
             f"{res['after_drift_pass']['open_fds']} | {dp['cpu_s_median']:.3f} | "
             f"{dp['wall_ms_median']} | {_repair_cells(at.get('repair'))} | "
             f"{rs['start_to_ready_s']:.2f} | {rs['rules_rewritten']} | "
-            f"{_p(add.get('plugin_not_in_mesh', {}))} | {_burst(add.get('at_once', {}))} |"
+            f"{_p(add.get('plugin_not_in_mesh', {}))} | {_burst(add.get('at_once', {}))} | "
+            f"{_burst(add.get('at_once_not_in_mesh', {}))} |"
         )
     lines += [
         "",
@@ -875,7 +881,9 @@ def agent_markdown(agent: dict[str, Any] | None) -> list[str]:
         f"- ADDs at once: {cfg.get('bursts', 1)} bursts of 30 mesh pods' ADDs started together, "
         "their samples pooled; each burst starts as a drift pass ends (passes run every few "
         "seconds here to be measured, every 300 s at the default, where one meets a burst in "
-        "hundreds). The sequential ADDs take their chances with the passes.",
+        "hundreds). The sequential ADDs take their chances with the passes. Not in the mesh: "
+        "the same for pods the agent answers at once (not in the mesh), i.e. what a burst "
+        "costs the node without the agent's work: 30 plugin processes starting on its cores.",
         "- Drift pass CPU: user + system time of the agent process between two `drift_pass_done` "
         "events (/proc/<pid>/stat, clock-tick resolution), i.e. one pass and the idle time "
         "around it.",

@@ -173,6 +173,7 @@ def test_quick_run_measures_the_agent_process(quick_run: tuple[Path, str]) -> No
     ordered(add["plugin_not_in_mesh"], samples)
     assert len(agent["samples"]["3"]["plugin_not_in_mesh"]) == samples
     ordered(add["at_once"], add["at_once_count"])
+    ordered(add["at_once_not_in_mesh"], add["at_once_count"])
     assert add["at_once_count"] == 30
     assert add["plugin_binary_bytes"] > 100_000
     assert add["enrolled"] == 3
@@ -643,6 +644,12 @@ def test_add_targets_compare_the_whole_add_with_issue_10s_limits() -> None:
         ("<= 100 ms", False),
     ]
     assert all("plugin binary 2000000 bytes" in t.measured for t in found)
+    # A burst over its limit says how much of it the node spends without the agent.
+    burst = add_targets(add | {"at_once_not_in_mesh": lat(30.0, 50.0)}, 1000, mesh=True)[-1]
+    assert "as many pods not in the mesh at once: p50 30.00 ms" in burst.measured
+    assert burst.why.startswith("30.0 ms of the p50 is there for pods not in the mesh too")
+    assert "the agent's work for mesh pods adds 120.0 ms" in burst.why
+    assert found[-1].why == ""  # measured without that series: no explanation made up
     assert add_targets({"plugin": lat(1.0, 1.0)}, 1000, mesh=True) == []
     # At another N only the targets that hold at any N: a pod not in the mesh, a burst.
     assert [t.limit for t in add_targets(add, 100, mesh=False)] == ["<= 3 ms", "<= 100 ms"]
