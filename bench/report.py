@@ -341,7 +341,7 @@ def add_targets(add: dict[str, Any] | None, n: int, *, mesh: bool) -> list[Targe
     if not add or "plugin_not_in_mesh" not in add:
         return []
     size = f"plugin binary {add['plugin_binary_bytes']} bytes"
-    floor = add.get("at_once_not_in_mesh") or None
+    floor = add.get("at_once_not_in_mesh")
     rows: list[tuple[str, float, dict[str, Any], str, dict[str, Any] | None]] = []
     if mesh:
         mesh_pod = f"whole CNI ADD of a mesh pod, {n} pods enrolled"
