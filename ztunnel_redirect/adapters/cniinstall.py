@@ -42,13 +42,13 @@ import errno
 import json
 import os
 import subprocess
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Self
 
 import structlog
 
+from ztunnel_redirect.adapters.atomicfile import write_atomically
 from ztunnel_redirect.core import constants, untrusted
 from ztunnel_redirect.core.errors import ConfigError, RetryableError
 
@@ -103,20 +103,6 @@ _Edit = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 class _ChangedUnderUsError(Exception):
     """The file changed between our read and our write."""
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -314,7 +300,7 @@ class CniInstaller:
         if _read_bytes(path) == data and (path.stat().st_mode & 0o777) == 0o755:
             return False
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, data, mode=0o755)
+        write_atomically(path, data, mode=0o755, durable=True)
         log.info("cni_binary_installed", file=str(path), source=str(self.plugin_source))
         return True
 
@@ -438,7 +424,7 @@ class CniInstaller:
             )
         if _read_bytes(primary) != data:
             raise _ChangedUnderUsError
-        _atomic_write(target, content, mode=mode)
+        write_atomically(target, content, mode=mode, durable=True)
         plugins = [p.get("type") for p in new["plugins"]]
         log.info("cni_config_updated", file=str(target), primary=str(primary), plugins=plugins)
         return target
@@ -449,7 +435,7 @@ class CniInstaller:
         content = _dump({"cniVersion": "1.0.0", "name": STANDALONE_NETWORK, **self.entry})
         changed = False
         if _read_bytes(path) != content:
-            _atomic_write(path, content, mode=0o644)
+            write_atomically(path, content, mode=0o644, durable=True)
             log.info("cni_config_updated", file=str(path), plugins=[self.plugin_name])
             changed = True
         with contextlib.suppress(_ChangedUnderUsError):
@@ -478,7 +464,7 @@ class CniInstaller:
         mode = path.stat().st_mode & 0o777
         if _read_bytes(path) != data:
             raise _ChangedUnderUsError
-        _atomic_write(target, _dump(new), mode=mode)
+        write_atomically(target, _dump(new), mode=mode, durable=True)
         if target != path:
             path.unlink(missing_ok=True)
             log.info("cni_config_converted", file=str(path), conflist=str(target))

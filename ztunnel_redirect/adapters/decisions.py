@@ -6,9 +6,9 @@ decided by the enrollment policy (so enablement selectors reach the file with no
 `Renderer` gives the same bytes deciding again only the pods and namespaces that changed since its
 last render (a render runs on the event loop that answers CNI ADDs).
 `DecisionFile.refresh` renders and writes it atomically (temporary file in the same directory,
-fsync, rename), mode 0600, owned by the agent (root), only when its bytes change: the agent may
-call it on every pod or namespace change. The file stays when the agent stops (that is when it is
-read); `remove` is for `cleanup`.
+rename; no fsync: the run directory does not outlive a boot), mode 0600, owned by the agent
+(root), only when its bytes change: the agent may call it on every pod or namespace change. The
+file stays when the agent stops (that is when it is read); `remove` is for `cleanup`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Final
 
 import structlog
 
+from ztunnel_redirect.adapters.atomicfile import write_atomically
 from ztunnel_redirect.core.enrollment import EnrollmentPolicy
 from ztunnel_redirect.core.model import Namespace, Pod, PodUid
 
@@ -196,17 +196,7 @@ class DecisionFile:
 
     def _write(self, data: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), _MODE)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            Path(tmp).replace(self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, data, mode=_MODE, durable=False)
 
 
 Snapshot = Callable[[], tuple[Mapping[PodUid, Pod], Mapping[str, Namespace]]]
