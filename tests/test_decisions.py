@@ -4,6 +4,7 @@ files) and test_cni_e2e.py (files written by the real agent)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import stat
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from ztunnel_redirect.adapters import decisions
 from ztunnel_redirect.adapters.decisions import (
     AgentPods,
     DecisionFile,
@@ -234,3 +236,53 @@ async def test_keeper_writes_from_a_complete_view_only_and_coalesces(tmp_path: P
     content = decoded(path.read_bytes())["pods"]
     assert "late" in content
     assert "u0" not in content
+
+
+async def test_keeper_renders_once_pod_starts_pause(tmp_path: Path) -> None:
+    """While CNI ADDs are being answered, renders wait: the changes of a burst of pod starts
+    reach the file together once it pauses, none lost."""
+    path = tmp_path / c.DECISION_FILE
+    pods: dict[PodUid, Pod] = {}
+    paused = asyncio.Event()
+
+    async def pod_starts_paused() -> None:
+        await paused.wait()
+
+    keeper = DecisionKeeper(
+        DecisionFile(path, POLICY, agent_pods=None),
+        lambda: (pods, NAMESPACES),
+        min_interval=0,
+        yield_to=pod_starts_paused,
+    )
+    keeper.start()
+    for i in range(3):
+        pods[PodUid(f"u{i}")] = pod(f"u{i}", "shop", f"web-{i}", ips=(f"10.0.0.{i}",))
+        keeper.changed()
+    settled = asyncio.ensure_future(keeper.settled())
+    await asyncio.sleep(0)  # the render task runs up to its wait
+    assert not settled.done()
+    assert not path.exists()
+
+    paused.set()
+    await asyncio.wait_for(settled, 5)
+    assert set(decoded(path.read_bytes())["pods"]) == {"u0", "u1", "u2"}
+
+
+async def test_keeper_renders_after_the_yield_limit_if_pod_starts_never_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decisions, "YIELD_LIMIT", 0.01)
+    path = tmp_path / c.DECISION_FILE
+    never = asyncio.Event()
+
+    async def pod_starts_never_pause() -> None:
+        await never.wait()
+
+    keeper = DecisionKeeper(
+        DecisionFile(path, POLICY, agent_pods=None),
+        lambda: ({PodUid("u1"): pod("u1", "shop", "web-0", ips=("10.0.0.1",))}, NAMESPACES),
+        yield_to=pod_starts_never_pause,
+    )
+    keeper.start()
+    await asyncio.wait_for(keeper.settled(), 5)
+    assert set(decoded(path.read_bytes())["pods"]) == {"u1"}

@@ -250,6 +250,7 @@ class Agent:
                 agent_pods=agent_pods_of(s.agent_namespace, s.pod_name),
             ),
             lambda: (store.pods, store.namespaces),
+            yield_to=pod_starts.quiet,
         )
 
         def changed(key: str) -> None:
