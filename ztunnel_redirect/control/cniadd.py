@@ -1,10 +1,10 @@
 """A CNI ADD, from the plugin's event to a redirected pod (or a clear refusal).
 
 The event names the pod by namespace and name, with the runtime's UID, netns and IPs. The pod is
-resolved (the cache first, the API when the cache has none or a namesake), the sandbox is
-recorded in the store, and the pod is handed to the keyed queue with `handle_now`: the same run
-as for any other change of the pod, ahead of all background work and behind the ADDs that came
-before it, whose outcome is the plugin's answer.
+resolved (the cache first, by UID or else by name; the API when the cache has none or a
+namesake), the sandbox is recorded in the store, and the pod is handed to the keyed queue with
+`handle_now`: the same run as for any other change of the pod, ahead of all background work and
+behind the ADDs that came before it, whose outcome is the plugin's answer.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ class CniAdd:
     async def _resolve(self, event: CniAddEvent) -> Pod:
         """The pod the event is for. The cache may still hold the namesake this sandbox replaces
         (a StatefulSet pod deleted and recreated): the API has the new one."""
-        pod = self._store.find(event.pod_namespace, event.pod_name)
+        pod = self._store.pods.get(event.pod_uid) if event.pod_uid is not None else None
+        if pod is None or (pod.namespace, pod.name) != (event.pod_namespace, event.pod_name):
+            pod = self._store.find(event.pod_namespace, event.pod_name)
         if pod is None or not same_pod(pod, event.pod_uid):
             pod = await self._api.get_pod(event.pod_namespace, event.pod_name)
         if pod is None:
