@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from ztunnel_redirect.control.records import PodRecords
+from ztunnel_redirect.control.records import PodRecord, PodRecords
 from ztunnel_redirect.control.store import ClusterStore
 from ztunnel_redirect.control.watchers import NetnsWatchers
 from ztunnel_redirect.core import constants as c
@@ -300,3 +300,39 @@ async def test_a_burst_costs_one_check_per_netns_and_a_leaving_pod_closes_its_so
         opener.close()
     assert watchers.sockets == 0
     assert all(feed.sock.fileno() == -1 for feed in opener.opened)
+
+
+@pytest.mark.parametrize("new_sandbox", [False, True])
+async def test_a_netns_found_by_the_run_is_checked_once_more_unless_a_cni_adds_sandbox(
+    lab: Lab, new_sandbox: bool
+) -> None:
+    """A netns the run found is watched only after it: what changed in between is seen by one
+    more check. A CNI ADD's new sandbox needs none: its runtime starts nothing in it before the
+    ADD is answered, after the watch is open. Either way the netns is watched after the run."""
+    pod = lab.add_pod("found")
+    uid = PodUid(pod.netns.name)
+    records = PodRecords(store=ClusterStore(), policy=EnrollmentPolicy(node_name="n"))
+    records[uid] = PodRecord(pod=Pod(uid=uid, name="found", namespace="demo"))
+    checks: list[str] = []
+    opener = FeedOpener()
+    watchers = NetnsWatchers(
+        records=records,
+        opener=opener,
+        enqueue=checks.append,
+        host_netns=lab.node.path,
+        host_rules=False,
+        new_sandbox=lambda asked: asked == uid and new_sandbox,
+    )
+
+    async def run_finding_the_netns() -> None:
+        assert len(watchers) == 0  # not known before the run: nothing to watch yet
+        record = records[uid]
+        record.netns, record.netns_id = pod.path, netns_id(pod.path)
+
+    try:
+        await watchers.around(uid, run_finding_the_netns)
+        assert (len(watchers), watchers.sockets) == (1, 2)
+        assert checks == ([] if new_sandbox else [uid])
+    finally:
+        watchers.close()
+        opener.close()

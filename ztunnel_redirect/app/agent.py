@@ -215,13 +215,7 @@ class Agent:
         opener = notify.FeedOpener()
 
         async def reconcile_and_watch(key: str) -> None:
-            """A run of `key` with its netns watched: from before the check when the netns is
-            known, else from when the run found it."""
-            await watchers.sync(key, check_follows=True)
-            try:
-                await reconciler.reconcile(key)
-            finally:
-                await watchers.sync(key)
+            await watchers.around(key, functools.partial(reconciler.reconcile, key))
 
         queue = KeyedQueue[str](
             handler=reconcile_and_watch,
@@ -239,6 +233,7 @@ class Agent:
             enqueue=queue.enqueue,
             host_netns=s.host_netns,
             host_rules=s.aws_branch_eni_probe,
+            new_sandbox=store.has_sandbox,
         )
         # Every store change is a real change: it cuts a scheduled retry short (a pod in backoff
         # that leaves the mesh or is deleted is acted on at once, not after up to 30 s). The

@@ -69,6 +69,10 @@ class ClusterStore:
         """Sandboxes reported by a CNI ADD and not taken by the reconciler yet."""
         return len(self._sandboxes)
 
+    def has_sandbox(self, uid: PodUid) -> bool:
+        """A CNI ADD reported a new sandbox of `uid` that the reconciler has not taken yet."""
+        return uid in self._sandboxes
+
     def namespace_of(self, pod: Pod) -> Namespace | None:
         return self._namespaces.get(pod.namespace)
 

@@ -6,7 +6,8 @@ netns the record names (with the identity it was found with) and closes those of
 longer names (the pod left, was deleted, or its netns vanished or was replaced). So the sockets,
 which keep their netns alive, never outlive the pod's use of it. Before the run, a netns known
 already is watched before it is checked, so no change falls between the two; a netns the run
-found is watched after it, and checked once more.
+found is watched after it, and checked once more, unless it is a CNI ADD's new sandbox: its
+runtime starts nothing in it before the ADD is answered, which is after the watch is open.
 
 Bounded under storms: a feed drains its socket on every readable event and yields one bit, and
 the queue coalesces per key, so a burst touching every pod costs one queued check per pod,
@@ -17,7 +18,7 @@ new one).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import structlog
@@ -52,8 +53,12 @@ class NetnsWatchers:
         enqueue: Callable[[str], None],
         host_netns: str,
         host_rules: bool,
+        new_sandbox: Callable[[PodUid], bool] = lambda _uid: False,
     ) -> None:
-        """`host_rules`: the host has ip rules of ours (the branch-ENI probe rules, §4.5)."""
+        """`host_rules`: the host has ip rules of ours (the branch-ENI probe rules, §4.5).
+        `new_sandbox(uid)`: a CNI ADD reported a sandbox of the pod that no run has taken yet
+        (`ClusterStore.has_sandbox`)."""
+        self._new_sandbox = new_sandbox
         self._records = records
         self._opener = opener
         self._enqueue = enqueue
@@ -78,10 +83,22 @@ class NetnsWatchers:
             return None
         return record.netns, record.netns_id
 
+    async def around(self, key: str, run: Callable[[], Awaitable[None]]) -> None:
+        """`run()` (a run of `key`) with `key`'s netns watched: from before the run when the
+        netns is known, else from when the run found it, then checked once more, but for a
+        CNI ADD's new sandbox: nothing in it can change before the ADD is answered."""
+        await self.sync(key, check_follows=True)
+        quiet_until_answered = key != HOST_KEY and self._new_sandbox(PodUid(key))
+        try:
+            await run()
+        finally:
+            await self.sync(key, check_follows=quiet_until_answered)
+
     async def sync(self, key: str, *, check_follows: bool = False) -> None:
         """Bring the watch of `key` in line with its record (around a run of `key`: one at a
         time per key). A watch opened is followed by a check, which sees what changed before
-        the sockets existed: enqueued unless `check_follows` (the run is about to start).
+        the sockets existed: enqueued unless `check_follows` (a run is about to start, or
+        nothing can have changed: `around`).
 
         Never raises for a netns that cannot be watched: it is checked by the periodic pass
         meanwhile, and the next run of the key tries again."""
