@@ -356,8 +356,13 @@ class AgentBench:
         return out, raw
 
     async def _outside_adds(self, n: int, k: int) -> list[float]:
-        """Milliseconds of `k` ADDs, plugin start to exit, of pods not in the mesh."""
+        """Milliseconds of `k` ADDs, plugin start to exit, of pods not in the mesh, one after
+        the other. They start as a drift pass ends, as the bursts do (`_adds_at_once`): the
+        series, a few hundred ms, fits between two passes here, where a pass running through
+        it would add its half second of the agent's time at N = 1000 to every sample."""
         await self.node.cheap.prepare(k)
+        agent = self.running_agent()
+        await agent.wait_event("drift_pass_done", since=agent.mark, timeout=self.period * 3 + 60)
         samples = []
         for i in range(k):
             pod = self.node.add_pod(f"out-{n}-{i}", OUTSIDE_NS, ips=False)
@@ -376,7 +381,7 @@ class AgentBench:
         Each burst starts as a drift pass ends: the pass's period here is seconds, so that
         passes can be measured, and one running would hold a third of the bursts at N = 1000;
         at the agent's default (300 s) a pass, under half a second at that N, meets one burst in
-        hundreds. (The sequential ADDs above take their chances with the passes.)"""
+        hundreds. (The sequential mesh ADDs take their chances with the passes.)"""
         agent = self.running_agent()
         namespace, group = (SAMPLE_NS, "burst") if in_mesh else (OUTSIDE_NS, "burst-out")
         samples: list[float] = []

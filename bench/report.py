@@ -881,7 +881,9 @@ def agent_markdown(agent: dict[str, Any] | None) -> list[str]:
         f"- ADDs at once: {cfg.get('bursts', 1)} bursts of 30 mesh pods' ADDs started together, "
         "their samples pooled; each burst starts as a drift pass ends (passes run every few "
         "seconds here to be measured, every 300 s at the default, where one meets a burst in "
-        "hundreds). The sequential ADDs take their chances with the passes. Not in the mesh: "
+        "hundreds). The sequential mesh ADDs take their chances with the passes; the "
+        "sequential ADDs not in the mesh, a series shorter than the gap between passes, start "
+        "as a pass ends too. ADDs at once not in the mesh: "
         "the same for pods the agent answers at once (not in the mesh), i.e. what a burst "
         "costs the node without the agent's work: 30 plugin processes starting on its cores.",
         "- Drift pass CPU: user + system time of the agent process between two `drift_pass_done` "
