@@ -243,9 +243,10 @@ async def test_keeper_renders_once_pod_starts_pause(tmp_path: Path) -> None:
     reach the file together once it pauses, none lost."""
     path = tmp_path / c.DECISION_FILE
     pods: dict[PodUid, Pod] = {}
-    paused = asyncio.Event()
+    paused, asked = asyncio.Event(), asyncio.Event()
 
     async def pod_starts_paused() -> None:
+        asked.set()
         await paused.wait()
 
     keeper = DecisionKeeper(
@@ -259,7 +260,7 @@ async def test_keeper_renders_once_pod_starts_pause(tmp_path: Path) -> None:
         pods[PodUid(f"u{i}")] = pod(f"u{i}", "shop", f"web-{i}", ips=(f"10.0.0.{i}",))
         keeper.changed()
     settled = asyncio.ensure_future(keeper.settled())
-    await asyncio.sleep(0)  # the render task runs up to its wait
+    await asyncio.wait_for(asked.wait(), 5)  # the render task waits for pod starts to pause
     assert not settled.done()
     assert not path.exists()
 

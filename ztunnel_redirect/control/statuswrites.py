@@ -15,12 +15,11 @@ brings back a check of the pod, which a burst of pod starts would otherwise wait
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 from ztunnel_redirect.control.ports import StatusWriter
-from ztunnel_redirect.control.workqueue import MONOTONIC, Clock, KeyedQueue
+from ztunnel_redirect.control.workqueue import MONOTONIC, Clock, KeyedQueue, wait_at_most
 from ztunnel_redirect.core.model import Pod, PodUid
 
 __all__ = ["QueuedStatusWriter"]
@@ -75,7 +74,7 @@ class QueuedStatusWriter:
 
     async def _write(self, uid: PodUid) -> None:
         if self._yield_to is not None:
-            await self._yield(self._yield_to)
+            await wait_at_most(self._yield_to, YIELD_LIMIT_S, clock=self._clock)
         wanted = self._wanted.get(uid)
         if wanted is None:
             return
@@ -83,18 +82,6 @@ class QueuedStatusWriter:
         await self._writer.set_redirection_status(pod, value)
         if self._wanted.get(uid) is wanted:  # not replaced while it was being written
             del self._wanted[uid]
-
-    async def _yield(self, to: Callable[[], Awaitable[None]]) -> None:
-        waits = {
-            asyncio.ensure_future(to()),
-            asyncio.ensure_future(self._clock.sleep(YIELD_LIMIT_S)),
-        }
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
 
     async def run(self) -> None:
         """Write until cancelled."""

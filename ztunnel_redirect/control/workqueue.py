@@ -51,6 +51,7 @@ __all__ = [
     "KeyedQueue",
     "MonotonicClock",
     "Periodic",
+    "wait_at_most",
 ]
 
 log = structlog.get_logger(__name__)
@@ -80,6 +81,20 @@ class MonotonicClock:
 
 
 MONOTONIC = MonotonicClock()
+
+
+async def wait_at_most(
+    wait: Callable[[], Awaitable[None]], limit: float, *, clock: Clock = MONOTONIC
+) -> None:
+    """Until `wait()` returns or `limit` seconds pass on `clock`, whichever comes first (work
+    that yields to pod starts, bounded: `cniadd.PodStarts.quiet`)."""
+    waits = {asyncio.ensure_future(wait()), asyncio.ensure_future(clock.sleep(limit))}
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in waits:
+            pending.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 @dataclass(order=True)
